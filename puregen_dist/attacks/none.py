@@ -1,0 +1,38 @@
+"""The null attack: the clean training set, for baselines of natural accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from puregen_dist.config.schema import AttackConfig
+from puregen_dist.registry import ATTACKS
+from puregen_dist.types import ImageSet, PoisonSet, TargetSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoAttackConfig(AttackConfig):
+    """No poisoning."""
+
+    name: str = "none"
+
+
+class NoAttack:
+    """Returns the clean set as a PoisonSet with no poisoned rows."""
+
+    def __init__(self, cfg: NoAttackConfig) -> None:
+        self.cfg = cfg
+
+    def validate(self, train: ImageSet) -> None:
+        """Nothing to check."""
+
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet:
+        empty = np.zeros((0, *train.shape), dtype=np.uint8)
+        return PoisonSet(train, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), TargetSpec("none"), 0.0)
+
+
+@ATTACKS.register("none", NoAttackConfig)
+def build_no_attack(cfg: NoAttackConfig) -> NoAttack:
+    return NoAttack(cfg)

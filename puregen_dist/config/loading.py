@@ -1,0 +1,220 @@
+"""YAML -> frozen dataclasses, strictly: unknown keys, wrong types and out-of-range values are errors that
+name the key and the file. Also dotted ``--set a.b=c`` overrides and ``flatten`` for logging params."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from puregen_dist.config.errors import ConfigError, FieldError
+from puregen_dist.config.schema import ExperimentConfig, RegistryConfig
+from puregen_dist.registry import UnknownNameError, registry_for
+
+C = TypeVar("C")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, malformed YAML or a non-mapping top level is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (expected a YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML scalars/lists (``1`` -> int)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is already set to a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins. Changing a registry section's ``name`` drops the old fields."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            if "name" in value and old.get("name") != value["name"]:
+                merged[key] = dict(value)
+            else:
+                merged[key] = deep_merge(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build(cls: type[C], data: Any, *, source: str, path: str = "") -> C:
+    """Build dataclass ``cls`` from plain data, strictly. Errors name ``source`` (the file) and the dotted key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {path or 'config'}: expected a mapping, got {_describe(data)}")
+    if issubclass(cls, RegistryConfig):
+        cls = _registry_config_class(cls, data, source=source, path=path)  # type: ignore[assignment]
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {_join(path, unknown[0])!r}; valid keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, source=source, path=_join(path, name))
+              for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise ConfigError(f"{source}: {_join(path, exc.key)}: {exc.message}") from None
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{source}: {path or 'config'}: {exc}") from None
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML file with ``--set`` overrides applied, validated."""
+    data = load_yaml(path)
+    data = deep_merge(data, parse_overrides(overrides))
+    return build(ExperimentConfig, data, source=str(path))
+
+
+def experiment_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> ExperimentConfig:
+    """Build an ExperimentConfig from a nested dict (e.g. a sweep cell)."""
+    return build(ExperimentConfig, data, source=source)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config dataclass as plain nested data (tuples become lists), ready for YAML or JSON."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"classifier.lr": 0.1, ...}``: scalar leaves keyed by dotted path (lists become strings)."""
+    flat: dict[str, Any] = {}
+    data = to_dict(cfg) if not isinstance(cfg, Mapping) else cfg
+    for key, value in data.items():
+        dotted = _join(prefix, key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted))
+        elif isinstance(value, list):
+            flat[dotted] = ",".join(str(v) for v in value)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+# --- internals ---------------------------------------------------------------------------------------------
+
+
+def _registry_config_class(base: type, data: Mapping[str, Any], *, source: str, path: str) -> type:
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: {_join(path, 'name')}: required, a string naming the {base.registry}")
+    try:
+        entry = registry_for(base.registry).get(name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{source}: {_join(path, 'name')}: {exc}") from None
+    return entry.config_cls
+
+
+def _coerce(tp: Any, value: Any, *, source: str, path: str) -> Any:
+    """Check ``value`` against type annotation ``tp`` and convert lists to tuples; no silent conversions
+    except int -> float."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, source=source, path=path)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{source}: {path}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: {path}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # a lone number is a one-element list
+            else:
+                raise ConfigError(f"{source}: {path}: expected a list of {_type_name(get_args(tp)[0])}, "
+                                  f"got {_describe(value)}")
+        item = get_args(tp)[0]
+        return tuple(_coerce(item, v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, source=source, path=path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {path}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {path}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {path}: expected a string, got {_describe(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"config type {tp!r} at {path} is not supported by the loader")
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    names = [getattr(a, "__name__", str(a)) for a in args] or [getattr(tp, "__name__", str(tp))]
+    return " or ".join(names) + (" or null" if type(None) in get_args(tp) else "")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key

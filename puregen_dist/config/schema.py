@@ -1,0 +1,176 @@
+"""The experiment configuration: frozen, typed dataclasses; YAML is only their serialisation.
+
+Sections whose class derives from :class:`RegistryConfig` are polymorphic: their ``name`` picks an entry of a
+registry, and that entry's config class (a subclass) holds the entry's own fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from puregen_dist.config.errors import check
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryConfig:
+    """Base for a config section selected by ``name`` from a registry (see :mod:`puregen_dist.registry`)."""
+
+    registry: ClassVar[str] = ""
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig(RegistryConfig):
+    """Base of every attack's config; ``name`` is the attack's registry name."""
+
+    registry: ClassVar[str] = "attack"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefenseConfig(RegistryConfig):
+    """Base of every defense's config; ``name`` is the defense's registry name."""
+
+    registry: ClassVar[str] = "defense"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Which dataset to load and how to subset it."""
+
+    dataset: Literal["digits", "cifar10", "cifar100", "parquet", "image_folder"] = "digits"
+    """Loader: embedded scikit-learn digits, torchvision CIFAR, Hugging Face style Parquet, or an image folder."""
+    root: str | None = None
+    """Directory of the dataset (required for every loader except digits)."""
+    download: bool = False
+    """CIFAR only: let torchvision download into ``root`` (off: nothing is downloaded implicitly)."""
+    layout: Literal["cinic10", "tiny_imagenet"] = "cinic10"
+    """image_folder only: CINIC-10 (``train|test/<class>/*.png``) or Tiny-ImageNet (``val/val_annotations.txt``)."""
+    image_column: str = "img"
+    """parquet only: column holding the encoded image (a struct with ``bytes`` or raw binary)."""
+    label_column: str = "label"
+    """parquet only: column holding the integer label."""
+    image_size: int | None = None
+    """Resize every image to this square size (None: the loader's native size; digits default to 16)."""
+    train_per_class: int | None = None
+    """Seeded stratified subset of the training split: at most this many images per class (None: all)."""
+    test_per_class: int | None = None
+    """Same for the test split."""
+    test_fraction: float = 0.25
+    """Datasets without a test split (digits): stratified fraction held out for testing."""
+    subset_seed: int = 0
+    """Seed of the subsets and splits (kept separate from the experiment seed, so seeds vary training only)."""
+
+    def __post_init__(self) -> None:
+        check(self.dataset == "digits" or self.root is not None, "root", f"required for dataset {self.dataset!r}")
+        check(self.image_size is None or self.image_size >= 4, "image_size", "must be >= 4 pixels")
+        for key in ("train_per_class", "test_per_class"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, key, "must be >= 1 (or null for all images)")
+        check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierConfig:
+    """Architecture and training recipe (defaults: the paper's from-scratch ResNet-18 recipe, §7.2)."""
+
+    name: str = "resnet18"
+    """Classifier registry name (resnet18, resnet34, mobilenet_v2, densenet121, hlb_*, small_cnn)."""
+    epochs: int = 200
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (100, 150)
+    """Epochs at which the learning rate is multiplied by ``gamma`` (MultiStepLR)."""
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    crop_padding: int = 4
+    """RandomCrop padding in pixels (0 disables); images are cropped back to their size."""
+    flip: bool = True
+    """Random horizontal flips."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel normalisation mean in [0, 1] units (None: the dataset's standard values)."""
+    std: tuple[float, ...] | None = None
+    eval_batch_size: int = 512
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu", or a torch device string such as "cuda:1"."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(0.0 <= self.momentum < 1.0, "momentum", "must lie in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0.0 < self.gamma <= 1.0, "gamma", "must lie in (0, 1]")
+        check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must lie in [0, 1)")
+        check(self.crop_padding >= 0, "crop_padding", "must be >= 0")
+        check(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
+              "milestones", "must be increasing epochs >= 1")
+        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            check(value is None or len(value) >= 1, key, "must list at least one value")
+        check(self.std is None or all(s > 0 for s in self.std), "std", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Where results go."""
+
+    enabled: bool = True
+    """False: log nothing (a null tracker)."""
+    uri: str | None = None
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite at <output_dir>/mlflow.db (absolute)."""
+    experiment: str = "puregen-dist"
+    """MLflow experiment name."""
+    run_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """How the attack is measured (DESIGN §6)."""
+
+    magnifications: tuple[float, ...] = (1.0, 3.0)
+    """Trigger magnifications m at which poison success is measured (Narcissus paper: 1 and 3)."""
+
+    def __post_init__(self) -> None:
+        check(len(self.magnifications) >= 1 and all(m > 0 for m in self.magnifications),
+              "magnifications", "must list at least one value > 0")
+
+
+def _default_attack() -> AttackConfig:
+    from puregen_dist.attacks.none import NoAttackConfig
+
+    return NoAttackConfig()
+
+
+def _default_defense() -> DefenseConfig:
+    from puregen_dist.defenses.none import NoDefenseConfig
+
+    return NoDefenseConfig()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One experiment: data -> attack -> defense -> classifier -> metrics."""
+
+    name: str = "experiment"
+    seed: int = 0
+    """Seed of crafting, defense noise and classifier training."""
+    output_dir: str = "outputs"
+    """Where runs write their files (and the default MLflow database); relative to the working directory."""
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=_default_attack)
+    defense: DefenseConfig = field(default_factory=_default_defense)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        check(self.seed >= 0, "seed", "must be >= 0")

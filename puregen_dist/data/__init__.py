@@ -1,0 +1,1 @@
+"""Datasets as ImageSets: loaders, seeded selection, and tensor conversions."""

@@ -1,0 +1,31 @@
+"""The null defense: train on the (possibly poisoned) set as is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from puregen_dist.config.schema import DefenseConfig
+from puregen_dist.registry import DEFENSES
+from puregen_dist.types import ImageSet
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoDefenseConfig(DefenseConfig):
+    """No defense."""
+
+    name: str = "none"
+
+
+class NoDefense:
+    """Identity DataDefense."""
+
+    def __init__(self, cfg: NoDefenseConfig) -> None:
+        self.cfg = cfg
+
+    def apply(self, train: ImageSet, *, seed: int) -> ImageSet:
+        return train
+
+
+@DEFENSES.register("none", NoDefenseConfig)
+def build_no_defense(cfg: NoDefenseConfig) -> NoDefense:
+    return NoDefense(cfg)

@@ -1,0 +1,192 @@
+"""The one orchestrator: load data -> craft poison -> apply defense -> train -> evaluate -> log.
+
+Two phases, so that bad input never leaves anything behind: :func:`prepare_experiment` loads the data and
+validates everything that depends on it (no output written), and :func:`execute` does the compute and logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from puregen_dist import __version__
+from puregen_dist.attacks import build_attack
+from puregen_dist.classifiers import CLASSIFIERS, build_classifier
+from puregen_dist.classifiers.evaluation import (
+    NAT_ACC_DEFINITION,
+    POISON_SUCCESS_DEFINITION,
+    PoisonSuccess,
+    natural_accuracy,
+    poison_success,
+)
+from puregen_dist.classifiers.training import Normalized, train_classifier
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.loading import flatten, to_yaml
+from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.data.datasets import dataset_stats, load_data
+from puregen_dist.data.transforms import image_grid
+from puregen_dist.defenses import build_defense
+from puregen_dist.protocols import Tracker
+from puregen_dist.registry import UnknownNameError
+from puregen_dist.types import ImageSet, PoisonSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A validated experiment with its data loaded; nothing has been written yet."""
+
+    cfg: ExperimentConfig
+    train: ImageSet
+    test: ImageSet
+    attack: Any
+    defense: Any
+
+
+@dataclass
+class RunMetrics:
+    """Final results of one experiment."""
+
+    nat_acc: float
+    poison_success: dict[float, PoisonSuccess] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    costs: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat final metrics, as logged."""
+        out = {"nat_acc": self.nat_acc, **self.costs}
+        for m, ps in self.poison_success.items():
+            out[success_key(m)] = ps.rate
+            out.update({f"{success_key(m)}_src{c}": r for c, r in ps.per_source_class.items()})
+        return out
+
+
+def success_key(magnification: float) -> str:
+    """Metric name of poison success at ``magnification``: 1 -> ``poison_success_m1``, 1.5 -> ``..._m1p5``."""
+    return f"poison_success_m{magnification:g}".replace(".", "p")
+
+
+def prepare_experiment(cfg: ExperimentConfig) -> Prepared:
+    """Load the data and check every data-dependent setting; raises UserInputError before any compute."""
+    try:
+        CLASSIFIERS.get(cfg.classifier.name)
+    except UnknownNameError as exc:
+        raise UserInputError(f"classifier.name: {exc}") from None
+    train, test = load_data(cfg.data)
+    attack = build_attack(cfg.attack)
+    attack.validate(train)
+    return Prepared(cfg, train, test, attack, build_defense(cfg.defense))
+
+
+def execute(prep: Prepared, tracker: Tracker) -> RunMetrics:
+    """Craft, defend, train and evaluate; log params, per-epoch and final metrics, and the config."""
+    cfg = prep.cfg
+    _log_setup(cfg, tracker)
+    poison, craft_seconds = _timed(lambda: prep.attack.craft(prep.train, seed=cfg.seed))
+    poisoned = poison.materialize()
+    log.info("attack %s: %d poisoned of %d training images", cfg.attack.name, len(poison.poison_ids), len(poisoned))
+    defended, defense_seconds = _timed(lambda: prep.defense.apply(poisoned, seed=cfg.seed))
+    _check_defense_output(poisoned, defended, cfg.defense.name)
+    log.info("defense %s: %.2fs", cfg.defense.name, defense_seconds)
+    _log_samples(tracker, poison, poisoned, defended)
+    model = _build_model(cfg, prep.train)
+    triggered = poison.target.kind == "triggered"
+
+    def on_epoch_end(epoch: int, net: nn.Module) -> dict[str, float]:
+        metrics = {"test_acc": natural_accuracy(net, prep.test, cfg.classifier.eval_batch_size)}
+        if triggered:
+            ps = poison_success(net, prep.test, poison.target, 1.0, cfg.classifier.eval_batch_size)
+            metrics[success_key(1.0)] = ps.rate
+        return metrics
+
+    result = train_classifier(model, defended, cfg.classifier, seed=cfg.seed, on_epoch_end=on_epoch_end,
+                              report=tracker.log_metrics)
+    metrics = RunMetrics(
+        nat_acc=natural_accuracy(result.model, prep.test, cfg.classifier.eval_batch_size),
+        history=result.history,
+        costs={"craft_seconds": craft_seconds, "defense_seconds": defense_seconds,
+               "defense_seconds_per_image": defense_seconds / max(len(poisoned), 1),
+               "train_seconds": result.seconds, "num_poisons": float(len(poison.poison_ids))},
+        run_id=getattr(tracker, "run_id", None),
+    )
+    if triggered:
+        metrics.poison_success = {m: poison_success(result.model, prep.test, poison.target, m,
+                                                    cfg.classifier.eval_batch_size)
+                                  for m in cfg.eval.magnifications}
+    tracker.log_metrics(metrics.as_dict(), step=cfg.classifier.epochs)
+    return metrics
+
+
+def run_experiment(cfg: ExperimentConfig, tracker: Tracker) -> RunMetrics:
+    """prepare + execute, for callers that have already validated their input."""
+    return execute(prepare_experiment(cfg), tracker)
+
+
+def summary_line(cfg: ExperimentConfig, metrics: RunMetrics) -> str:
+    """One line: what ran and its headline numbers."""
+    parts = [f"{cfg.name}: attack={cfg.attack.name} defense={cfg.defense.name} classifier={cfg.classifier.name}",
+             f"nat_acc={metrics.nat_acc:.4f}"]
+    parts += [f"{success_key(m)}={ps.rate:.4f}" for m, ps in metrics.poison_success.items()]
+    if metrics.run_id:
+        parts.append(f"run_id={metrics.run_id}")
+    return " ".join(parts)
+
+
+# --- steps --------------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
+    tracker.log_params(flatten(cfg))
+    tracker.set_tags({
+        "puregen_dist.version": __version__,
+        "metric.nat_acc": NAT_ACC_DEFINITION,
+        "metric.poison_success": POISON_SUCCESS_DEFINITION,
+        "attack": cfg.attack.name, "defense": cfg.defense.name, "classifier": cfg.classifier.name,
+        "dataset": cfg.data.dataset,
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(to_yaml(cfg))
+        tracker.log_artifact(path)
+
+
+def _build_model(cfg: ExperimentConfig, train: ImageSet) -> nn.Module:
+    """The classifier, initialised from the experiment seed, wrapped to normalise [0, 1] input."""
+    h, _, c = train.shape
+    mean, std = dataset_stats(cfg.data, c)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = build_classifier(cfg.classifier.name, in_channels=c, num_classes=train.num_classes, image_size=h)
+    return Normalized(net, cfg.classifier.mean or mean, cfg.classifier.std or std)
+
+
+def _check_defense_output(before: ImageSet, after: ImageSet, name: str) -> None:
+    """A DataDefense must keep ids, labels, order, shape and dtype."""
+    same = (after.images.shape == before.images.shape and after.images.dtype == np.uint8
+            and np.array_equal(after.ids, before.ids) and np.array_equal(after.labels, before.labels))
+    if not same:
+        raise RuntimeError(f"defense {name!r} changed ids, labels, order, shape or dtype of the training set")
+
+
+def _log_samples(tracker: Tracker, poison: PoisonSet, poisoned: ImageSet, defended: ImageSet) -> None:
+    """Grids of up to 16 training images (poisoned ones first) before and after the defense."""
+    ids = poison.poison_ids[:16] if len(poison.poison_ids) else poisoned.ids[:16]
+    pos = poisoned.positions(ids)
+    tracker.log_image(image_grid(poisoned.images[pos]), "train_before_defense")
+    tracker.log_image(image_grid(defended.images[pos]), "train_after_defense")

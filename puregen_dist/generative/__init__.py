@@ -1,0 +1,1 @@
+"""Generative models for purification (EBM, DDPM): networks, samplers, purifiers. Pure PyTorch."""

@@ -1,0 +1,1 @@
+"""Ray Data purification pipeline and the artifact store (may import Ray)."""

@@ -1,0 +1,31 @@
+"""Algorithm packages are pure PyTorch: they import with ray and mlflow unavailable (DESIGN §4)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PURE_PACKAGES = ["attacks", "classifiers", "config", "data", "defenses", "generative", "experiment", "types",
+                 "protocols", "registry"]
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'ray', 'mlflow'}:
+            raise ImportError(f'layering violation: {name} imported')
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_algorithm_packages_import_without_ray_and_mlflow():
+    imports = "\n".join(f"import puregen_dist.{name}" for name in PURE_PACKAGES)
+    check = "\nassert not any(m.split('.')[0] in {'ray', 'mlflow'} for m in sys.modules)\nprint('ok')"
+    proc = subprocess.run([sys.executable, "-c", BLOCKER + imports + check], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_blocker_really_blocks():
+    proc = subprocess.run([sys.executable, "-c", BLOCKER + "import mlflow"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "layering violation" in proc.stderr
