@@ -85,7 +85,9 @@ def prepare_experiment(cfg: ExperimentConfig) -> Prepared:
     train, test = load_data(cfg.data)
     attack = build_attack(cfg.attack)
     attack.validate(train)
-    return Prepared(cfg, train, test, attack, build_defense(cfg.defense))
+    defense = build_defense(cfg.defense)  # loads generative checkpoints: a bad one fails here
+    defense.validate(train)
+    return Prepared(cfg, train, test, attack, defense)
 
 
 def execute(prep: Prepared, tracker: Tracker) -> RunMetrics:

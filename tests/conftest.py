@@ -37,3 +37,26 @@ def _restore_torch_state():
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
     torch.random.set_rng_state(state)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Randomly initialised EBM and DDPM checkpoints for 16x16 images with 1 and 3 channels:
+    ``{channels: (ebm_dir, ddpm_dir)}``. Enough for contract tests (not for purification quality)."""
+    from puregen_dist.config.generative import DDPMConfig, EBMConfig
+    from puregen_dist.generative.checkpoints import save_checkpoint
+    from puregen_dist.generative.ebm import build_ebm
+    from puregen_dist.generative.unet import build_unet
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    out = {}
+    for channels in (1, 3):
+        torch.manual_seed(channels)
+        ebm_cfg = EBMConfig(nf=8, in_channels=channels, image_size=16)
+        ddpm_cfg = DDPMConfig(size="S", in_channels=channels, image_size=16, layers_per_block=1)
+        ebm = save_checkpoint(root / f"ebm{channels}", build_ebm(ebm_cfg), kind="ebm",
+                              model_config=ebm_cfg.__dict__)
+        ddpm = save_checkpoint(root / f"ddpm{channels}", build_unet(ddpm_cfg), kind="ddpm",
+                               model_config=ddpm_cfg.__dict__)
+        out[channels] = (ebm, ddpm)
+    return out

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from puregen_dist.config.schema import ClassifierConfig
 from puregen_dist.data.transforms import normalize, random_crop_flip, to_unit
+from puregen_dist.device import resolve_device
 from puregen_dist.protocols import TrainHook
 from puregen_dist.types import ImageSet
 
@@ -47,13 +48,6 @@ class TrainResult:
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def resolve_device(spec: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 def make_optimizer(model: nn.Module, cfg: ClassifierConfig) -> torch.optim.Optimizer:

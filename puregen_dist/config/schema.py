@@ -56,6 +56,11 @@ class DataConfig:
     """Seeded stratified subset of the training split: at most this many images per class (None: all)."""
     test_per_class: int | None = None
     """Same for the test split."""
+    train_partitions: int = 1
+    """Cut the training split into this many disjoint class-balanced parts (seeded) and keep one: lets a
+    generative model train on data disjoint from the classifier's."""
+    train_partition: int = 0
+    """Which part to keep, in [0, train_partitions)."""
     test_fraction: float = 0.25
     """Datasets without a test split (digits): stratified fraction held out for testing."""
     subset_seed: int = 0
@@ -68,6 +73,9 @@ class DataConfig:
             value = getattr(self, key)
             check(value is None or value >= 1, key, "must be >= 1 (or null for all images)")
         check(0.0 < self.test_fraction < 1.0, "test_fraction", "must lie in (0, 1)")
+        check(self.train_partitions >= 1, "train_partitions", "must be >= 1")
+        check(0 <= self.train_partition < self.train_partitions, "train_partition",
+              f"must lie in [0, {self.train_partitions})")
 
 
 @dataclass(frozen=True, kw_only=True)

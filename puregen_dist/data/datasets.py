@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.schema import DataConfig
-from puregen_dist.data.selection import stratified_split, stratified_subset
+from puregen_dist.data.selection import stratified_partition, stratified_split, stratified_subset
 from puregen_dist.types import ImageSet
 
 logger = logging.getLogger(__name__)
@@ -492,6 +492,8 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     train, test = _LOADERS[cfg.dataset](cfg)
     if test is None:
         train, test = stratified_split(train, cfg.test_fraction, cfg.subset_seed)
+    if cfg.train_partitions > 1:
+        train = stratified_partition(train, cfg.train_partitions, cfg.train_partition, cfg.subset_seed + 2)
     if cfg.train_per_class is not None:
         train = stratified_subset(train, cfg.train_per_class, cfg.subset_seed)
     if cfg.test_per_class is not None:

@@ -74,3 +74,20 @@ def stratified_split(data: ImageSet, test_fraction: float, seed: int) -> tuple[I
     train = _sorted_by_id(data, np.concatenate(train_rows) if train_rows else empty)
     test = _sorted_by_id(data, np.concatenate(test_rows) if test_rows else empty)
     return train, test
+
+
+def stratified_partition(data: ImageSet, parts: int, index: int, seed: int) -> ImageSet:
+    """Part ``index`` of ``parts`` disjoint, class-balanced parts of ``data`` (seeded).
+
+    Each class is shuffled with ``np.random.default_rng(seed)`` and cut into ``parts`` near-equal slices; the
+    parts are disjoint and together cover ``data``. Used to train generative models on data disjoint from the
+    classifier's (e.g. ``train_partition: 1`` for the EBM, ``0`` for the classifier).
+
+    Returns:
+        An ImageSet (ids preserved, sorted by id).
+    """
+    if parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"need parts >= 1 and 0 <= index < parts, got parts={parts}, index={index}")
+    rng = np.random.default_rng(seed)
+    picked = [np.array_split(rng.permutation(rows), parts)[index] for rows in _class_rows(data.labels)]
+    return _sorted_by_id(data, np.concatenate(picked) if picked else np.empty(0, np.int64))

@@ -1,7 +1,7 @@
 """Defenses: ``DataDefense.apply(train, *, seed)`` before training, ``TrainingDefense.hooks()`` during it.
 Importing this package registers the built-in ones."""
 
-from puregen_dist.defenses import jpeg, none  # noqa: F401  (registers)
+from puregen_dist.defenses import jpeg, none, puregen  # noqa: F401  (registers)
 from puregen_dist.registry import DEFENSES
 
 

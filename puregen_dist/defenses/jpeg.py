@@ -53,6 +53,9 @@ class JPEGDefense:
     def __init__(self, cfg: JPEGConfig) -> None:
         self.cfg = cfg
 
+    def validate(self, train: ImageSet) -> None:
+        """Works on any image set."""
+
     def apply(self, train: ImageSet, *, seed: int) -> ImageSet:
         return train.replace(images=jpeg_roundtrip(train.images, self.cfg.quality))
 

@@ -22,6 +22,9 @@ class NoDefense:
     def __init__(self, cfg: NoDefenseConfig) -> None:
         self.cfg = cfg
 
+    def validate(self, train: ImageSet) -> None:
+        """Works on any image set."""
+
     def apply(self, train: ImageSet, *, seed: int) -> ImageSet:
         return train
 

@@ -1,0 +1,204 @@
+"""Configs of the generative models (PUREGEN_REFERENCE §1-§3): architectures, training, purification, and the
+jobs of the ``train-ebm``, ``train-ddpm``, ``purify`` and ``diagnose`` commands. Every constant has the published
+default; tests and the quickstart scale them down through config only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from puregen_dist.config.errors import check
+from puregen_dist.config.schema import DataConfig, DefenseConfig, TrackingConfig
+
+# --------------------------------------------------------------------------------------------------- EBM
+
+
+@dataclass(frozen=True, kw_only=True)
+class EBMConfig:
+    """Energy network G_θ (§1.1): ``sngan32`` (default) or the Nijkamp/Hill ``convnet`` (§1.1.6)."""
+
+    arch: Literal["sngan32", "convnet"] = "sngan32"
+    nf: int = 128
+    """Base width (sngan32: 128 → about 1.05M parameters; convnet: 32)."""
+    in_channels: int = 3
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.nf >= 1, "nf", "must be >= 1")
+        check(self.in_channels >= 1, "in_channels", "must be >= 1")
+        check(self.image_size >= 8, "image_size", "must be >= 8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LangevinConfig:
+    """Langevin dynamics x ← x − (ε²/2)∇ₓ(G(x)/T) + εz (§1.2.6, §1.3)."""
+
+    steps: int = 150
+    """Langevin updates per image: 150 from scratch, 500 linear transfer, 1000 fine-tune."""
+    step_size: float = 1.25e-2
+    """ε; the per-step noise std in [-1, 1] space."""
+    temperature: float = 1e-4
+    """T; the drift on ∇G is ε²/(2T) = 0.78125 at the defaults."""
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "steps", "must be >= 0")
+        check(self.step_size > 0, "step_size", "must be > 0")
+        check(self.temperature > 0, "temperature", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EBMTrainConfig:
+    """Persistent-chain maximum-likelihood training (§1.2, code defaults)."""
+
+    epochs: int = 120
+    batch_size: int = 128
+    """Global batch (8 TPU cores × 16 in the paper)."""
+    lr: float = 1e-4
+    milestones: tuple[int, ...] = (40, 75, 100)
+    gamma: float = 0.1
+    bank_size: int = 10000
+    """Persistent chains, initialised from data + noise."""
+    mcmc_steps: int = 100
+    """K Langevin steps per iteration."""
+    rejuvenation: float = 0.05
+    """Probability that an updated chain is reset to a data image + noise."""
+    data_noise: float = 1.5e-2
+    """Std of the Gaussian noise added to positives and to chain (re)initialisations, in [-1, 1] space."""
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    """Training chains use ε and T from here (``steps`` is ignored: mcmc_steps applies)."""
+    sample_grid: int = 16
+    """Images in the per-epoch grid of short-run samples (0 disables)."""
+    sample_steps: int = 100
+    """Langevin steps of those short-run samples, from data + noise."""
+    checkpoint_every: int = 1
+    """Save (and allow resuming) every this many epochs; the last epoch is always saved."""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.bank_size >= self.batch_size, "bank_size", "must be >= batch_size")
+        check(self.mcmc_steps >= 1, "mcmc_steps", "must be >= 1")
+        check(0.0 <= self.rejuvenation <= 1.0, "rejuvenation", "must lie in [0, 1]")
+        check(self.data_noise >= 0, "data_noise", "must be >= 0")
+        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------- DDPM
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDPMConfig:
+    """diffusers UNet2DModel + linear-β DDPM schedule (§2.1, §2.2)."""
+
+    size: Literal["S", "M", "L"] = "L"
+    """Block widths: S (32,32,64,64,128,128), M (64,...,256), L (128,128,256,256,512,512)."""
+    in_channels: int = 3
+    image_size: int = 32
+    layers_per_block: int = 2
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        check(self.in_channels >= 1, "in_channels", "must be >= 1")
+        check(self.image_size >= 8, "image_size", "must be >= 8")
+        check(self.layers_per_block >= 1, "layers_per_block", "must be >= 1")
+        check(self.num_train_timesteps >= 2, "num_train_timesteps", "must be >= 2")
+        check(0 < self.beta_start < self.beta_end < 1, "beta_end", "need 0 < beta_start < beta_end < 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDPMTrainConfig:
+    """ε-prediction training on t < max_train_t only (§2.2, the paper's key trick)."""
+
+    epochs: int = 150
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 500
+    """Linear warm-up steps of the cosine schedule."""
+    max_train_t: int = 250
+    """t ~ Uniform{0, ..., max_train_t - 1}; the full 1000-step β schedule is kept."""
+    sample_grid: int = 16
+    """Images in the per-epoch grid of purified test images (0 disables)."""
+    checkpoint_every: int = 1
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.max_train_t >= 1, "max_train_t", "must be >= 1")
+        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """Noise-then-reverse purification (§2.3)."""
+
+    steps: int = 75
+    """T_D: noise to t = T_D, then T_D ancestral reverse steps (75 from scratch, 125 transfer)."""
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "steps", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------------- defenses
+
+
+@dataclass(frozen=True, kw_only=True)
+class PureGenConfig(DefenseConfig):
+    """Shared fields of the PureGen defenses. ``ebm`` / ``ddpm`` reference trained checkpoints (a directory
+    written by ``train-ebm`` / ``train-ddpm``, or for the DDPM a local diffusers-format directory)."""
+
+    ebm: str | None = None
+    ddpm: str | None = None
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    reps: int = 1
+    """T_Reps of PureGen-Reps."""
+    filter_fraction: float = 0.5
+    """k of PureGen-Filt: the highest-energy fraction that is purified."""
+    batch_size: int = 128
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.reps >= 1, "reps", "must be >= 1")
+        check(0.0 < self.filter_fraction <= 1.0, "filter_fraction", "must lie in (0, 1]")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True, kw_only=True)
+class EBMJob:
+    """``puregen-dist train-ebm``: train an EBM on ``data``'s training split."""
+
+    name: str = "ebm"
+    seed: int = 0
+    output: str = "outputs/ebm"
+    """Checkpoint directory (model.safetensors + config.json); training resumes from it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    ebm: EBMConfig = field(default_factory=EBMConfig)
+    train: EBMTrainConfig = field(default_factory=EBMTrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDPMJob:
+    """``puregen-dist train-ddpm``: train a DDPM on ``data``'s training split."""
+
+    name: str = "ddpm"
+    seed: int = 0
+    output: str = "outputs/ddpm"
+    data: DataConfig = field(default_factory=DataConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
+    train: DDPMTrainConfig = field(default_factory=DDPMTrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Purification setting of the per-epoch sample grid."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
