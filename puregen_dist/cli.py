@@ -10,11 +10,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-
-import torch
+from pathlib import Path
+from typing import Any
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.loading import load_experiment, to_yaml
+from puregen_dist.config.generative import DDPMJob, DiagnoseJob, EBMJob, PurifyJob
+from puregen_dist.config.loading import load_config, load_yaml, to_yaml
+from puregen_dist.config.schema import ExperimentConfig
 
 log = logging.getLogger("puregen_dist")
 
@@ -26,28 +28,102 @@ def run_cmd(args: argparse.Namespace) -> int:
     from puregen_dist.experiment import execute, prepare_experiment, summary_line
     from puregen_dist.tracking import open_tracker
 
-    cfg = load_experiment(args.config, args.set)
-    if cfg.classifier.threads:
-        torch.set_num_threads(cfg.classifier.threads)
-    log.info("loading data (%s)", cfg.data.dataset)
+    cfg = load_config(ExperimentConfig, args.config, args.set)
+    _set_threads(cfg.classifier.threads)
     prepared = prepare_experiment(cfg)  # all validation happens here: nothing has been written yet
     with open_tracker(cfg.tracking, cfg.output_dir, default_run_name=cfg.name) as tracker:
         metrics = execute(prepared, tracker)
     print(summary_line(cfg, metrics))
-    uri = getattr(tracker, "tracking_uri", None)
-    if uri:
-        print(f"browse: mlflow ui --backend-store-uri {uri}")
+    _print_browse(tracker)
     return 0
+
+
+def train_ebm_cmd(args: argparse.Namespace) -> int:
+    """Train (or resume) an EBM; prints the checkpoint directory."""
+    from puregen_dist.data.datasets import load_data
+    from puregen_dist.jobs import train_ebm_job
+    from puregen_dist.tracking import open_tracker
+
+    job = load_config(EBMJob, args.config, args.set)
+    train, _ = load_data(job.data)
+    with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
+        path = train_ebm_job(job, tracker, train)
+    print(f"EBM checkpoint: {path}")
+    return 0
+
+
+def train_ddpm_cmd(args: argparse.Namespace) -> int:
+    """Train (or resume) a DDPM; prints the checkpoint directory."""
+    from puregen_dist.data.datasets import load_data
+    from puregen_dist.jobs import train_ddpm_job
+    from puregen_dist.tracking import open_tracker
+
+    job = load_config(DDPMJob, args.config, args.set)
+    data = load_data(job.data)
+    with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
+        path = train_ddpm_job(job, tracker, data)
+    print(f"DDPM checkpoint: {path}")
+    return 0
+
+
+def purify_cmd(args: argparse.Namespace) -> int:
+    """Poison (optionally) and purify a training set in-process; writes Parquet and reports throughput."""
+    from puregen_dist.jobs import prepare_purify, purify_job
+    from puregen_dist.tracking import open_tracker
+
+    job = load_config(PurifyJob, args.config, args.set)
+    prepared = prepare_purify(job)
+    with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
+        result = purify_job(prepared, tracker)
+    print(f"purified {result.images} images with {job.defense.name} in {result.seconds:.1f}s "
+          f"({result.images_per_second:.2f} images/s, {1 / result.images_per_second:.4f} s/image/device) "
+          f"-> {result.path}")
+    return 0
+
+
+def diagnose_cmd(args: argparse.Namespace) -> int:
+    """Energy histograms and ℓ2 trajectories of PureGen purification (PNG + CSV, logged to MLflow)."""
+    from puregen_dist.diagnose import prepare_diagnose, run_diagnose
+    from puregen_dist.tracking import open_tracker
+
+    job = load_config(DiagnoseJob, args.config, args.set)
+    prepared = prepare_diagnose(job)
+    with open_tracker(job.tracking, job.output_dir, default_run_name=job.name) as tracker:
+        outputs = run_diagnose(prepared, tracker)
+    for path in outputs:
+        print(path)
+    return 0
+
+
+CONFIG_KINDS: dict[str, type] = {"run": ExperimentConfig, "train-ebm": EBMJob, "train-ddpm": DDPMJob,
+                                 "purify": PurifyJob, "diagnose": DiagnoseJob}
 
 
 def show_config_cmd(args: argparse.Namespace) -> int:
-    """Print the resolved, validated config."""
-    print(to_yaml(load_experiment(args.config, args.set)), end="")
+    """Print the resolved, validated config (as the command ``--as`` would read it; guessed by default)."""
+    kind = args.as_command or guess_command(load_yaml(args.config))
+    print(f"# resolved as `puregen-dist {kind}` config", file=sys.stderr)
+    print(to_yaml(load_config(CONFIG_KINDS[kind], args.config, args.set)), end="")
     return 0
+
+
+def guess_command(data: dict[str, Any]) -> str:
+    """Which command a config file is for, from its top-level keys."""
+    if "train" in data:
+        return "train-ddpm" if "ddpm" in data else "train-ebm"
+    if {"num_images", "every", "ddpm_grid", "ebm", "ddpm"} & set(data):
+        return "diagnose"
+    if "output" in data:
+        return "purify"
+    return "run"
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (run_cmd, "run one experiment in-process (data -> poison -> defense -> train -> evaluate -> MLflow)"),
+    "train-ebm": (train_ebm_cmd, "train (or resume) a PureGen energy-based model"),
+    "train-ddpm": (train_ddpm_cmd, "train (or resume) a PureGen DDPM (t < 250)"),
+    "purify": (purify_cmd, "purify a (poisoned) training set in-process and write it as Parquet"),
+    "diagnose": (diagnose_cmd, "energy histograms and l2 trajectories of purification (PNG + CSV)"),
     "show-config": (show_config_cmd, "print the resolved config (defaults filled in, overrides applied)"),
 }
 
@@ -62,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value by dotted key, e.g. --set classifier.epochs=5 (repeatable)")
+        if name == "show-config":
+            cmd.add_argument("--as", dest="as_command", choices=sorted(CONFIG_KINDS),
+                             help="resolve the file as this command's config (default: guessed from its keys)")
     return parser
 
 
@@ -77,6 +156,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _parent(path: str) -> Path:
+    """Directory holding ``path`` (where a job's default MLflow database goes)."""
+    return Path(path).parent
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _print_browse(tracker: object) -> None:
+    uri = getattr(tracker, "tracking_uri", None)
+    if uri:
+        print(f"browse: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from puregen_dist.config.errors import check
-from puregen_dist.config.schema import DataConfig, DefenseConfig, TrackingConfig
+from puregen_dist.config.schema import (
+    AttackConfig,
+    DataConfig,
+    DefenseConfig,
+    TrackingConfig,
+    no_attack,
+    no_defense,
+)
 
 # --------------------------------------------------------------------------------------------------- EBM
 
@@ -202,3 +209,47 @@ class DDPMJob:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """Purification setting of the per-epoch sample grid."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PurifyJob:
+    """``puregen-dist purify``: (optionally poison, then) purify a training set and write it as Parquet."""
+
+    name: str = "purify"
+    seed: int = 0
+    output: str = "outputs/purified.parquet"
+    """Parquet file of the purified training set (columns image, id, label, poisoned)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=no_attack)
+    defense: DefenseConfig = field(default_factory=no_defense)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagnoseJob:
+    """``puregen-dist diagnose``: energy histograms (Figure 1) and ℓ2 trajectories (Figure 3) of PureGen."""
+
+    name: str = "diagnose"
+    seed: int = 0
+    output_dir: str = "outputs/diagnose"
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=no_attack)
+    """The poison whose images are compared with clean ones (poisoned rows only)."""
+    ebm: str | None = None
+    ddpm: str | None = None
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    num_images: int = 64
+    """Poisoned images (and their clean originals) in the diagnostics."""
+    every: int = 10
+    """Record the EBM ℓ2 trajectory every this many Langevin steps."""
+    ddpm_grid: tuple[int, ...] = (0, 15, 25, 50, 75, 100, 125, 150)
+    """DDPM purification steps T_D at which the ℓ2 distances are measured."""
+    batch_size: int = 128
+    device: str = "auto"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        check(self.ebm is not None or self.ddpm is not None, "ebm", "set ebm and/or ddpm checkpoints to diagnose")
+        check(self.num_images >= 1, "num_images", "must be >= 1")
+        check(self.every >= 1, "every", "must be >= 1")

@@ -97,11 +97,15 @@ def build(cls: type[C], data: Any, *, source: str, path: str = "") -> C:
         raise ConfigError(f"{source}: {path or 'config'}: {exc}") from None
 
 
+def load_config(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
+    """Load a YAML file into config class ``cls`` with ``--set`` overrides applied, validated."""
+    data = deep_merge(load_yaml(path), parse_overrides(overrides))
+    return build(cls, data, source=str(path))
+
+
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load an experiment YAML file with ``--set`` overrides applied, validated."""
-    data = load_yaml(path)
-    data = deep_merge(data, parse_overrides(overrides))
-    return build(ExperimentConfig, data, source=str(path))
+    return load_config(ExperimentConfig, path, overrides)
 
 
 def experiment_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> ExperimentConfig:

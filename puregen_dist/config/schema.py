@@ -152,13 +152,15 @@ class EvalConfig:
               "magnifications", "must list at least one value > 0")
 
 
-def _default_attack() -> AttackConfig:
+def no_attack() -> AttackConfig:
+    """The default attack section (no poisoning)."""
     from puregen_dist.attacks.none import NoAttackConfig
 
     return NoAttackConfig()
 
 
-def _default_defense() -> DefenseConfig:
+def no_defense() -> DefenseConfig:
+    """The default defense section (no defense)."""
     from puregen_dist.defenses.none import NoDefenseConfig
 
     return NoDefenseConfig()
@@ -174,8 +176,8 @@ class ExperimentConfig:
     output_dir: str = "outputs"
     """Where runs write their files (and the default MLflow database); relative to the working directory."""
     data: DataConfig = field(default_factory=DataConfig)
-    attack: AttackConfig = field(default_factory=_default_attack)
-    defense: DefenseConfig = field(default_factory=_default_defense)
+    attack: AttackConfig = field(default_factory=no_attack)
+    defense: DefenseConfig = field(default_factory=no_defense)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -10,10 +10,23 @@ Gradients are taken with respect to the input only; no clipping inside the chain
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from puregen_dist.generative.ebm import DBlock, OptimizedDBlock, SNGAN32Energy
+from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
+
+log = logging.getLogger(__name__)
 
 EnergyFn = Callable[[Tensor], Tensor]
 """(B, C, H, W) -> (B,) energies."""
@@ -60,3 +73,295 @@ def check_finite(energy: Tensor, grad: Tensor, *, where: str, ids: Tensor | None
         label = "sample ids" if ids is not None else "batch rows"
         raise FloatingPointError(f"non-finite EBM energy or gradient at {where} ({label} {which}); "
                                  "lower the temperature ratio / step size or check the checkpoint")
+
+
+# ------------------------------------------------------------------------------------------ fast purification
+# EBMPurifier's chain (§1.3): the same update as ``langevin_step``, organised for speed. What changes is only how
+# the numbers are computed, never which numbers: see ``langevin_purify``.
+
+NOISE_BLOCK_STEPS = 16
+"""Steps of noise drawn per generator call (one (k, C, H, W) draw instead of k (C, H, W) draws; same numbers)."""
+
+MICRO_BATCH: dict[str, int] = {"cpu": 16, "cuda": 256}
+"""Rows per forward/backward call, by device type (others: ``MICRO_BATCH_DEFAULT``). Every call has exactly
+this many rows (the last micro-batch is padded), so a row's numbers never depend on the batch it came in:
+convolution kernels pick different blockings, hence different roundings, for different batch sizes."""
+
+MICRO_BATCH_DEFAULT = 16
+
+CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": False}
+"""Run the energy in channels-last memory format, by device type (oneDNN's fastest layout on CPU)."""
+
+FOLD_POOL = True
+"""Evaluate an ``SNGAN32Energy`` as ``FoldedSNGAN32``: the same function, about 40 % fewer FLOPs."""
+
+NOISE_THREADS: dict[str, int] = {"cpu": 0, "cuda": min(8, os.cpu_count() or 1)}
+"""Worker threads drawing noise ahead of the chain, by device type (0: inline). On an accelerator the
+per-sample CPU generators would otherwise be the bottleneck; on CPU they would take cores from the convolutions."""
+
+_NORMAL_BLOCK = 16  # torch's CPU normal sampler transforms its uniforms in independent blocks of 16
+
+
+def block_draws_match(numel: int, dtype: torch.dtype) -> bool:
+    """Whether one (k, numel) ``torch.randn`` draw from a CPU generator equals k successive (numel,) draws.
+
+    True when ``numel`` is a multiple of 16 (checked once per dtype against this torch build); otherwise the
+    sampler recomputes a trailing block of 16 per call and the two schemes give different numbers.
+    """
+    return numel % _NORMAL_BLOCK == 0 and _block_draws_match(dtype)
+
+
+@functools.cache
+def _block_draws_match(dtype: torch.dtype) -> bool:
+    """Check on this torch build that a (3, 32) draw equals three (32,) draws of the same generator."""
+    one = torch.Generator().manual_seed(1234)
+    many = torch.Generator().manual_seed(1234)
+    block = torch.randn((3, 2 * _NORMAL_BLOCK), generator=one, dtype=dtype)
+    rows = torch.stack([torch.randn(2 * _NORMAL_BLOCK, generator=many, dtype=dtype) for _ in range(3)])
+    return torch.equal(block, rows)
+
+
+def draw_noise(noise: SampleNoise, shape: tuple[int, ...], steps: int, dtype: torch.dtype, *,
+               rows: int | None = None, pin: bool = False, threads: int = 0) -> Tensor:
+    """The next ``steps`` draws of every sample's stream, on CPU: (rows, steps, *shape), row b = sample b.
+
+    Row b equals ``steps`` successive ``noise.randn(shape)`` draws of its stream, bit for bit: one generator
+    call per sample when ``block_draws_match`` allows it, else one per step. Rows past the B samples (padding
+    up to ``rows``) are zero. ``pin``: page-locked memory, for asynchronous copies to an accelerator.
+    ``threads`` > 0: samples are split over that many worker threads (the generators are independent).
+    """
+    count = len(noise.generators)
+    buf = torch.empty((max(rows or count, count), steps, *shape), dtype=dtype, pin_memory=pin)
+    buf[count:].zero_()
+    whole = block_draws_match(math.prod(shape), dtype)
+
+    def fill(first: int, stop: int) -> None:
+        for b in range(first, stop):
+            gen = noise.generators[b]
+            if whole:
+                torch.randn((steps, *shape), generator=gen, dtype=dtype, out=buf[b])
+            else:
+                for k in range(steps):
+                    torch.randn(shape, generator=gen, dtype=dtype, out=buf[b, k])
+
+    if threads <= 1 or count < 2:
+        fill(0, count)
+    else:
+        bounds = [count * i // threads for i in range(threads + 1)]
+        list(_pool("noise", threads).map(fill, bounds[:-1], bounds[1:]))
+    return buf
+
+
+@functools.cache
+def _pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """A process-wide thread pool (created on first use)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"puregen-{name}")
+
+
+def noise_blocks(noise: SampleNoise, shape: tuple[int, ...], steps: int, dtype: torch.dtype, *, rows: int,
+                 device: torch.device) -> Iterator[Tensor]:
+    """``draw_noise`` blocks of ``NOISE_BLOCK_STEPS`` steps (the last one shorter), on ``device``:
+    (rows, k, *shape) each, in stream order. Where ``NOISE_THREADS`` gives the device worker threads, each
+    block is drawn (in parallel over samples) and copied while the chain consumes the previous one."""
+    sizes = [min(NOISE_BLOCK_STEPS, steps - first) for first in range(0, steps, NOISE_BLOCK_STEPS)]
+    threads = NOISE_THREADS.get(device.type, 0)
+    pin = device.type == "cuda"
+
+    def draw(k: int) -> Tensor:
+        z = draw_noise(noise, shape, k, dtype, rows=rows, pin=pin, threads=threads)
+        return z.to(device, non_blocking=True)
+
+    if threads <= 0:
+        yield from (draw(k) for k in sizes)
+        return
+    ahead = _pool("prefetch", 1).submit(draw, sizes[0]) if sizes else None
+    for i in range(len(sizes)):
+        z = ahead.result()
+        if i + 1 < len(sizes):  # submitted only now: the streams are drawn strictly in order
+            ahead = _pool("prefetch", 1).submit(draw, sizes[i + 1])
+        yield z
+
+
+def micro_batch_size(device: torch.device) -> int:
+    """Rows per energy call on ``device`` (``MICRO_BATCH``)."""
+    return MICRO_BATCH.get(device.type, MICRO_BATCH_DEFAULT)
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """channels_last where ``CHANNELS_LAST`` asks for it on ``device``, else contiguous."""
+    return torch.channels_last if CHANNELS_LAST.get(device.type, False) else torch.contiguous_format
+
+
+def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, steps: int, step_size: float,
+                    temperature: float, check_every: int) -> Tensor:
+    """``steps`` Langevin updates from ``x`` (zero initial noise), unclamped: (B, C, H, W) -> (B, C, H, W).
+
+    Same numbers as iterating ``langevin_step`` with ``SampleNoise(ids, seed, STREAM_LANGEVIN)`` draws, up to
+    float rounding; rows are processed in fixed-size micro-batches (``MICRO_BATCH``), each run through all its
+    steps before the next, so every row's result depends only on (row, its id, seed), bit for bit.
+
+    Args:
+        energy_fn: G_θ, (N, C, H, W) -> (N,), parameters frozen (see ``fast_energy``).
+        x: (B, C, H, W) start, [-1, 1] space, on the energy's device.
+        ids: (B,) sample ids (noise streams; named in errors).
+        seed: experiment seed.
+        steps, step_size, temperature: the chain (§1.2.6).
+        check_every: steps between NaN/Inf checks (and after the last step); raise FloatingPointError.
+    """
+    rows = micro_batch_size(x.device)
+    out = torch.empty_like(x)
+    with _fixed_kernels(x.device):
+        for start in range(0, x.shape[0], rows):
+            part = slice(start, min(start + rows, x.shape[0]))
+            out[part] = _chain(energy_fn, x[part], ids[part], seed=seed, rows=rows, steps=steps,
+                               step_size=step_size, temperature=temperature, check_every=check_every)
+    return out
+
+
+@contextlib.contextmanager
+def _fixed_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA: deterministic cuDNN algorithms, chosen without benchmarking, so that equal inputs give equal
+    bits in every call (other cuDNN settings, TF32 included, are left as they are; restored on exit)."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+def _chain(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, rows: int, steps: int, step_size: float,
+           temperature: float, check_every: int) -> Tensor:
+    """All ``steps`` of one micro-batch (b <= rows real rows, padded to ``rows``): (b, C, H, W) -> same."""
+    real = x.shape[0]
+    noise = SampleNoise(ids, seed, STREAM_LANGEVIN)
+    drift = 0.5 * step_size * step_size / temperature  # (ε²/2)·∇(G/T) = drift·∇G
+    state = _pad_rows(x.detach(), rows).clone(memory_format=memory_format_for(x.device))  # not the caller's
+    state.requires_grad_(True)  # a leaf updated in place under no_grad: no per-step graph inputs to build
+    blocks = noise_blocks(noise, tuple(x.shape[1:]), steps, x.dtype, rows=rows, device=x.device)
+    for first, z in zip(range(0, steps, NOISE_BLOCK_STEPS), blocks):
+        for k in range(z.shape[1]):
+            energy, grad = _energy_grad(energy_fn, state)
+            with torch.no_grad():
+                state.add_(grad, alpha=-drift).add_(z[:, k], alpha=step_size)
+            step = first + k + 1
+            if step % check_every == 0 or step == steps:
+                check_finite(energy[:real], grad[:real], where=f"purification Langevin step {step}", ids=ids)
+    return state.detach()[:real]
+
+
+def _energy_grad(energy_fn: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(G(x) (N,), ∇ₓ Σ G (N, C, H, W)) for a leaf ``x`` that requires grad."""
+    with torch.enable_grad():
+        energy = energy_fn(x)
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+    return energy.detach(), grad
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """(b, ...) -> (rows, ...): ``t`` followed by copies of its last row (rows >= b; their values are unused)."""
+    missing = rows - t.shape[0]
+    return t if missing <= 0 else torch.cat([t, t[-1:].expand(missing, *t.shape[1:])])
+
+
+# ------------------------------------------------------------------------------------------ fast energies
+
+
+def fast_energy(energy: nn.Module, probe: Tensor) -> nn.Module:
+    """A frozen evaluation copy of ``energy`` for ``langevin_purify``: the same function G, computed faster.
+
+    ``SNGAN32Energy`` becomes ``FoldedSNGAN32`` when ``FOLD_POOL`` is set; the copy is in channels-last
+    format where ``CHANNELS_LAST`` asks for it. ``energy`` itself is not modified. The copy is checked against
+    ``energy`` on ``probe`` (a few rows, (n, C, H, W)); on a mismatch the plain copy is used, with a warning.
+    """
+    device = next(energy.parameters()).device
+    fmt = memory_format_for(device)
+    if FOLD_POOL and FoldedSNGAN32.supports(energy):
+        folded = FoldedSNGAN32(energy).to(memory_format=fmt)
+        if _same_function(folded, energy, probe):
+            return folded
+        log.warning("folded SNGAN-32 energy disagrees with the module; using the unfolded network")
+    if fmt == torch.contiguous_format:
+        return energy
+    return copy.deepcopy(energy).eval().requires_grad_(False).to(memory_format=fmt)
+
+
+def _same_function(fast: nn.Module, energy: nn.Module, probe: Tensor) -> bool:
+    """Whether ``fast`` and ``energy`` agree on ``probe`` to float rounding (relative 1e-4; NaN matches NaN)."""
+    with torch.no_grad():
+        want, got = energy(probe), fast(probe)
+    if want.shape != got.shape:
+        return False
+    scale = float(torch.nan_to_num(want.abs(), nan=0.0, posinf=0.0).max()) if want.numel() else 0.0
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(scale, 1e-6), equal_nan=True)
+
+
+def _fold_pool_into_conv(weight: Tensor) -> Tensor:
+    """conv k×k (stride 1, padding p) followed by avgpool 2 == conv (k+1)×(k+1), stride 2, padding p.
+
+    (O, I, k, k) -> (O, I, k+1, k+1): the kernel convolved with the 2×2 box filter / 4, summed in float64.
+    """
+    w = weight.detach().double()
+    k = w.shape[-1]
+    out = w.new_zeros(*w.shape[:2], k + 1, k + 1)
+    for di in (0, 1):
+        for dj in (0, 1):
+            out[..., di:di + k, dj:dj + k] += w
+    return (0.25 * out).to(weight.dtype)
+
+
+class FoldedSNGAN32(nn.Module):
+    """``SNGAN32Energy`` evaluated with fewer FLOPs; the same function of the same (frozen) parameters.
+
+    Linear maps commute with average pooling, so in the two downsampling blocks ``avgpool2(conv3x3(h))``
+    becomes one conv4x4/stride 2 (``_fold_pool_into_conv``; 16/9·¼ of the MACs) and the shortcut
+    ``avgpool2(conv1x1(x))`` becomes ``conv1x1(avgpool2(x))`` (¼ of the MACs). The input gradient is then the
+    same gradient as the module's, up to float rounding. (N, C, H, W) in [-1, 1] -> (N,), H and W even.
+    """
+
+    def __init__(self, energy: nn.Module) -> None:
+        super().__init__()
+        first, second, *rest = energy.blocks
+        self.down = nn.ModuleList([_FoldedDown(first, pre_relu=False), _FoldedDown(second, pre_relu=True)])
+        self.rest = nn.ModuleList(copy.deepcopy(block) for block in rest)
+        self.head = copy.deepcopy(energy.linear)
+        self.eval().requires_grad_(False)
+
+    @staticmethod
+    def supports(energy: nn.Module) -> bool:
+        """Whether ``energy`` is an ``SNGAN32Energy`` laid out as §1.1.3 (two downsampling blocks first)."""
+        if type(energy) is not SNGAN32Energy or len(energy.blocks) < 2:
+            return False
+        first, second, *rest = energy.blocks
+        return (type(first) is OptimizedDBlock and type(second) is DBlock and second.downsample
+                and second.c_sc is not None and all(type(b) is DBlock and not b.downsample for b in rest))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.down:
+            x = block(x)
+        for block in self.rest:
+            x = block(x)
+        return self.head(F.relu(x).mean(dim=(2, 3))).squeeze(1)
+
+
+class _FoldedDown(nn.Module):
+    """A downsampling D-block with the pools folded: conv4x4/2(ReLU(conv3x3([ReLU] x))) + conv1x1(avgpool2(x))."""
+
+    def __init__(self, block: nn.Module, *, pre_relu: bool) -> None:
+        super().__init__()
+        self.pre_relu = pre_relu
+        self.c1 = copy.deepcopy(block.c1)
+        self.c2 = nn.Conv2d(block.c2.in_channels, block.c2.out_channels, block.c2.kernel_size[0] + 1, stride=2,
+                            padding=block.c2.padding, device=block.c2.weight.device, dtype=block.c2.weight.dtype)
+        with torch.no_grad():
+            self.c2.weight.copy_(_fold_pool_into_conv(block.c2.weight))
+            self.c2.bias.copy_(block.c2.bias)
+        self.c_sc = copy.deepcopy(block.c_sc)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c2(F.relu(self.c1(F.relu(x) if self.pre_relu else x)))
+        return h + self.c_sc(F.avg_pool2d(x, 2))

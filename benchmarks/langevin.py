@@ -1,0 +1,262 @@
+"""Langevin purification throughput: ``EBMPurifier.purify`` versus a literal reference loop (issue #3).
+
+Both run the chain of PUREGEN_REFERENCE §1.3 (x ← x − (ε²/2)∇ₓ(G(x)/T) + εz, ε = 1.25e-2, T = 1e-4, zero
+initial noise) with the same SNGAN-32 energy weights on the same batch, in this process, alternating rounds;
+the table reports the median of each. The reference follows the published code literally: an input tensor that
+requires grad, autograd on the batch-summed energy, in-place updates of ``.data``, default memory format,
+parameters left requiring grad, noise from ``torch.randn`` on the whole batch.
+
+Also reported: FLOPs of one Langevin step (torch.utils.flop_counter, forward + input-gradient backward) and the
+achieved FLOP/s against a dense float32 matmul roofline timed in the same run.
+
+    python benchmarks/langevin.py --nf 128 --batch 64 --steps 5 --repeats 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from puregen_dist.config.generative import LangevinConfig
+from puregen_dist.generative import langevin
+from puregen_dist.generative.ebm import SNGAN32Energy
+from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
+from puregen_dist.generative.purifiers import EBMPurifier
+
+STEP_SIZE, TEMPERATURE = 1.25e-2, 1e-4
+
+
+def reference_purify(model: nn.Module, x: Tensor, steps: int, *, backward: bool = False) -> Tensor:
+    """The published loop, literally. ``backward=True`` uses ``.backward()`` (also fills parameter grads)."""
+    x = x.clone().requires_grad_(True)
+    for _ in range(steps):
+        energy = model(x).sum() / TEMPERATURE
+        if backward:
+            x.grad = None
+            energy.backward()
+            grad = x.grad
+        else:
+            (grad,) = torch.autograd.grad(energy, x)
+        x.data = x.data - 0.5 * STEP_SIZE ** 2 * grad + STEP_SIZE * torch.randn_like(x)
+    return x.detach().clamp(-1.0, 1.0)
+
+
+def seed_purify(model: nn.Module, x: Tensor, ids: Tensor, steps: int) -> Tensor:
+    """The previous ``EBMPurifier.purify`` (one ``langevin_step`` per step, per-sample noise, NCHW)."""
+    noise = SampleNoise(ids, 0, STREAM_LANGEVIN)
+    for _ in range(steps):
+        z = noise.randn(tuple(x.shape[1:]), x.device, x.dtype)
+        x, _, _ = langevin.langevin_step(model, x, STEP_SIZE, TEMPERATURE, z)
+    return x.clamp(-1.0, 1.0)
+
+
+class Patched:
+    """Context: set attributes of ``langevin`` (the fast path's switches) for one variant, then restore."""
+
+    def __init__(self, **values: object) -> None:
+        self.values = values
+        self.saved: dict[str, object] = {}
+
+    def __enter__(self) -> None:
+        for name, value in self.values.items():
+            self.saved[name] = copy.deepcopy(getattr(langevin, name))
+            setattr(langevin, name, value)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            setattr(langevin, name, value)
+
+
+def variants(args: argparse.Namespace, model: nn.Module, x: Tensor, ids: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """name -> a zero-argument run of ``args.steps`` steps on the benchmark batch."""
+    ref_model = copy.deepcopy(model).requires_grad_(True)
+    purifier = EBMPurifier(copy.deepcopy(model), LangevinConfig(steps=args.steps))
+    ours = lambda **patch: lambda: _patched(patch, lambda: purifier.purify(x, ids, seed=0))  # noqa: E731
+    runs = {"reference": lambda: reference_purify(ref_model, x, args.steps),
+            "ours": ours()}
+    if args.ablations:
+        runs["reference (.backward)"] = lambda: reference_purify(ref_model, x, args.steps, backward=True)
+        runs["seed EBMPurifier"] = lambda: seed_purify(purifier.energy, x, ids, args.steps)
+        runs["ours, no pool fold"] = ours(FOLD_POOL=False)
+        layout = x.device.type != "cuda"  # the switch away from the device's default layout
+        runs["ours, NCHW" if layout else "ours, channels_last"] = ours(CHANNELS_LAST={"cpu": not layout,
+                                                                                     "cuda": not layout})
+        if x.device.type != "cpu":
+            runs["ours, noise drawn inline"] = ours(NOISE_THREADS={"cpu": 0, "cuda": 0})
+        for rows in (8, 32, 64) if x.device.type == "cpu" else (128, 512):
+            runs[f"ours, micro-batch {rows}"] = ours(MICRO_BATCH={"cpu": rows, "cuda": rows})
+    return runs
+
+
+def _patched(patch: dict[str, object], run: Callable[[], Tensor]) -> Tensor:
+    with Patched(**patch):
+        return run()
+
+
+def time_rounds(runs: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per run, ``repeats`` alternating rounds (every variant once per round) after one warm-up."""
+    for run in runs.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            _sync()
+            start = time.perf_counter()
+            run()
+            _sync()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_flops(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """FLOPs of one Langevin step on the batch (forward + input-gradient backward): the model as written (what
+    the reference executes) and what ``EBMPurifier`` executes (pool-folded network, padded micro-batches)."""
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    rows = langevin.micro_batch_size(x.device)
+    padded = torch.cat([x, x[:1].expand(-rows * (-x.shape[0] // rows) - x.shape[0], *x.shape[1:])])
+    fast = langevin.fast_energy(frozen, x[:2])
+    return {"model": _count_flops(frozen, x), "executed": _count_flops(fast, padded)}
+
+
+def _count_flops(model: nn.Module, x: Tensor) -> float:
+    """torch.utils.flop_counter count of G(x) and ∇ₓ ΣG(x) (FlopCounterMode cannot see autograd.grad)."""
+    x = x.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_roofline(device: torch.device, repeats: int = 5) -> float:
+    """Achievable dense float32 FLOP/s on this device and thread count: median over torch.mm of n×n
+    (n = 2048 on CPU, 8192 on CUDA, where TF32 follows torch.backends.cuda.matmul's setting)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def profile_ours(model: nn.Module, x: Tensor, ids: Tensor, steps: int, rows: int = 12) -> str:
+    """torch.profiler table (self CPU time) of ``EBMPurifier.purify`` for ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    purifier = EBMPurifier(copy.deepcopy(model), LangevinConfig(steps=steps))
+    purifier.purify(x, ids, seed=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        purifier.purify(x, ids, seed=0)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def machine() -> dict[str, object]:
+    """nproc, CPU model, torch version, date."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    import os
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nf", type=int, default=128, help="SNGAN-32 width (128 = the released model)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="Langevin steps per timed run")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; medians reported")
+    parser.add_argument("--ablations", action="store_true", help="also time the fast path's switches one by one")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops of our path")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = SNGAN32Energy(args.channels, args.nf).eval().to(device)
+    x = (torch.rand(args.batch, args.channels, args.image_size, args.image_size) * 2 - 1).to(device)
+    ids = torch.arange(args.batch)
+    info = machine()
+    roofline = matmul_roofline(device)
+    flops = step_flops(model, x)
+    seconds = time_rounds(variants(args, model, x, ids), args.repeats)
+    roofline = max(roofline, matmul_roofline(device))  # once before, once after the timed rounds
+    report = summarise(args, info, seconds, flops, roofline)
+    print_table(report)
+    if args.profile:
+        print(profile_ours(model, x, ids, args.steps))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def summarise(args: argparse.Namespace, info: dict[str, object], seconds: dict[str, list[float]],
+              flops: dict[str, float], roofline: float) -> dict[str, object]:
+    """Medians, throughputs, speed-ups against the reference, FLOP/s against the roofline."""
+    image_steps = args.batch * args.steps
+    ref = statistics.median(seconds["reference"])
+    rows = {}
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        rows[name] = {"seconds": times, "median_s": median, "image_steps_per_s": image_steps / median,
+                      "speedup_vs_reference": ref / median}
+    ours = rows["ours"]["median_s"]
+    flop_rates = {"model_gflop_per_step": flops["model"] / 1e9, "executed_gflop_per_step": flops["executed"] / 1e9,
+                  "roofline_gflops": roofline / 1e9,
+                  "ours_effective_gflops": flops["model"] * args.steps / ours / 1e9,
+                  "ours_executed_gflops": flops["executed"] * args.steps / ours / 1e9,
+                  "reference_gflops": flops["model"] * args.steps / ref / 1e9}
+    config = {k: getattr(args, k) for k in ("nf", "batch", "steps", "image_size", "channels", "repeats", "device")}
+    return {"machine": info, "config": config, "variants": rows, "flops": flop_rates}
+
+
+def print_table(report: dict[str, object]) -> None:
+    info, config, rows, fl = report["machine"], report["config"], report["variants"], report["flops"]
+    print(f"# {info['cpu']}, nproc {info['nproc']}, torch {info['torch']}, threads {info['threads']}, {info['date']}")
+    print(f"# {config['device']}: SNGAN-32 nf={config['nf']}, batch {config['batch']}, {config['channels']}x{config['image_size']}"
+          f"x{config['image_size']}, {config['steps']} steps, median of {config['repeats']} alternating rounds")
+    print(f"{'variant':<24}{'median s':>10}{'img-steps/s':>13}{'vs ref':>8}   rounds (s)")
+    for name, row in rows.items():
+        rounds = " ".join(f"{t:.3f}" for t in row["seconds"])
+        print(f"{name:<24}{row['median_s']:>10.3f}{row['image_steps_per_s']:>13.1f}"
+              f"{row['speedup_vs_reference']:>7.2f}x   {rounds}")
+    print(f"FLOPs/step: model {fl['model_gflop_per_step']:.2f} GFLOP (fwd + input-grad bwd), executed by ours "
+          f"{fl['executed_gflop_per_step']:.2f} GFLOP")
+    print(f"roofline (float32 mm): {fl['roofline_gflops']:.1f} GFLOP/s; ours {fl['ours_executed_gflops']:.1f} "
+          f"executed ({100 * fl['ours_executed_gflops'] / fl['roofline_gflops']:.0f}%), "
+          f"{fl['ours_effective_gflops']:.1f} model-equivalent; reference {fl['reference_gflops']:.1f} GFLOP/s "
+          f"({100 * fl['reference_gflops'] / fl['roofline_gflops']:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Orchestration of the generative-model commands (``train-ebm``, ``train-ddpm``, ``purify``): load and check
+the inputs first (nothing written), then compute with an injected tracker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from puregen_dist.attacks import build_attack
+from puregen_dist.config.generative import DDPMJob, EBMJob, PurifyJob
+from puregen_dist.config.loading import flatten
+from puregen_dist.data.datasets import load_data
+from puregen_dist.data.io import write_imageset
+from puregen_dist.defenses import build_defense
+from puregen_dist.generative.train_ddpm import train_ddpm
+from puregen_dist.generative.train_ebm import train_ebm
+from puregen_dist.protocols import Tracker
+from puregen_dist.types import ImageSet
+
+log = logging.getLogger(__name__)
+
+
+def train_ebm_job(job: EBMJob, tracker: Tracker, train: ImageSet | None = None) -> Path:
+    """Train the EBM of ``job`` on its data's training split; returns the checkpoint directory."""
+    train = train if train is not None else load_data(job.data)[0]
+    tracker.log_params(flatten(job))
+    return train_ebm(job, train, tracker)
+
+
+def train_ddpm_job(job: DDPMJob, tracker: Tracker, data: tuple[ImageSet, ImageSet] | None = None) -> Path:
+    """Train the DDPM of ``job``; its test split feeds the per-epoch purification samples."""
+    train, test = data if data is not None else load_data(job.data)
+    tracker.log_params(flatten(job))
+    return train_ddpm(job, train, test, tracker)
+
+
+@dataclass
+class PurifyResult:
+    """Where the purified set went and how fast it was made."""
+
+    path: Path
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class PreparedPurify:
+    """A validated purify job: data loaded, attack and defense built (checkpoints loaded)."""
+
+    job: PurifyJob
+    train: ImageSet
+    attack: object
+    defense: object
+
+
+def prepare_purify(job: PurifyJob) -> PreparedPurify:
+    """Load data, build and validate attack and defense; raises UserInputError before any compute."""
+    train, _ = load_data(job.data)
+    attack = build_attack(job.attack)
+    attack.validate(train)
+    defense = build_defense(job.defense)
+    defense.validate(train)
+    return PreparedPurify(job, train, attack, defense)
+
+
+def purify_job(prep: PreparedPurify, tracker: Tracker) -> PurifyResult:
+    """Poison (if configured), purify in-process, and write the Parquet image set atomically."""
+    job = prep.job
+    poison = prep.attack.craft(prep.train, seed=job.seed)
+    poisoned = poison.materialize()
+    start = time.perf_counter()
+    purified = prep.defense.apply(poisoned, seed=job.seed)
+    seconds = time.perf_counter() - start
+    path = write_imageset(purified, job.output, poisoned_ids=poison.poison_ids)
+    result = PurifyResult(path, len(purified), seconds)
+    tracker.log_params(flatten(job))
+    tracker.log_metrics({"purify_seconds": seconds, "images_per_second": result.images_per_second,
+                         "seconds_per_image": seconds / max(len(purified), 1)})
+    return result

@@ -1,0 +1,160 @@
+"""PNG figures and CSV tables of the PureGen diagnostics (:mod:`puregen_dist.generative.diagnostics`).
+
+Paper: Bhat et al., "PureGen: Universal Data Purification for Train-Time Poison Defense via Generative Model
+Dynamics" (NeurIPS 2024), https://arxiv.org/abs/2405.18627: Figure 1 (energy histograms of clean, poisoned
+and purified images) and Figure 3 (ℓ2 distances along purification).
+
+Figures are drawn on a ``matplotlib.figure.Figure`` with an explicit ``FigureCanvasAgg``: no pyplot, no global
+backend selection, so this is headless and safe to call from several threads. Every file is written atomically
+(a temporary file in the target directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from puregen_dist.generative.diagnostics import (
+    D_CLEAN_TO_PURIFIED_CLEAN,
+    D_CLEAN_TO_PURIFIED_POISONED,
+    D_POISONED_TO_PURIFIED_POISONED,
+    Trajectories,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+DISTANCE_LABELS = {
+    D_CLEAN_TO_PURIFIED_POISONED: r"$\Vert x - \Psi_t(x+\delta)\Vert_2$",
+    D_POISONED_TO_PURIFIED_POISONED: r"$\Vert (x+\delta) - \Psi_t(x+\delta)\Vert_2$",
+    D_CLEAN_TO_PURIFIED_CLEAN: r"$\Vert x - \Psi_t(x)\Vert_2$",
+}
+"""Legend entries of the three ℓ2 distances (matplotlib mathtext)."""
+
+
+def _atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, text: bool) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
+            write(handle)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _new_figure(width: float = 6.4, height: float = 4.4) -> Figure:
+    """A Figure bound to its own Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_png(figure: Figure, path: str | Path) -> Path:
+    path = _atomic_write(path, lambda handle: figure.savefig(handle, format="png"), text=False)
+    log.info("wrote %s", path)
+    return path
+
+
+def energy_histogram_png(energies: Mapping[str, np.ndarray], path: str | Path, title: str, *,
+                         bins: int = 50, density: bool = True) -> Path:
+    """Overlaid histograms of EBM energies per group (Figure 1), on bins shared by all groups.
+
+    Args:
+        energies: group name -> (N,) energies (non-finite values are left out).
+        path: the PNG to write.
+        title: figure title.
+        bins: number of shared bins.
+        density: normalise each histogram (groups of different sizes stay comparable).
+
+    Returns:
+        ``path``.
+    """
+    finite = {name: np.asarray(e, dtype=np.float64)[np.isfinite(e)] for name, e in energies.items()}
+    pooled = np.concatenate([e for e in finite.values()] or [np.zeros(0)])
+    edges = np.histogram_bin_edges(pooled if pooled.size else np.zeros(1), bins=bins)
+    figure = _new_figure()
+    ax = figure.add_subplot()
+    for name, e in finite.items():
+        if e.size == 0:
+            log.warning("energy histogram %r: group %r has no finite energies", title, name)
+            continue
+        label = f"{name} (n={e.size}): {e.mean():.3g} ± {e.std():.3g}"
+        ax.hist(e, bins=edges, density=density, alpha=0.5, label=label, histtype="stepfilled",
+                edgecolor="black", linewidth=0.5)
+    ax.set(title=title, xlabel=r"energy $G_\theta(x)$", ylabel="density" if density else "count")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return _save_png(figure, path)
+
+
+def trajectories_png(traj: Trajectories, path: str | Path, title: str, xlabel: str) -> Path:
+    """The ℓ2 distances against purification steps (Figure 3): mean lines, ±1 std bands, and a dashed
+    vertical line at :meth:`Trajectories.crossing_step` when there is one.
+
+    Args:
+        traj: recorded distances.
+        path: the PNG to write.
+        title: figure title.
+        xlabel: x-axis label (e.g. "EBM Langevin steps" or "DDPM steps $T_D$").
+
+    Returns:
+        ``path``.
+    """
+    figure = _new_figure()
+    ax = figure.add_subplot()
+    for name, (mean, std) in traj.distances.items():
+        (line,) = ax.plot(traj.steps, mean, marker="o" if len(traj.steps) <= 30 else None, markersize=3,
+                          label=DISTANCE_LABELS.get(name, name))
+        ax.fill_between(traj.steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    crossing = traj.crossing_step()
+    if crossing is not None:
+        ax.axvline(crossing, color="black", linestyle="--", linewidth=1, label=f"crossing at t = {crossing}")
+    ax.set(title=title, xlabel=xlabel, ylabel=r"mean $\ell_2$ distance ([-1, 1] space)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+    return _save_png(figure, path)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path, fieldnames: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` as a CSV table with a header row.
+
+    Args:
+        rows: one dict per row (e.g. :meth:`Trajectories.as_rows`); missing keys are left empty.
+        path: the CSV to write.
+        fieldnames: the columns; default: every key, in order of first appearance.
+
+    Returns:
+        ``path``.
+    """
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(fieldnames)
+
+    def write(handle: IO[str]) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    path = _atomic_write(path, write, text=True)
+    log.info("wrote %s (%d rows)", path, len(rows))
+    return path
