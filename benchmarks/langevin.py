@@ -6,8 +6,8 @@ the table reports the median of each. The reference follows the published code l
 requires grad, autograd on the batch-summed energy, in-place updates of ``.data``, default memory format,
 parameters left requiring grad, noise from ``torch.randn`` on the whole batch.
 
-Also reported: FLOPs of one Langevin step (torch.utils.flop_counter, forward + input-gradient backward) and the
-achieved FLOP/s against a dense float32 matmul roofline timed in the same run.
+Also reported: FLOPs of one Langevin step (torch.utils.flop_counter, forward + input-gradient backward) and
+the achieved FLOP/s against a dense float32 matmul roofline timed in the same run.
 
     python benchmarks/langevin.py --nf 128 --batch 64 --steps 5 --repeats 3 --json out.json
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -52,8 +53,9 @@ def reference_purify(model: nn.Module, x: Tensor, steps: int, *, backward: bool 
     return x.detach().clamp(-1.0, 1.0)
 
 
-def seed_purify(model: nn.Module, x: Tensor, ids: Tensor, steps: int) -> Tensor:
-    """The previous ``EBMPurifier.purify`` (one ``langevin_step`` per step, per-sample noise, NCHW)."""
+def previous_purify(model: nn.Module, x: Tensor, ids: Tensor, steps: int) -> Tensor:
+    """``EBMPurifier.purify`` before issue #3: one ``langevin_step`` per step, per-sample noise drawn per
+    step, the whole batch at once, NCHW, the module as written (no pool folding)."""
     noise = SampleNoise(ids, 0, STREAM_LANGEVIN)
     for _ in range(steps):
         z = noise.randn(tuple(x.shape[1:]), x.device, x.dtype)
@@ -78,30 +80,31 @@ class Patched:
             setattr(langevin, name, value)
 
 
-def variants(args: argparse.Namespace, model: nn.Module, x: Tensor, ids: Tensor) -> dict[str, Callable[[], Tensor]]:
+def variants(args: argparse.Namespace, model: nn.Module, x: Tensor,
+             ids: Tensor) -> dict[str, Callable[[], Tensor]]:
     """name -> a zero-argument run of ``args.steps`` steps on the benchmark batch."""
     ref_model = copy.deepcopy(model).requires_grad_(True)
     purifier = EBMPurifier(copy.deepcopy(model), LangevinConfig(steps=args.steps))
-    ours = lambda **patch: lambda: _patched(patch, lambda: purifier.purify(x, ids, seed=0))  # noqa: E731
-    runs = {"reference": lambda: reference_purify(ref_model, x, args.steps),
-            "ours": ours()}
+
+    def ours(**patch: object) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            with Patched(**patch):
+                return purifier.purify(x, ids, seed=0)
+        return run
+
+    runs = {"reference": lambda: reference_purify(ref_model, x, args.steps), "ours": ours()}
     if args.ablations:
         runs["reference (.backward)"] = lambda: reference_purify(ref_model, x, args.steps, backward=True)
-        runs["seed EBMPurifier"] = lambda: seed_purify(purifier.energy, x, ids, args.steps)
+        runs["previous EBMPurifier"] = lambda: previous_purify(purifier.energy, x, ids, args.steps)
         runs["ours, no pool fold"] = ours(FOLD_POOL=False)
-        layout = x.device.type != "cuda"  # the switch away from the device's default layout
-        runs["ours, NCHW" if layout else "ours, channels_last"] = ours(CHANNELS_LAST={"cpu": not layout,
-                                                                                     "cuda": not layout})
+        runs["ours, NCHW"] = ours(CHANNELS_LAST={"cpu": False, "cuda": False})
         if x.device.type != "cpu":
             runs["ours, noise drawn inline"] = ours(NOISE_THREADS={"cpu": 0, "cuda": 0})
-        for rows in (8, 32, 64) if x.device.type == "cpu" else (128, 512):
-            runs[f"ours, micro-batch {rows}"] = ours(MICRO_BATCH={"cpu": rows, "cuda": rows})
+        default = langevin.micro_batch_size(model, x)
+        for rows in (8, 16, 32, 64) if x.device.type == "cpu" else (128, 512):
+            if rows != default:
+                runs[f"ours, micro-batch {rows}"] = ours(MICRO_BATCH={"cpu": rows, "cuda": rows})
     return runs
-
-
-def _patched(patch: dict[str, object], run: Callable[[], Tensor]) -> Tensor:
-    with Patched(**patch):
-        return run()
 
 
 def time_rounds(runs: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, list[float]]:
@@ -128,9 +131,9 @@ def step_flops(model: nn.Module, x: Tensor) -> dict[str, float]:
     """FLOPs of one Langevin step on the batch (forward + input-gradient backward): the model as written (what
     the reference executes) and what ``EBMPurifier`` executes (pool-folded network, padded micro-batches)."""
     frozen = copy.deepcopy(model).requires_grad_(False)
-    rows = langevin.micro_batch_size(x.device)
+    rows = langevin.micro_batch_size(model, x)
     padded = torch.cat([x, x[:1].expand(-rows * (-x.shape[0] // rows) - x.shape[0], *x.shape[1:])])
-    fast = langevin.fast_energy(frozen, x[:2])
+    fast = langevin.fast_energy(frozen)
     return {"model": _count_flops(frozen, x), "executed": _count_flops(fast, padded)}
 
 
@@ -174,12 +177,12 @@ def machine() -> dict[str, object]:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        lines = cpuinfo.read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    import os
-
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": date}
 
 
 def parse_args() -> argparse.Namespace:
@@ -192,7 +195,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; medians reported")
-    parser.add_argument("--ablations", action="store_true", help="also time the fast path's switches one by one")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time the fast path's switches one by one")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops of our path")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser.parse_args()
@@ -231,31 +235,36 @@ def summarise(args: argparse.Namespace, info: dict[str, object], seconds: dict[s
         rows[name] = {"seconds": times, "median_s": median, "image_steps_per_s": image_steps / median,
                       "speedup_vs_reference": ref / median}
     ours = rows["ours"]["median_s"]
-    flop_rates = {"model_gflop_per_step": flops["model"] / 1e9, "executed_gflop_per_step": flops["executed"] / 1e9,
-                  "roofline_gflops": roofline / 1e9,
+    flop_rates = {"model_gflop_per_step": flops["model"] / 1e9,
+                  "executed_gflop_per_step": flops["executed"] / 1e9, "roofline_gflops": roofline / 1e9,
                   "ours_effective_gflops": flops["model"] * args.steps / ours / 1e9,
                   "ours_executed_gflops": flops["executed"] * args.steps / ours / 1e9,
                   "reference_gflops": flops["model"] * args.steps / ref / 1e9}
-    config = {k: getattr(args, k) for k in ("nf", "batch", "steps", "image_size", "channels", "repeats", "device")}
+    keys = ("nf", "batch", "steps", "image_size", "channels", "repeats", "device")
+    config = {k: getattr(args, k) for k in keys}
     return {"machine": info, "config": config, "variants": rows, "flops": flop_rates}
 
 
 def print_table(report: dict[str, object]) -> None:
     info, config, rows, fl = report["machine"], report["config"], report["variants"], report["flops"]
-    print(f"# {info['cpu']}, nproc {info['nproc']}, torch {info['torch']}, threads {info['threads']}, {info['date']}")
-    print(f"# {config['device']}: SNGAN-32 nf={config['nf']}, batch {config['batch']}, {config['channels']}x{config['image_size']}"
-          f"x{config['image_size']}, {config['steps']} steps, median of {config['repeats']} alternating rounds")
+    print(f"# {info['cpu']}, nproc {info['nproc']}, torch {info['torch']}, threads {info['threads']}, "
+          f"{info['date']}")
+    size = config["image_size"]
+    print(f"# {config['device']}: SNGAN-32 nf={config['nf']}, batch {config['batch']}, "
+          f"{config['channels']}x{size}x{size}, {config['steps']} steps, "
+          f"median of {config['repeats']} alternating rounds")
     print(f"{'variant':<24}{'median s':>10}{'img-steps/s':>13}{'vs ref':>8}   rounds (s)")
     for name, row in rows.items():
         rounds = " ".join(f"{t:.3f}" for t in row["seconds"])
         print(f"{name:<24}{row['median_s']:>10.3f}{row['image_steps_per_s']:>13.1f}"
               f"{row['speedup_vs_reference']:>7.2f}x   {rounds}")
-    print(f"FLOPs/step: model {fl['model_gflop_per_step']:.2f} GFLOP (fwd + input-grad bwd), executed by ours "
-          f"{fl['executed_gflop_per_step']:.2f} GFLOP")
-    print(f"roofline (float32 mm): {fl['roofline_gflops']:.1f} GFLOP/s; ours {fl['ours_executed_gflops']:.1f} "
-          f"executed ({100 * fl['ours_executed_gflops'] / fl['roofline_gflops']:.0f}%), "
-          f"{fl['ours_effective_gflops']:.1f} model-equivalent; reference {fl['reference_gflops']:.1f} GFLOP/s "
-          f"({100 * fl['reference_gflops'] / fl['roofline_gflops']:.0f}%)")
+    roof = fl["roofline_gflops"]
+    print(f"FLOPs/step: model {fl['model_gflop_per_step']:.2f} GFLOP (fwd + input-grad bwd), "
+          f"executed by ours {fl['executed_gflop_per_step']:.2f} GFLOP")
+    print(f"roofline (float32 mm): {roof:.1f} GFLOP/s; "
+          f"ours {fl['ours_executed_gflops']:.1f} executed ({100 * fl['ours_executed_gflops'] / roof:.0f}%), "
+          f"{fl['ours_effective_gflops']:.1f} model-equivalent; "
+          f"reference {fl['reference_gflops']:.1f} GFLOP/s ({100 * fl['reference_gflops'] / roof:.0f}%)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE_PACKAGES = ["attacks", "classifiers", "config", "data", "defenses", "generative", "experiment", "types",
-                 "protocols", "registry"]
+PURE_PACKAGES = ["attacks", "classifiers", "config", "data", "data.io", "defenses", "generative",
+                 "generative.train_ebm", "generative.train_ddpm", "generative.diagnostics", "generative.purifiers",
+                 "generative.ddpm", "experiment", "jobs", "diagnose", "plots", "types", "protocols", "registry"]
 
 BLOCKER = """
 import importlib.abc, sys

@@ -46,6 +46,9 @@ class DataConfig:
     """CIFAR only: let torchvision download into ``root`` (off: nothing is downloaded implicitly)."""
     layout: Literal["cinic10", "tiny_imagenet"] = "cinic10"
     """image_folder only: CINIC-10 (``train|test/<class>/*.png``) or Tiny-ImageNet (``val/val_annotations.txt``)."""
+    exclude: str | None = None
+    """image_folder (cinic10) only: skip files whose name contains this text; ``cifar10`` keeps CINIC-10's
+    ImageNet-derived images only (the paper's CINIC-10-ImageNet, 70,000 training images)."""
     image_column: str = "img"
     """parquet only: column holding the encoded image (a struct with ``bytes`` or raw binary)."""
     label_column: str = "label"

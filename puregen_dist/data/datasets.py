@@ -349,9 +349,11 @@ def _subfolders(folder: Path, expected: str) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files (png/jpg/jpeg, any case) directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _image_files(folder: Path, exclude: str | None = None) -> list[Path]:
+    """Image files (png/jpg/jpeg, any case) directly in ``folder``, sorted by name, skipping names that
+    contain ``exclude``."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not (exclude and exclude in p.name))
 
 
 def _read_files(files: list[Path], labels: list[int], classes: Sequence[str], folder: Path) -> ImageSet:
@@ -363,15 +365,16 @@ def _read_files(files: list[Path], labels: list[int], classes: Sequence[str], fo
     return _image_set(images, np.asarray(labels, dtype=np.int64), classes)
 
 
-def _class_tree(folder: Path, classes: list[str]) -> ImageSet:
-    """``<folder>/<class>/*`` images labelled by the class folder's position in ``classes``."""
+def _class_tree(folder: Path, classes: list[str], exclude: str | None = None) -> ImageSet:
+    """``<folder>/<class>/*`` images labelled by the class folder's position in ``classes`` (file names
+    containing ``exclude`` are skipped)."""
     files: list[Path] = []
     labels: list[int] = []
     index = {name: k for k, name in enumerate(classes)}
     for name in _subfolders(folder, _CINIC_LAYOUT):
         if name not in index:
             raise DatasetError(f"image_folder: {folder / name} is a class the train split lacks ({classes})")
-        found = _image_files(folder / name)
+        found = _image_files(folder / name, exclude)
         files += found
         labels += [index[name]] * len(found)
     return _read_files(files, labels, classes, folder)
@@ -381,7 +384,8 @@ def _load_cinic(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     """CINIC-10 layout: class names are the sorted folder names of ``<root>/train``."""
     root = _root(cfg, _CINIC_LAYOUT)
     classes = _subfolders(root / "train", _CINIC_LAYOUT)
-    return _class_tree(root / "train", classes), _class_tree(root / "test", classes)
+    return (_class_tree(root / "train", classes, cfg.exclude),
+            _class_tree(root / "test", classes, cfg.exclude))
 
 
 def _tiny_wnids(root: Path) -> list[str]:

@@ -63,6 +63,7 @@ def read_imageset(path: str | Path) -> tuple[ImageSet, np.ndarray]:
     info = json.loads(meta)
     shape = tuple(info["shape"])
     images = table.column("image").combine_chunks().flatten().to_numpy().reshape(-1, *shape)
-    data = ImageSet(images.astype(np.uint8, copy=False), table.column("id").to_numpy().astype(np.int64),
-                    table.column("label").to_numpy().astype(np.int64), tuple(info["classes"]))
+    data = ImageSet(images=images.astype(np.uint8, copy=False),
+                    labels=table.column("label").to_numpy().astype(np.int64),
+                    ids=table.column("id").to_numpy().astype(np.int64), classes=tuple(info["classes"]))
     return data, table.column("poisoned").to_numpy(zero_copy_only=False).astype(bool)

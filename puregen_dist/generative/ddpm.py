@@ -17,8 +17,9 @@ import torch
 from diffusers import UNet2DModel
 from torch import Tensor
 
-from puregen_dist.config.errors import FieldError
+from puregen_dist.config.errors import ConfigError
 from puregen_dist.config.generative import DDPMConfig
+from puregen_dist.config.loading import build
 from puregen_dist.generative.checkpoints import CONFIG, CheckpointError, load_state, read_checkpoint_config
 from puregen_dist.generative.diffusion import DDPMSchedule, check_steps, diffusion_purify
 from puregen_dist.generative.unet import build_unet, eps_model, load_diffusers_unet
@@ -95,9 +96,9 @@ def _load_puregen(path: Path) -> tuple[UNet2DModel, DDPMSchedule]:
         raise CheckpointError(f"{path / CONFIG}: checkpoint holds a {config['kind']!r} model, "
                               f"expected {KIND!r}")
     try:
-        cfg = DDPMConfig(**config["model"])
-    except (TypeError, FieldError) as exc:
-        raise CheckpointError(f"{path / CONFIG}: invalid DDPM config ({exc})") from None
+        cfg = build(DDPMConfig, config["model"], source=str(path / CONFIG), path="model")
+    except ConfigError as exc:
+        raise CheckpointError(f"invalid DDPM config: {exc}") from None
     unet = build_unet(cfg)
     load_state(path, unet, kind=KIND)
     return unet, DDPMSchedule.from_config(cfg)

@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +36,8 @@ EnergyFn = Callable[[Tensor], Tensor]
 def energy_and_grad(energy_fn: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
     """(G(x), ∇ₓ Σ_b G(x_b)): energies (B,) and the per-sample input gradient (B, C, H, W).
 
-    The energy nets have no batch-coupled layers, so the gradient of the batch sum is each sample's own gradient.
+    The energy nets have no batch-coupled layers, so the gradient of the batch sum is each sample's own
+    gradient.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -66,7 +68,8 @@ def langevin_step(energy_fn: EnergyFn, x: Tensor, step_size: float, temperature:
 
 
 def check_finite(energy: Tensor, grad: Tensor, *, where: str, ids: Tensor | None = None) -> None:
-    """Raise FloatingPointError naming ``where`` and the offending sample ids if energies/gradients are NaN/Inf."""
+    """Raise FloatingPointError naming ``where`` and the offending sample ids if energies/gradients are
+    NaN/Inf."""
     bad = ~torch.isfinite(energy) | ~torch.isfinite(grad.flatten(1)).all(dim=1)
     if bool(bad.any()):
         which = (ids[bad.cpu()] if ids is not None else torch.nonzero(bad).flatten()).tolist()[:10]
@@ -76,28 +79,33 @@ def check_finite(energy: Tensor, grad: Tensor, *, where: str, ids: Tensor | None
 
 
 # ------------------------------------------------------------------------------------------ fast purification
-# EBMPurifier's chain (§1.3): the same update as ``langevin_step``, organised for speed. What changes is only how
-# the numbers are computed, never which numbers: see ``langevin_purify``.
+# EBMPurifier's chain (§1.3): the same update as ``langevin_step``, organised for speed. What changes is only
+# how the numbers are computed, never which numbers: see ``langevin_purify`` and benchmarks/RESULTS.md.
 
 NOISE_BLOCK_STEPS = 16
-"""Steps of noise drawn per generator call (one (k, C, H, W) draw instead of k (C, H, W) draws; same numbers)."""
+"""Steps of noise per generator call: one (k, C, H, W) draw instead of k (C, H, W) draws, same numbers."""
 
-MICRO_BATCH: dict[str, int] = {"cpu": 16, "cuda": 256}
-"""Rows per forward/backward call, by device type (others: ``MICRO_BATCH_DEFAULT``). Every call has exactly
-this many rows (the last micro-batch is padded), so a row's numbers never depend on the batch it came in:
-convolution kernels pick different blockings, hence different roundings, for different batch sizes."""
+MICRO_BATCH: dict[str, int] = {"cuda": 256}
+"""Rows per forward/backward call, by device type; other devices (CPU): ``MICRO_BATCH_BYTES``. Every call
+has exactly this many rows (the last micro-batch is padded), so a row's numbers never depend on the batch it
+came in: convolution kernels pick different blockings, hence roundings, for different batch sizes."""
 
-MICRO_BATCH_DEFAULT = 16
+MICRO_BATCH_BYTES = 16 << 20
+"""Without a ``MICRO_BATCH`` entry: the largest power of two of rows in [8, 64] whose widest activation
+(first conv's width x H x W) fits in this many bytes: 32 rows for SNGAN-32 nf = 128 at 32x32, 64 for nf = 32.
+Small enough to stay in cache, large enough to keep the number of parallel regions (OpenMP barriers) low on
+a busy machine. A function of the network and the image shape only."""
 
-CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": False}
-"""Run the energy in channels-last memory format, by device type (oneDNN's fastest layout on CPU)."""
+CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": True}
+"""Run the energy in channels-last memory format, by device type (faster with oneDNN on CPU and with cuDNN
+on an H200; see benchmarks/RESULTS.md)."""
 
 FOLD_POOL = True
 """Evaluate an ``SNGAN32Energy`` as ``FoldedSNGAN32``: the same function, about 40 % fewer FLOPs."""
 
 NOISE_THREADS: dict[str, int] = {"cpu": 0, "cuda": min(8, os.cpu_count() or 1)}
 """Worker threads drawing noise ahead of the chain, by device type (0: inline). On an accelerator the
-per-sample CPU generators would otherwise be the bottleneck; on CPU they would take cores from the convolutions."""
+per-sample CPU generators are otherwise the bottleneck; on CPU they would take cores from the convolutions."""
 
 _NORMAL_BLOCK = 16  # torch's CPU normal sampler transforms its uniforms in independent blocks of 16
 
@@ -165,26 +173,37 @@ def noise_blocks(noise: SampleNoise, shape: tuple[int, ...], steps: int, dtype: 
     block is drawn (in parallel over samples) and copied while the chain consumes the previous one."""
     sizes = [min(NOISE_BLOCK_STEPS, steps - first) for first in range(0, steps, NOISE_BLOCK_STEPS)]
     threads = NOISE_THREADS.get(device.type, 0)
-    pin = device.type == "cuda"
+    cuda = device.type == "cuda"
+    stream = torch.cuda.current_stream(device) if cuda else None  # the consumer's stream, for the copies
 
     def draw(k: int) -> Tensor:
-        z = draw_noise(noise, shape, k, dtype, rows=rows, pin=pin, threads=threads)
-        return z.to(device, non_blocking=True)
+        z = draw_noise(noise, shape, k, dtype, rows=rows, pin=cuda, threads=threads)
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            return z.to(device, non_blocking=True)
 
-    if threads <= 0:
+    if threads <= 0 or not sizes:
         yield from (draw(k) for k in sizes)
         return
-    ahead = _pool("prefetch", 1).submit(draw, sizes[0]) if sizes else None
-    for i in range(len(sizes)):
+    prefetch = _pool("prefetch", 1)
+    ahead = prefetch.submit(draw, sizes[0])
+    for following in sizes[1:]:
         z = ahead.result()
-        if i + 1 < len(sizes):  # submitted only now: the streams are drawn strictly in order
-            ahead = _pool("prefetch", 1).submit(draw, sizes[i + 1])
+        ahead = prefetch.submit(draw, following)  # submitted only now: each stream is drawn strictly in order
         yield z
+    yield ahead.result()
 
 
-def micro_batch_size(device: torch.device) -> int:
-    """Rows per energy call on ``device`` (``MICRO_BATCH``)."""
-    return MICRO_BATCH.get(device.type, MICRO_BATCH_DEFAULT)
+def micro_batch_size(energy: nn.Module, x: Tensor) -> int:
+    """Rows per energy call for images shaped like ``x`` (B, C, H, W) on its device (``MICRO_BATCH``,
+    else ``MICRO_BATCH_BYTES``)."""
+    if x.device.type in MICRO_BATCH:
+        return MICRO_BATCH[x.device.type]
+    width = next((m.out_channels for m in energy.modules() if isinstance(m, nn.Conv2d)), x.shape[1])
+    row_bytes = width * x.shape[2] * x.shape[3] * x.element_size()
+    rows = 8
+    while rows < 64 and 2 * rows * row_bytes <= MICRO_BATCH_BYTES:
+        rows *= 2
+    return rows
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
@@ -193,12 +212,13 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 
 
 def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, steps: int, step_size: float,
-                    temperature: float, check_every: int) -> Tensor:
+                    temperature: float, check_every: int, rows: int) -> Tensor:
     """``steps`` Langevin updates from ``x`` (zero initial noise), unclamped: (B, C, H, W) -> (B, C, H, W).
 
     Same numbers as iterating ``langevin_step`` with ``SampleNoise(ids, seed, STREAM_LANGEVIN)`` draws, up to
-    float rounding; rows are processed in fixed-size micro-batches (``MICRO_BATCH``), each run through all its
-    steps before the next, so every row's result depends only on (row, its id, seed), bit for bit.
+    float rounding; rows are processed in micro-batches of exactly ``rows`` (the last one padded), each run
+    through all its steps before the next, so every row's result depends only on (row, its id, seed), bit for
+    bit, as long as ``rows`` does not depend on the batch (``micro_batch_size``).
 
     Args:
         energy_fn: G_θ, (N, C, H, W) -> (N,), parameters frozen (see ``fast_energy``).
@@ -207,8 +227,8 @@ def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, s
         seed: experiment seed.
         steps, step_size, temperature: the chain (§1.2.6).
         check_every: steps between NaN/Inf checks (and after the last step); raise FloatingPointError.
+        rows: micro-batch size.
     """
-    rows = micro_batch_size(x.device)
     out = torch.empty_like(x)
     with _fixed_kernels(x.device):
         for start in range(0, x.shape[0], rows):
@@ -263,7 +283,7 @@ def _energy_grad(energy_fn: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    """(b, ...) -> (rows, ...): ``t`` followed by copies of its last row (rows >= b; their values are unused)."""
+    """(b, ...) -> (rows, ...): ``t`` then copies of its last row (rows >= b; their results are unused)."""
     missing = rows - t.shape[0]
     return t if missing <= 0 else torch.cat([t, t[-1:].expand(missing, *t.shape[1:])])
 
@@ -271,33 +291,53 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 # ------------------------------------------------------------------------------------------ fast energies
 
 
-def fast_energy(energy: nn.Module, probe: Tensor) -> nn.Module:
+def fast_energy(energy: nn.Module) -> nn.Module:
     """A frozen evaluation copy of ``energy`` for ``langevin_purify``: the same function G, computed faster.
 
-    ``SNGAN32Energy`` becomes ``FoldedSNGAN32`` when ``FOLD_POOL`` is set; the copy is in channels-last
-    format where ``CHANNELS_LAST`` asks for it. ``energy`` itself is not modified. The copy is checked against
-    ``energy`` on ``probe`` (a few rows, (n, C, H, W)); on a mismatch the plain copy is used, with a warning.
+    ``SNGAN32Energy`` becomes ``FoldedSNGAN32`` when ``FOLD_POOL`` is set and the fold reproduces the module
+    (``folds_exactly``); the copy is in channels-last format where ``CHANNELS_LAST`` asks for it. ``energy``
+    itself is not modified. The choice depends on the module alone, never on the data being purified.
     """
     device = next(energy.parameters()).device
     fmt = memory_format_for(device)
-    if FOLD_POOL and FoldedSNGAN32.supports(energy):
-        folded = FoldedSNGAN32(energy).to(memory_format=fmt)
-        if _same_function(folded, energy, probe):
-            return folded
-        log.warning("folded SNGAN-32 energy disagrees with the module; using the unfolded network")
+    if FOLD_POOL and folds_exactly(energy):
+        return FoldedSNGAN32(energy).to(memory_format=fmt)
     if fmt == torch.contiguous_format:
         return energy
     return copy.deepcopy(energy).eval().requires_grad_(False).to(memory_format=fmt)
 
 
-def _same_function(fast: nn.Module, energy: nn.Module, probe: Tensor) -> bool:
-    """Whether ``fast`` and ``energy`` agree on ``probe`` to float rounding (relative 1e-4; NaN matches NaN)."""
+_FOLD_VERDICTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], bool]] = (
+    weakref.WeakKeyDictionary())
+
+
+def folds_exactly(energy: nn.Module) -> bool:
+    """Whether ``FoldedSNGAN32(energy)`` computes ``energy``'s function: the module is laid out as §1.1.3
+    and both agree in float64, on CPU, on a fixed probe (two 8x8 inputs) to 1e-9 relative. A mismatch (say, a
+    changed ``SNGAN32Energy.forward``) is logged once. Cached per module until its parameters change."""
+    if not FoldedSNGAN32.supports(energy):
+        return False
+    key = tuple((p.data_ptr(), p._version) for p in energy.parameters())
+    cached = _FOLD_VERDICTS.get(energy)
+    if cached is None or cached[0] != key:
+        verdict = _fold_matches_in_float64(energy)
+        if not verdict:
+            log.warning("folded SNGAN-32 energy disagrees with the module; using the unfolded network")
+        _FOLD_VERDICTS[energy] = cached = (key, verdict)
+    return cached[1]
+
+
+def _fold_matches_in_float64(energy: nn.Module) -> bool:
+    """The float64 comparison of ``folds_exactly`` (NaN parameters: NaN matches NaN)."""
+    plain = copy.deepcopy(energy).to("cpu", torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand((2, plain.blocks[0].c1.in_channels, 8, 8), generator=generator, dtype=torch.float64)
     with torch.no_grad():
-        want, got = energy(probe), fast(probe)
+        want, got = plain(2 * probe - 1), FoldedSNGAN32(plain)(2 * probe - 1)
     if want.shape != got.shape:
         return False
-    scale = float(torch.nan_to_num(want.abs(), nan=0.0, posinf=0.0).max()) if want.numel() else 0.0
-    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(scale, 1e-6), equal_nan=True)
+    scale = float(torch.nan_to_num(want.abs(), nan=0.0, posinf=0.0).max())
+    return torch.allclose(got, want, rtol=1e-9, atol=1e-9 * max(scale, 1e-12), equal_nan=True)
 
 
 def _fold_pool_into_conv(weight: Tensor) -> Tensor:
@@ -327,7 +367,7 @@ class FoldedSNGAN32(nn.Module):
         super().__init__()
         first, second, *rest = energy.blocks
         self.down = nn.ModuleList([_FoldedDown(first, pre_relu=False), _FoldedDown(second, pre_relu=True)])
-        self.rest = nn.ModuleList(copy.deepcopy(block) for block in rest)
+        self.rest = nn.ModuleList(_Residual(block) for block in rest)
         self.head = copy.deepcopy(energy.linear)
         self.eval().requires_grad_(False)
 
@@ -345,23 +385,40 @@ class FoldedSNGAN32(nn.Module):
             x = block(x)
         for block in self.rest:
             x = block(x)
-        return self.head(F.relu(x).mean(dim=(2, 3))).squeeze(1)
+        return self.head(F.relu(x, inplace=True).mean(dim=(2, 3))).squeeze(1)
+
+
+# ReLUs here run in place where their input is a fresh conv or sum output that nothing else reads (a conv
+# saves its input for backward, not its output): one activation-sized allocation and pass fewer each.
+
+
+class _Residual(nn.Module):
+    """A non-downsampling D-block: conv3x3(ReLU(conv3x3(ReLU x))) + shortcut (identity or conv1x1)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c_sc = (copy.deepcopy(m) for m in (block.c1, block.c2, block.c_sc))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c2(F.relu(self.c1(F.relu(x)), inplace=True))
+        return h + (x if self.c_sc is None else self.c_sc(x))
 
 
 class _FoldedDown(nn.Module):
-    """A downsampling D-block with the pools folded: conv4x4/2(ReLU(conv3x3([ReLU] x))) + conv1x1(avgpool2(x))."""
+    """A downsampling D-block, pools folded: conv4x4/2(ReLU(conv3x3([ReLU] x))) + conv1x1(avgpool2(x))."""
 
     def __init__(self, block: nn.Module, *, pre_relu: bool) -> None:
         super().__init__()
         self.pre_relu = pre_relu
         self.c1 = copy.deepcopy(block.c1)
-        self.c2 = nn.Conv2d(block.c2.in_channels, block.c2.out_channels, block.c2.kernel_size[0] + 1, stride=2,
-                            padding=block.c2.padding, device=block.c2.weight.device, dtype=block.c2.weight.dtype)
+        conv = block.c2
+        self.c2 = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size[0] + 1, stride=2,
+                            padding=conv.padding, device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
-            self.c2.weight.copy_(_fold_pool_into_conv(block.c2.weight))
-            self.c2.bias.copy_(block.c2.bias)
+            self.c2.weight.copy_(_fold_pool_into_conv(conv.weight))
+            self.c2.bias.copy_(conv.bias)
         self.c_sc = copy.deepcopy(block.c_sc)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.c2(F.relu(self.c1(F.relu(x) if self.pre_relu else x)))
+        h = self.c2(F.relu(self.c1(F.relu(x) if self.pre_relu else x), inplace=True))
         return h + self.c_sc(F.avg_pool2d(x, 2))

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from puregen_dist.config.errors import FieldError
+from puregen_dist.config.errors import ConfigError
 from puregen_dist.config.generative import EBMConfig, LangevinConfig
+from puregen_dist.config.loading import build
 from puregen_dist.data.transforms import sym_to_uint8, to_sym
 from puregen_dist.generative.checkpoints import CheckpointError, load_state, read_checkpoint_config
 from puregen_dist.generative.ebm import build_ebm
-from puregen_dist.generative.langevin import fast_energy, langevin_purify
+from puregen_dist.generative.langevin import fast_energy, langevin_purify, micro_batch_size
 from puregen_dist.protocols import Purifier
 from puregen_dist.types import ImageSet
 
@@ -31,7 +32,8 @@ FINITE_CHECK_EVERY = 10
 
 
 class EBMPurifier:
-    """Ψ_T of PureGen-EBM: ``steps`` Langevin updates of §1.3 starting at the image, clamped to [-1, 1] at the end.
+    """Ψ_T of PureGen-EBM: ``steps`` Langevin updates of §1.3 starting at the image, clamped to [-1, 1] at
+    the end.
 
     The chain runs through ``langevin_purify`` on a ``fast_energy`` copy of the network (same function,
     channels-last / pool-folded where faster), in fixed-size micro-batches: outputs are bit-identical however
@@ -56,9 +58,9 @@ class EBMPurifier:
         x = x.to(self.device)
         if cfg.steps == 0 or x.shape[0] == 0:
             return x.clamp(-1.0, 1.0)
-        energy = fast_energy(self.energy, probe=x[:2])
-        y = langevin_purify(energy, x, torch.as_tensor(ids), seed=seed, steps=cfg.steps,
-                            step_size=cfg.step_size, temperature=cfg.temperature, check_every=FINITE_CHECK_EVERY)
+        y = langevin_purify(fast_energy(self.energy), x, torch.as_tensor(ids), seed=seed, steps=cfg.steps,
+                            step_size=cfg.step_size, temperature=cfg.temperature,
+                            check_every=FINITE_CHECK_EVERY, rows=micro_batch_size(self.energy, x))
         return y.clamp_(-1.0, 1.0)
 
     def energies(self, x: Tensor) -> Tensor:
@@ -102,9 +104,9 @@ def load_ebm(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.M
     """Build the EBM described by a ``train-ebm`` checkpoint directory and load its weights (checked)."""
     config = read_checkpoint_config(path)
     try:
-        cfg = EBMConfig(**config["model"])
-    except (TypeError, FieldError) as exc:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: invalid EBM config ({exc})") from None
+        cfg = build(EBMConfig, config["model"], source=str(Path(path) / "config.json"), path="model")
+    except ConfigError as exc:
+        raise CheckpointError(f"invalid EBM config: {exc}") from None
     model = build_ebm(cfg)
     load_state(path, model, kind="ebm")
     return model.to(device).eval(), cfg

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -135,8 +136,10 @@ class EBMTrainer:
         self.bank = extra["bank"].clone()
         self.generator.set_state(extra["generator"])
         self.epoch = int(meta["epoch"])
-        for _ in range(self.epoch):
-            self.scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.epoch):
+                self.scheduler.step()
 
     # --- helpers ------------------------------------------------------------------------------------------
 

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from puregen_dist.config import load_experiment
+from puregen_dist.cli import CONFIG_KINDS, guess_command
+from puregen_dist.config.loading import load_config, load_yaml
 
 SWEEP_FILES = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.name for p in SWEEP_FILES])
 def test_recipe_loads(path):
-    cfg = load_experiment(path)
+    cfg = load_config(CONFIG_KINDS[guess_command(load_yaml(path))], path)
     assert cfg.name
 
 

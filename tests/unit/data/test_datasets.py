@@ -267,6 +267,11 @@ def test_cinic_layout(tmp_path: Path) -> None:
     for data in (train, test):
         expected = np.array([value_of[int(lab)] for lab in data.labels])
         assert np.abs(data.images[:, 4, 4, 0].astype(int) - expected).max() <= 3
+    # CINIC-10-ImageNet: skip the CIFAR-derived files by name
+    _save(tmp_path / "train" / "cat" / "cifar10-train-7.png", _solid(80, 8))
+    only_imagenet, _ = load_data(DataConfig(dataset="image_folder", root=str(tmp_path), exclude="cifar10"))
+    assert len(only_imagenet) == 9
+    assert len(load_data(DataConfig(dataset="image_folder", root=str(tmp_path)))[0]) == 10
 
 
 def test_tiny_imagenet_layout(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The fast Langevin purification path (issue #3): same numbers as the literal equation, batch-invariant bit for bit,
-same per-sample noise streams, NaN/Inf checks kept."""
+"""The fast Langevin purification path (issue #3): same numbers as the literal equation, batch-invariant bit
+for bit, same per-sample noise streams, NaN/Inf checks kept."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ STEPS = 10
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models: intra-op threads cost more than they give on a busy machine (conftest restores the count)."""
+    """Tiny models: intra-op threads cost more than they give on a busy machine (conftest restores them)."""
     torch.set_num_threads(1)
 
 
@@ -42,7 +42,8 @@ def images(n: int = 64, dtype: torch.dtype = torch.float32, channels: int = 1, s
 
 
 def reference_purify(energy: nn.Module, x: Tensor, ids: Tensor, *, seed: int, cfg: LangevinConfig) -> Tensor:
-    """The equation, literally: x ← x − (ε²/2)∇ₓ(G(x)/T) + εz, z from SampleNoise(ids, seed); clamp at the end."""
+    """The equation, literally: x ← x − (ε²/2)∇ₓ(G(x)/T) + εz, z from SampleNoise(ids, seed); clamp at the
+    end."""
     noise = SampleNoise(ids, seed, STREAM_LANGEVIN)
     x = x.clone()
     for _ in range(cfg.steps):
@@ -122,7 +123,7 @@ def test_folded_sngan_is_the_same_function_and_gradient():
 def test_fast_energy_leaves_the_module_alone():
     energy = tiny_energy().requires_grad_(False)
     before = {k: v.clone() for k, v in energy.state_dict().items()}
-    fast = fast_energy(energy, images(2))
+    fast = fast_energy(energy)
     assert fast is not energy and isinstance(fast, FoldedSNGAN32)
     for key, value in energy.state_dict().items():
         assert torch.equal(value, before[key]) and value.is_contiguous()
@@ -132,8 +133,9 @@ def test_fast_energy_leaves_the_module_alone():
 def test_a_module_that_is_not_the_published_sngan_is_not_folded(monkeypatch):
     """The probe comparison catches an SNGAN32Energy whose forward no longer matches the folded network."""
     energy = tiny_energy()
-    monkeypatch.setattr(SNGAN32Energy, "forward", lambda self, x: self.linear(self.blocks(x).mean(dim=(2, 3)))[:, 0])
-    fast = fast_energy(energy, images(2))
+    no_final_relu = lambda self, x: self.linear(self.blocks(x).mean(dim=(2, 3)))[:, 0]  # noqa: E731
+    monkeypatch.setattr(SNGAN32Energy, "forward", no_final_relu)
+    fast = fast_energy(energy)
     assert not isinstance(fast, FoldedSNGAN32)
 
 
@@ -149,8 +151,12 @@ def purify_in_batches(purifier: EBMPurifier, x: Tensor, ids: Tensor, order: Tens
     return out
 
 
-def test_purification_is_batch_invariant_bit_for_bit():
-    """64 images as one batch, as 4 batches of 16, as uneven batches of 5, and shuffled: identical output."""
+@pytest.mark.parametrize("micro_batch", [None, 16])
+def test_purification_is_batch_invariant_bit_for_bit(micro_batch, monkeypatch):
+    """64 images as one batch, as 4 batches of 16, as uneven batches of 5, and shuffled: identical output.
+    (The tiny net's own micro-batch is 64 rows; 16 makes a batch of 64 four micro-batches.)"""
+    if micro_batch:
+        monkeypatch.setitem(langevin.MICRO_BATCH, "cpu", micro_batch)
     purifier = EBMPurifier(tiny_energy(), LangevinConfig(steps=STEPS))
     x, ids = images(), torch.arange(500, 564)
     whole = purifier.purify(x, ids, seed=5)
@@ -168,6 +174,13 @@ def test_noise_drawn_ahead_on_threads_gives_the_same_output(monkeypatch):
     inline = purifier.purify(x, ids, seed=4)
     monkeypatch.setitem(langevin.NOISE_THREADS, "cpu", 3)
     assert torch.equal(purifier.purify(x, ids, seed=4), inline)
+
+
+def test_micro_batch_size_follows_the_network_and_image_shape_only():
+    x = torch.zeros(3, 3, 32, 32)
+    assert langevin.micro_batch_size(SNGAN32Energy(3, 128), x) == 32
+    assert langevin.micro_batch_size(SNGAN32Energy(3, 32), x) == 64
+    assert langevin.micro_batch_size(SNGAN32Energy(3, 128), x[:1]) == 32
 
 
 def test_noise_depends_on_seed_and_id_not_position():
