@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,29 +41,28 @@ def run_cmd(args: argparse.Namespace) -> int:
 
 def train_ebm_cmd(args: argparse.Namespace) -> int:
     """Train (or resume) an EBM; prints the checkpoint directory."""
-    from puregen_dist.data.datasets import load_data
     from puregen_dist.jobs import train_ebm_job
-    from puregen_dist.tracking import open_tracker
 
-    job = load_config(EBMJob, args.config, args.set)
-    train, _ = load_data(job.data)
-    with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
-        path = train_ebm_job(job, tracker, train)
-    print(f"EBM checkpoint: {path}")
-    return 0
+    return _train_generative(EBMJob, args, lambda job, tracker, data: train_ebm_job(job, tracker, data[0]), "EBM")
 
 
 def train_ddpm_cmd(args: argparse.Namespace) -> int:
     """Train (or resume) a DDPM; prints the checkpoint directory."""
-    from puregen_dist.data.datasets import load_data
     from puregen_dist.jobs import train_ddpm_job
+
+    return _train_generative(DDPMJob, args, train_ddpm_job, "DDPM")
+
+
+def _train_generative(job_cls: type, args: argparse.Namespace, train: Callable[..., Path], label: str) -> int:
+    """Load the job and its data (errors before anything is written), then train under a tracker."""
+    from puregen_dist.data.datasets import load_data
     from puregen_dist.tracking import open_tracker
 
-    job = load_config(DDPMJob, args.config, args.set)
+    job = load_config(job_cls, args.config, args.set)
     data = load_data(job.data)
     with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
-        path = train_ddpm_job(job, tracker, data)
-    print(f"DDPM checkpoint: {path}")
+        path = train(job, tracker, data)
+    print(f"{label} checkpoint: {path}")
     return 0
 
 
@@ -92,6 +92,28 @@ def diagnose_cmd(args: argparse.Namespace) -> int:
         outputs = run_diagnose(prepared, tracker)
     for path in outputs:
         print(path)
+    return 0
+
+
+def artifacts_cmd(args: argparse.Namespace) -> int:
+    """List, show, remove or garbage-collect artifacts of a content-addressed store."""
+    from puregen_dist.pipeline.artifacts_cli import format_table, show
+    from puregen_dist.pipeline.store import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    if args.action in ("show", "rm") and not args.key:
+        raise UserInputError(f"artifacts {args.action}: a KEY is required (see `puregen-dist artifacts ls`)")
+    if args.action == "ls":
+        print(format_table(store.ls()))
+    elif args.action == "show":
+        print(show(store, args.key))
+    elif args.action == "rm":
+        store.manifest(args.key)  # a missing key is an error naming it
+        store.rm(args.key)
+        print(f"removed {args.key}")
+    else:
+        removed = store.gc()
+        print("\n".join(removed) if removed else "nothing to collect")
     return 0
 
 
@@ -125,7 +147,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "purify": (purify_cmd, "purify a (poisoned) training set in-process and write it as Parquet"),
     "diagnose": (diagnose_cmd, "energy histograms and l2 trajectories of purification (PNG + CSV)"),
     "show-config": (show_config_cmd, "print the resolved config (defaults filled in, overrides applied)"),
+    "artifacts": (artifacts_cmd, "ls | show KEY | rm KEY | gc: inspect the content-addressed artifact store"),
 }
+
+DEFAULT_STORE = "outputs/store"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "artifacts":
+            cmd.add_argument("action", choices=["ls", "show", "rm", "gc"])
+            cmd.add_argument("key", nargs="?", help="artifact key (show, rm)")
+            cmd.add_argument("--store", default=os.environ.get("PUREGEN_STORE", DEFAULT_STORE),
+                             help="store directory or pyarrow.fs URI (default: $PUREGEN_STORE or outputs/store)")
+            continue
         cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value by dotted key, e.g. --set classifier.epochs=5 (repeatable)")

@@ -81,3 +81,19 @@ def test_generative_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, comma
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.startswith("error: ")
     assert not out.exists()
+
+
+def test_artifacts_command_lists_shows_removes_and_collects(tmp_path, capsys):
+    from conftest import make_imageset
+    from puregen_dist.pipeline.store import ArtifactStore, artifact_key
+
+    store = ArtifactStore(tmp_path / "store")
+    key = artifact_key("poison", {"attack": "badnets"})
+    store.put_imageset(key, make_imageset(n=4), kind="poison", config={"attack": "badnets"})
+    base = ["artifacts", "--store", str(tmp_path / "store")]
+    assert main([*base[:1], "ls", *base[1:]]) == 0 and key in capsys.readouterr().out
+    assert main([base[0], "show", key, *base[1:]]) == 0 and '"kind": "poison"' in capsys.readouterr().out
+    assert main([base[0], "rm", key, *base[1:]]) == 0 and not store.exists(key)
+    capsys.readouterr()
+    assert main([base[0], "show", key, *base[1:]]) == 2 and key in capsys.readouterr().err
+    assert main([base[0], "gc", *base[1:]]) == 0
