@@ -67,17 +67,42 @@ def _train_generative(job_cls: type, args: argparse.Namespace, train: Callable[.
 
 
 def purify_cmd(args: argparse.Namespace) -> int:
-    """Poison (optionally) and purify a training set in-process; writes Parquet and reports throughput."""
-    from puregen_dist.jobs import prepare_purify, purify_job
+    """Poison (optionally) and purify a training set: through Ray Data into the artifact store (default), or
+    in-process into ``output`` (``--no-ray``); reports throughput."""
+    from puregen_dist.jobs import prepare_purify
+
+    overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
+    job = load_config(PurifyJob, args.config, overrides)
+    prepared = prepare_purify(job)  # validation and checkpoint loading: nothing written yet
+    return _purify_in_process(job, prepared) if args.no_ray else _purify_with_ray(job, prepared)
+
+
+def _purify_in_process(job: PurifyJob, prepared: object) -> int:
+    from puregen_dist.jobs import purify_job
     from puregen_dist.tracking import open_tracker
 
-    job = load_config(PurifyJob, args.config, args.set)
-    prepared = prepare_purify(job)
     with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
         result = purify_job(prepared, tracker)
     print(f"purified {result.images} images with {job.defense.name} in {result.seconds:.1f}s "
           f"({result.images_per_second:.2f} images/s, {1 / result.images_per_second:.4f} s/image/device) "
           f"-> {result.path}")
+    return 0
+
+
+def _purify_with_ray(job: PurifyJob, prepared: object) -> int:
+    from puregen_dist.pipeline.stages import poison_stage, purify_stage
+    from puregen_dist.pipeline.store import ArtifactStore
+
+    store = ArtifactStore(job.store)
+    poison = poison_stage(job, prepared, store)
+    purified = purify_stage(job, poison.key, store)
+    timings = purified.manifest.get("timings", {})
+    state = "built" if purified.built else "cached (already in the store)"
+    print(f"poison set {poison.key} ({'built' if poison.built else 'cached'}); purified set {purified.key} "
+          f"{state}: {purified.manifest.get('rows')} images, "
+          f"{timings.get('images_per_second', float('nan')):.2f} images/s, "
+          f"{timings.get('seconds_per_image_per_device', float('nan')):.4f} s/image/device")
+    print(f"artifact: {store.imageset_path(purified.key)}")
     return 0
 
 
@@ -169,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value by dotted key, e.g. --set classifier.epochs=5 (repeatable)")
+        if name == "purify":
+            cmd.add_argument("--no-ray", action="store_true",
+                             help="purify in-process (tests, debugging) and write `output` instead of the store")
+            cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
         if name == "show-config":
             cmd.add_argument("--as", dest="as_command", choices=sorted(CONFIG_KINDS),
                              help="resolve the file as this command's config (default: guessed from its keys)")

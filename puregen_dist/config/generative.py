@@ -212,13 +212,41 @@ class DDPMJob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """Ray Data purification resources (``puregen-dist purify`` without ``--no-ray``)."""
+
+    actors: int = 1
+    """Purifier actors in the pool; each loads the generative models once."""
+    batch_size: int = 64
+    """Rows per map_batches call (results do not depend on it)."""
+    num_cpus_per_actor: float = 1.0
+    """CPUs reserved per actor; leave one CPU free for reading/writing (2 actors on 2 CPUs: 0.5 each)."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs per actor (fractions pack several actors on one GPU); 0 runs on CPU."""
+    cpu_tasks: int = 2
+    """Task-pool size for CPU-only defenses (JPEG)."""
+    address: str | None = None
+    """Ray cluster address; None: $RAY_ADDRESS, else a local Ray instance."""
+
+    def __post_init__(self) -> None:
+        check(self.actors >= 1, "actors", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
+        check(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must be >= 0")
+        check(self.cpu_tasks >= 1, "cpu_tasks", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PurifyJob:
     """``puregen-dist purify``: (optionally poison, then) purify a training set and write it as Parquet."""
 
     name: str = "purify"
     seed: int = 0
     output: str = "outputs/purified.parquet"
-    """Parquet file of the purified training set (columns image, id, label, poisoned)."""
+    """In-process path (``--no-ray``): Parquet file of the purified training set."""
+    store: str = "outputs/store"
+    """Ray path: the artifact store (directory or pyarrow.fs URI) holding the poison and purified sets."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=no_attack)
     defense: DefenseConfig = field(default_factory=no_defense)

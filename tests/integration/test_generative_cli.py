@@ -27,7 +27,7 @@ def test_purify_writes_a_parquet_image_set_and_reports_throughput(tmp_path, tiny
     config = write(tmp_path, "purify.yaml", {
         "output": str(out), "data": DATA, "attack": ATTACK,
         "defense": {"name": "puregen_ebm", "ebm": str(ebm), "langevin": {"steps": 3}, "batch_size": 8}})
-    assert main(["-q", "purify", str(config)]) == 0
+    assert main(["-q", "purify", str(config), "--no-ray"]) == 0
     printed = capsys.readouterr().out
     assert "images/s" in printed and "s/image/device" in printed and str(out) in printed
     data, poisoned = read_imageset(out)
