@@ -4,8 +4,10 @@ content key in the artifact store and skipped when it exists."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from puregen_dist.config.generative import PipelineConfig, PurifyJob
@@ -16,6 +18,7 @@ from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_
 log = logging.getLogger(__name__)
 
 EXECUTION_ONLY = ("batch_size", "device")
+WEIGHT_SUFFIXES = (".safetensors", ".json")
 """Defense fields that change how, not what, is computed: left out of artifact keys."""
 
 
@@ -45,7 +48,7 @@ def poison_stage(job: PurifyJob, prep: Any, store: ArtifactStore) -> StageResult
 def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> StageResult:
     """The purified set of (poison set, defense, seed) through Ray Data, once per key."""
     defense = {k: v for k, v in to_dict(job.defense).items() if k not in EXECUTION_ONLY}
-    config = {"defense": defense, "seed": job.seed}
+    config = {"defense": defense, "seed": job.seed, "models": model_fingerprints(job.defense)}
     key = artifact_key("purified", config, inputs=[poison_key])
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
@@ -59,6 +62,24 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
 
     manifest, built = store.get_or_build(key, build, kind="purified", config=config, inputs=[poison_key])
     return StageResult(key, manifest, built)
+
+
+def model_fingerprints(defense_cfg: Any) -> dict[str, str]:
+    """SHA-256 of the checkpoint files each generative model reference points to, so that retraining a model
+    in place changes the purified set's key (a path alone would serve a stale cache)."""
+    return {name: directory_digest(Path(getattr(defense_cfg, name)))
+            for name in ("ebm", "ddpm") if getattr(defense_cfg, name, None)}
+
+
+def directory_digest(directory: Path) -> str:
+    """SHA-256 over the names and contents of the weight and config files under ``directory``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        digest.update(str(path.relative_to(directory)).encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def ray_config(pipeline: PipelineConfig) -> RayPurifyConfig:

@@ -48,3 +48,13 @@ def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, 
     local, local_poisoned = read_imageset(tmp_path / "local.parquet")
     assert np.array_equal(via_ray.ids, local.ids) and np.array_equal(via_ray.images, local.images)
     assert np.array_equal(poisoned, local_poisoned) and poisoned.sum() == 8
+
+
+def test_retrained_model_changes_the_purified_key(tiny_checkpoints):
+    from puregen_dist.defenses.puregen import PureGenEBMConfig
+    from puregen_dist.pipeline.stages import model_fingerprints
+
+    one = model_fingerprints(PureGenEBMConfig(ebm=str(tiny_checkpoints[1][0])))
+    three = model_fingerprints(PureGenEBMConfig(ebm=str(tiny_checkpoints[3][0])))
+    assert set(one) == {"ebm"} and one != three
+    assert one == model_fingerprints(PureGenEBMConfig(ebm=str(tiny_checkpoints[1][0]), batch_size=3))
