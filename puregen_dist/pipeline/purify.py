@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.generative import PipelineConfig
 from puregen_dist.data.io import COLUMNS, META_KEY
 from puregen_dist.defenses import build_defense
 from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task, with_device
@@ -43,32 +44,11 @@ ROWS_PER_FILE = 4096
 SCALAR_TYPES = {"id": pa.int64(), "label": pa.int64(), "poisoned": pa.bool_()}
 
 
-@dataclass(frozen=True)
-class RayPurifyConfig:
-    """Resources of the Ray Data purification.
-
-    Attributes:
-        actors: purifier actors in the pool (each loads the models once).
-        batch_size: rows per ``map_batches`` call (an int: required with GPUs).
-        num_cpus_per_actor: CPUs reserved per actor (Ray sets its torch threads to floor of this, >= 1).
-            The actors must leave at least one CPU of the cluster free for the read/write tasks, or the
-            pipeline hangs: on 2 CPUs, 2 actors need 0.5 each (still one thread each).
-        num_gpus_per_actor: GPUs per actor (fractions pack several actors on one GPU); 0 runs on CPU.
-        cpu_tasks: task-pool size for CPU-only defenses (JPEG, ...).
-    """
-
-    actors: int = 1
-    batch_size: int = 64
-    num_cpus_per_actor: float = 1
-    num_gpus_per_actor: float = 0
-    cpu_tasks: int = 2
-
-    def __post_init__(self) -> None:
-        check(self.actors >= 1, "actors", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
-        check(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must be >= 0")
-        check(self.cpu_tasks >= 1, "cpu_tasks", "must be >= 1")
+RayPurifyConfig = PipelineConfig
+"""Resources of the Ray Data purification: the ``pipeline`` config section (actors, batch_size,
+num_cpus_per_actor, num_gpus_per_actor, cpu_tasks; ``address`` is used by :func:`ensure_ray` callers).
+The actors must leave at least one CPU of the cluster free for the read/write tasks, or the pipeline hangs:
+on 2 CPUs, 2 actors need ``num_cpus_per_actor=0.5`` (still one torch thread each)."""
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,15 @@ content key in the artifact store and skipped when it exists."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from puregen_dist.config.generative import PipelineConfig, PurifyJob
+from puregen_dist.config.generative import PurifyJob
 from puregen_dist.config.loading import to_dict
-from puregen_dist.pipeline.purify import RayPurifyConfig, ensure_ray, purify_parquet
+from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
     def build(staged: StagedArtifact) -> dict[str, Any]:
         ensure_ray(job.pipeline.address)
         stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
-                               ray_cfg=ray_config(job.pipeline))
+                               ray_cfg=job.pipeline)
         return {"rows": stats.images, "timings": {"purify_s": stats.seconds,
                                                   "images_per_second": stats.images_per_second,
                                                   "seconds_per_image_per_device":
@@ -81,8 +80,3 @@ def directory_digest(directory: Path) -> str:
                 digest.update(chunk)
     return digest.hexdigest()[:16]
 
-
-def ray_config(pipeline: PipelineConfig) -> RayPurifyConfig:
-    """The pipeline section without the cluster address, as the Ray Data layer takes it."""
-    fields = {f.name for f in dataclasses.fields(RayPurifyConfig)}
-    return RayPurifyConfig(**{k: v for k, v in dataclasses.asdict(pipeline).items() if k in fields})
