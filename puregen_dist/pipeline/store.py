@@ -458,8 +458,9 @@ class ArtifactStore:
         return self.commit(staged, kind=kind, config=config, inputs=inputs, rows=rows, timings=timings)
 
     def get_imageset(self, key: str, *, verify: bool = False) -> tuple[ImageSet, np.ndarray]:
-        """(ImageSet, poisoned flags (N,) bool) of image set ``key``; several Parquet files are concatenated
-        in name order. ``verify=True`` checks every file's sha256 against the manifest first."""
+        """(ImageSet, poisoned flags (N,) bool) of image set ``key``; several Parquet files (e.g. written by
+        Ray Data, whose blocks finish in any order) are concatenated and sorted by id. ``verify=True`` checks
+        every file's sha256 against the manifest first."""
         manifest = self.manifest(key)
         parts = [self._read_parquet(key, name, manifest["files"][name], verify)
                  for name in self._parquet_files(key, manifest)]
@@ -471,7 +472,9 @@ class ArtifactStore:
                              "names")
         images, labels, ids = (np.concatenate([getattr(p[0], a) for p in parts])
                                for a in ("images", "labels", "ids"))
-        return ImageSet(images, labels, ids, parts[0][0].classes), np.concatenate([p[1] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        data = ImageSet(images[order], labels[order], ids[order], parts[0][0].classes)
+        return data, np.concatenate([p[1] for p in parts])[order]
 
     def _read_parquet(self, key: str, name: str, expected: Mapping[str, Any],
                       verify: bool) -> tuple[ImageSet, np.ndarray]:
