@@ -458,14 +458,12 @@ class ArtifactStore:
         return self.commit(staged, kind=kind, config=config, inputs=inputs, rows=rows, timings=timings)
 
     def get_imageset(self, key: str, *, verify: bool = False) -> tuple[ImageSet, np.ndarray]:
-        """(ImageSet, poisoned flags (N,) bool) of image set ``key``; several Parquet files (e.g. written by
-        Ray Data, whose blocks finish in any order) are concatenated and sorted by id. ``verify=True`` checks
-        every file's sha256 against the manifest first."""
+        """(ImageSet, poisoned flags (N,) bool) of image set ``key``, sorted by id: Ray Data writes blocks in
+        completion order, across files and within one file. ``verify=True`` checks every file's sha256 against
+        the manifest first."""
         manifest = self.manifest(key)
         parts = [self._read_parquet(key, name, manifest["files"][name], verify)
                  for name in self._parquet_files(key, manifest)]
-        if len(parts) == 1:
-            return parts[0]
         classes = {p[0].classes for p in parts}
         if len(classes) != 1:
             raise StoreError(f"artifact {key!r} in store {self.uri}: its Parquet files disagree on class "

@@ -134,6 +134,17 @@ def test_commit_of_files_written_by_another_writer(store):
     assert store.imageset_path(key) == str(Path(store.root) / key)
 
 
+def test_one_file_with_blocks_out_of_order_is_returned_sorted_by_id(store):
+    data = make_imageset(n=10, size=4)
+    key = _key()
+    staged = store.begin(key)
+    shuffled = data.take(np.r_[5:10, 0:5])  # one file, two blocks written in completion order
+    pq.write_table(imageset_table(shuffled), f"{staged.path}/part-0.parquet", filesystem=store.fs)
+    store.commit(staged, kind="purified", config=CONFIG, inputs=INPUTS, rows=10)
+    back, _ = store.get_imageset(key)
+    assert np.array_equal(back.ids, data.ids) and np.array_equal(back.images, data.images)
+
+
 def test_commit_refuses_a_mismatched_key_and_an_empty_staging_dir(store):
     with pytest.raises(ValueError, match="does not match"):
         store.commit(store.begin(_key()), kind="purified", config={**CONFIG, "steps": 1}, inputs=INPUTS)
