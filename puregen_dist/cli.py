@@ -7,6 +7,7 @@ one-paragraph error on stderr and exit code 2, raised before anything is compute
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -54,15 +55,31 @@ def train_ddpm_cmd(args: argparse.Namespace) -> int:
 
 
 def _train_generative(job_cls: type, args: argparse.Namespace, train: Callable[..., Path], label: str) -> int:
-    """Load the job and its data (errors before anything is written), then train under a tracker."""
+    """Load the job and its data (errors before anything is written), then train: in-process into ``output``,
+    or, with a store (``--store`` / ``store:``), as a Ray task into the artifact store (skipped when cached)."""
     from puregen_dist.data.datasets import load_data
     from puregen_dist.tracking import open_tracker
 
-    job = load_config(job_cls, args.config, args.set)
+    overrides = [*args.set, *([f"store={args.store}"] if args.store else [])]
+    job = load_config(job_cls, args.config, overrides)
     data = load_data(job.data)
+    if job.store:
+        return _train_into_store(job, label, args.address)
     with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
         path = train(job, tracker, data)
     print(f"{label} checkpoint: {path}")
+    return 0
+
+
+def _train_into_store(job: Any, label: str, address: str | None) -> int:
+    from puregen_dist.pipeline.stages import model_stage
+    from puregen_dist.pipeline.store import ArtifactStore
+
+    store = ArtifactStore(job.store)
+    result = model_stage(job, store, tracking_dir=_parent(job.output), address=address)
+    state = "trained" if result.built else "cached (already in the store)"
+    print(f"{label} artifact {result.key} {state} in {store.uri}")
+    print(f"use it as defense.{result.manifest['kind']}: {result.key}  (with store: {store.uri})")
     return 0
 
 
@@ -71,10 +88,13 @@ def purify_cmd(args: argparse.Namespace) -> int:
     in-process into ``output`` (``--no-ray``); reports throughput."""
     from puregen_dist.jobs import prepare_purify
 
+    from puregen_dist.pipeline.models import resolve_models
+
     overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
     job = load_config(PurifyJob, args.config, overrides)
-    prepared = prepare_purify(job)  # validation and checkpoint loading: nothing written yet
-    return _purify_in_process(job, prepared) if args.no_ray else _purify_with_ray(job, prepared)
+    local = dataclasses.replace(job, defense=resolve_models(job.defense, job.store))  # model keys -> dirs
+    prepared = prepare_purify(local)  # validation and checkpoint loading: nothing written yet
+    return _purify_in_process(local, prepared) if args.no_ray else _purify_with_ray(job)
 
 
 def _purify_in_process(job: PurifyJob, prepared: object) -> int:
@@ -89,12 +109,12 @@ def _purify_in_process(job: PurifyJob, prepared: object) -> int:
     return 0
 
 
-def _purify_with_ray(job: PurifyJob, prepared: object) -> int:
+def _purify_with_ray(job: PurifyJob) -> int:
     from puregen_dist.pipeline.stages import poison_stage, purify_stage
     from puregen_dist.pipeline.store import ArtifactStore
 
     store = ArtifactStore(job.store)
-    poison = poison_stage(job, prepared, store)
+    poison = poison_stage(job, store)
     purified = purify_stage(job, poison.key, store)
     timings = purified.manifest.get("timings", {})
     state = "built" if purified.built else "cached (already in the store)"
@@ -167,9 +187,10 @@ def guess_command(data: dict[str, Any]) -> str:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (run_cmd, "run one experiment in-process (data -> poison -> defense -> train -> evaluate -> MLflow)"),
-    "train-ebm": (train_ebm_cmd, "train (or resume) a PureGen energy-based model"),
-    "train-ddpm": (train_ddpm_cmd, "train (or resume) a PureGen DDPM (t < 250)"),
-    "purify": (purify_cmd, "purify a (poisoned) training set in-process and write it as Parquet"),
+    "train-ebm": (train_ebm_cmd, "train (or resume) a PureGen energy-based model (--store: as a Ray task)"),
+    "train-ddpm": (train_ddpm_cmd, "train (or resume) a PureGen DDPM (t < 250) (--store: as a Ray task)"),
+    "purify": (purify_cmd, "poison and purify a training set through Ray Data into the store (--no-ray: "
+                           "in-process into a Parquet file)"),
     "diagnose": (diagnose_cmd, "energy histograms and l2 trajectories of purification (PNG + CSV)"),
     "show-config": (show_config_cmd, "print the resolved config (defaults filled in, overrides applied)"),
     "artifacts": (artifacts_cmd, "ls | show KEY | rm KEY | gc: inspect the content-addressed artifact store"),
@@ -197,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purify":
             cmd.add_argument("--no-ray", action="store_true",
                              help="purify in-process (tests, debugging) and write `output` instead of the store")
+        if name in ("train-ebm", "train-ddpm"):
+            cmd.add_argument("--store", help="train as a Ray task into this artifact store (directory or "
+                                              "pyarrow.fs URI); skipped when the model is already there")
+        if name in ("purify", "train-ebm", "train-ddpm"):
             cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
         if name == "show-config":
             cmd.add_argument("--as", dest="as_command", choices=sorted(CONFIG_KINDS),

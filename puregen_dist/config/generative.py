@@ -159,8 +159,9 @@ class DiffusionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PureGenConfig(DefenseConfig):
-    """Shared fields of the PureGen defenses. ``ebm`` / ``ddpm`` reference trained checkpoints (a directory
-    written by ``train-ebm`` / ``train-ddpm``, or for the DDPM a local diffusers-format directory)."""
+    """Shared fields of the PureGen defenses. ``ebm`` / ``ddpm`` reference trained checkpoints: a directory
+    written by ``train-ebm`` / ``train-ddpm`` (for the DDPM also a local diffusers-format directory), or the key
+    of a model artifact in the job's store (``ebm-<hex16>``, printed by ``train-ebm --store``)."""
 
     ebm: str | None = None
     ddpm: str | None = None
@@ -183,6 +184,22 @@ class PureGenConfig(DefenseConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskResources:
+    """Ray resources of one task that materialises an artifact (model training, poison crafting)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    """GPUs for the task; the task trains on CUDA exactly when Ray assigned it one (``device: auto``)."""
+    max_retries: int = 2
+    """Re-runs after a worker or node failure (a model task resumes from its last local checkpoint)."""
+
+    def __post_init__(self) -> None:
+        check(self.num_cpus >= 0, "num_cpus", "must be >= 0")
+        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        check(self.max_retries >= 0, "max_retries", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EBMJob:
     """``puregen-dist train-ebm``: train an EBM on ``data``'s training split."""
 
@@ -190,6 +207,10 @@ class EBMJob:
     seed: int = 0
     output: str = "outputs/ebm"
     """Checkpoint directory (model.safetensors + config.json); training resumes from it."""
+    store: str | None = None
+    """When set (or ``--store``): train as a Ray task into this artifact store, skipped when the model's
+    artifact exists; ``output`` is then unused. The printed key is what ``defense.ebm`` accepts."""
+    resources: TaskResources = field(default_factory=TaskResources)
     data: DataConfig = field(default_factory=DataConfig)
     ebm: EBMConfig = field(default_factory=EBMConfig)
     train: EBMTrainConfig = field(default_factory=EBMTrainConfig)
@@ -203,6 +224,9 @@ class DDPMJob:
     name: str = "ddpm"
     seed: int = 0
     output: str = "outputs/ddpm"
+    store: str | None = None
+    """As for :class:`EBMJob`: train as a Ray task into this artifact store."""
+    resources: TaskResources = field(default_factory=TaskResources)
     data: DataConfig = field(default_factory=DataConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     train: DDPMTrainConfig = field(default_factory=DDPMTrainConfig)
@@ -225,6 +249,8 @@ class PipelineConfig:
     """GPUs per actor (fractions pack several actors on one GPU); 0 runs on CPU."""
     cpu_tasks: int = 2
     """Task-pool size for CPU-only defenses (JPEG)."""
+    craft: TaskResources = field(default_factory=TaskResources)
+    """Resources of the poison-crafting task."""
     address: str | None = None
     """Ray cluster address; None: $RAY_ADDRESS, else a local Ray instance."""
 

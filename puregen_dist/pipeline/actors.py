@@ -29,6 +29,7 @@ import torch
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.data.transforms import sym_to_uint8, to_sym
 from puregen_dist.defenses import build_defense
+from puregen_dist.pipeline.models import resolve_models
 from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,13 @@ class PurifierActor:
         shape: (H, W, C) of one image.
         select_ids: when given, only rows with these ids are purified, the others pass through unchanged
             (the second pass of PureGen-Filt).
+        store_uri: the artifact store that model keys in ``defense_cfg`` refer to (resolved here, on the
+            actor's node).
     """
 
     def __init__(self, defense_cfg: Any, seed: int, shape: Shape,
-                 select_ids: np.ndarray | None = None) -> None:
+                 select_ids: np.ndarray | None = None, store_uri: str | None = None) -> None:
+        defense_cfg = resolve_models(defense_cfg, store_uri)
         self.defense = build_defense(with_device(defense_cfg, ray_device()))
         if not hasattr(self.defense, "purifier"):
             raise UserInputError(f"defense {defense_cfg.name!r} has no generative purifier; "
@@ -177,9 +181,10 @@ class EnergyActor:
     Returns ``{"id": (B,) int64, "energy": (B,) float32}``; only the EBM is loaded.
     """
 
-    def __init__(self, defense_cfg: Any, shape: Shape) -> None:
+    def __init__(self, defense_cfg: Any, shape: Shape, store_uri: str | None = None) -> None:
         from puregen_dist.generative.purifiers import EBMPurifier, load_ebm
 
+        defense_cfg = resolve_models(defense_cfg, store_uri)
         device = ray_device()
         energy, _ = load_ebm(defense_cfg.ebm, device)
         self.ebm = EBMPurifier(energy, defense_cfg.langevin)

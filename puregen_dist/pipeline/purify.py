@@ -35,6 +35,7 @@ from puregen_dist.config.generative import PipelineConfig
 from puregen_dist.data.io import COLUMNS, META_KEY
 from puregen_dist.defenses import build_defense
 from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task, with_device
+from puregen_dist.pipeline.models import resolve_models
 from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
@@ -242,15 +243,16 @@ def defense_kind(defense_cfg: Any, source: ParquetInput) -> str:
 
 
 def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: int,
-                   ray_cfg: RayPurifyConfig | None = None) -> PurifyStats:
+                   ray_cfg: RayPurifyConfig | None = None, store_uri: str | None = None) -> PurifyStats:
     """Purify the Parquet image set at ``input_path`` (a file or a directory of files) into Parquet files in
     ``output_dir`` (same schema and metadata, same rows and ids, images replaced); starts local Ray if needed.
+    Model artifact keys in ``defense_cfg`` are looked up in ``store_uri`` (by the driver and by each actor).
 
     Raises UserInputError (naming the file, checkpoint or URI) before any Ray work for bad inputs.
     """
     ray_cfg = ray_cfg or RayPurifyConfig()
     source = inspect_input(input_path)
-    kind = defense_kind(defense_cfg, source)
+    kind = defense_kind(resolve_models(defense_cfg, store_uri), source)
     sink_fs, sink = prepare_output(output_dir)
     ensure_ray()
     if kind != "data":
@@ -258,12 +260,13 @@ def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: 
     log.info("purifying %d images (%d file(s), %s) with %s through Ray Data", source.rows, len(source.files),
              kind, defense_cfg.name)
     start = time.perf_counter()
-    select = top_energy_ids(defense_cfg, source, ray_cfg) if kind == "filter" else None
+    select = top_energy_ids(defense_cfg, source, ray_cfg, store_uri) if kind == "filter" else None
     dataset = read_dataset(source, ray_cfg)
     if kind == "data":
         dataset, workers = map_data_defense(dataset, defense_cfg, seed, source, ray_cfg), ray_cfg.cpu_tasks
     else:
-        dataset, workers = map_purifier(dataset, defense_cfg, seed, source, ray_cfg, select), ray_cfg.actors
+        dataset = map_purifier(dataset, defense_cfg, seed, source, ray_cfg, select, store_uri)
+        workers = ray_cfg.actors
     dataset.write_parquet(sink, filesystem=sink_fs, schema=source.schema,
                           min_rows_per_file=min(ROWS_PER_FILE, max(source.rows, 1)))
     stats = PurifyStats.of(source.rows, time.perf_counter() - start, workers)
@@ -298,9 +301,9 @@ def read_dataset(source: ParquetInput, ray_cfg: RayPurifyConfig) -> Any:
 
 
 def map_purifier(dataset: Any, defense_cfg: Any, seed: int, source: ParquetInput, ray_cfg: RayPurifyConfig,
-                 select: np.ndarray | None = None) -> Any:
+                 select: np.ndarray | None = None, store_uri: str | None = None) -> Any:
     """``dataset`` through a pool of :class:`PurifierActor` (only ``select`` ids purified when given)."""
-    kwargs = {"defense_cfg": defense_cfg, "seed": seed, "shape": source.shape}
+    kwargs = {"defense_cfg": defense_cfg, "seed": seed, "shape": source.shape, "store_uri": store_uri}
     if select is not None:
         kwargs["select_ids"] = select
     return dataset.map_batches(PurifierActor, fn_constructor_kwargs=kwargs, **actor_pool_args(ray_cfg))
@@ -328,10 +331,11 @@ def map_data_defense(dataset: Any, defense_cfg: Any, seed: int, source: ParquetI
                                batch_format="pyarrow", compute=pool, num_cpus=1)
 
 
-def top_energy_ids(defense_cfg: Any, source: ParquetInput, ray_cfg: RayPurifyConfig) -> np.ndarray:
+def top_energy_ids(defense_cfg: Any, source: ParquetInput, ray_cfg: RayPurifyConfig,
+                   store_uri: str | None = None) -> np.ndarray:
     """PureGen-Filt's first pass: (id, energy) of every row through :class:`EnergyActor`, then the ids of the
     ``round(filter_fraction * N)`` (>= 1) highest energies (ties: smaller id first), sorted."""
-    kwargs = {"defense_cfg": defense_cfg, "shape": source.shape}
+    kwargs = {"defense_cfg": defense_cfg, "shape": source.shape, "store_uri": store_uri}
     energies = read_dataset(source, ray_cfg).map_batches(EnergyActor, fn_constructor_kwargs=kwargs,
                                                          **actor_pool_args(ray_cfg))
     ids, values = [], []

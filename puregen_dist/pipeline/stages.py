@@ -1,24 +1,40 @@
-"""Pipeline stages as cached artifacts (DESIGN §2): the poison set, then the purified set, each built once per
-content key in the artifact store and skipped when it exists."""
+"""Pipeline stages as cached artifacts (DESIGN §2): generative models, poison sets and purified sets, each
+built once per content key in the artifact store and skipped when it exists.
+
+The driver checks the store first; a hit submits nothing. A miss runs the work on the cluster: model training
+and poison crafting as one Ray task each (resources from config, retried on worker loss), purification
+through Ray Data. Each task builds and commits its artifact itself (``ArtifactStore.get_or_build``), so it
+runs on any node that reaches the store URI and a crash never leaves a readable half artifact.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-from puregen_dist.config.generative import PurifyJob
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.generative import DDPMJob, EBMJob, PurifyJob, TaskResources
 from puregen_dist.config.loading import to_dict
+from puregen_dist.pipeline.actors import ray_device, with_device
+from puregen_dist.pipeline.models import model_fingerprints
 from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
 
 log = logging.getLogger(__name__)
 
+ModelJob = Union[EBMJob, DDPMJob]
 EXECUTION_ONLY = ("batch_size", "device")
-WEIGHT_SUFFIXES = (".safetensors", ".json")
-"""Defense fields that change how, not what, is computed: left out of artifact keys."""
+"""Defense fields that change how, not what, is computed: left out of purified-set keys."""
+MODEL_JOB_EXCLUDED = ("name", "output", "store", "resources", "tracking")
+"""Model-job fields that do not change the trained weights: left out of model keys (as are the training
+section's ``device`` and ``checkpoint_every``)."""
 
 
 @dataclass
@@ -30,22 +46,145 @@ class StageResult:
     built: bool
 
 
-def poison_stage(job: PurifyJob, prep: Any, store: ArtifactStore) -> StageResult:
-    """The poisoned training set of (data, attack, seed), crafted in-process once per key."""
-    config = {"data": to_dict(job.data), "attack": to_dict(job.attack), "seed": job.seed}
-    key = artifact_key("poison", config)
+# ------------------------------------------------------------------------------------------ Ray tasks
 
-    def build(staged: StagedArtifact) -> dict[str, Any]:
-        poison = prep.attack.craft(prep.train, seed=job.seed)
-        rows = store.stage_imageset(staged, poison.materialize(), poisoned_ids=poison.poison_ids)
-        return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))}}
 
-    manifest, built = store.get_or_build(key, build, kind="poison", config=config)
+def run_task(fn: Callable[..., Any], resources: TaskResources, *args: Any, address: str | None = None) -> Any:
+    """``fn(*args)`` as one Ray task with ``resources``; returns its result. A UserInputError raised in the
+    task is re-raised as itself (a one-paragraph message, exit 2), not wrapped in Ray's traceback."""
+    import ray
+
+    ensure_ray(address)
+    warn_if_infeasible(resources)
+    remote = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                        max_retries=resources.max_retries)(fn)
+    try:
+        return ray.get(remote.remote(*args))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UserInputError):
+            raise exc.cause from None
+        raise
+
+
+def warn_if_infeasible(resources: TaskResources) -> None:
+    """Warn when the cluster has fewer CPUs/GPUs in all than the task requests: Ray then waits (for an
+    autoscaler to add nodes) instead of failing, which looks like a hang on a fixed cluster or a laptop."""
+    import ray
+
+    total = ray.cluster_resources()
+    for name, need in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)):
+        if need > total.get(name, 0.0):
+            log.warning("the task requests %s %s but the cluster has %s; it waits until a node with enough "
+                        "resources joins (lower resources.num_%ss / pipeline.craft.num_%ss)",
+                        need, name, total.get(name, 0.0), name.lower(), name.lower())
+
+
+def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[str, Any], bool]],
+                   resources: TaskResources, *args: Any, address: str | None = None) -> StageResult:
+    """The committed artifact ``key``, or the result of the task ``fn(*args)`` that builds it."""
+    if store.exists(key):
+        log.info("%s: in the store, skipped", key)
+        return StageResult(key, store.manifest(key), False)
+    log.info("%s: building as a Ray task (%s CPU, %s GPU)", key, resources.num_cpus, resources.num_gpus)
+    manifest, built = run_task(fn, resources, *args, address=address)
     return StageResult(key, manifest, built)
 
 
+# ------------------------------------------------------------------------------------------ models
+
+
+def model_artifact(job: ModelJob) -> tuple[str, str, dict[str, Any]]:
+    """(kind "ebm" | "ddpm", key, keyed config) of the model ``job`` trains."""
+    kind = "ebm" if isinstance(job, EBMJob) else "ddpm"
+    config = {k: v for k, v in to_dict(job).items() if k not in MODEL_JOB_EXCLUDED}
+    config["train"] = {k: v for k, v in config["train"].items() if k not in ("device", "checkpoint_every")}
+    return kind, artifact_key(kind, config), config
+
+
+def model_stage(job: ModelJob, store: ArtifactStore, *, tracking_dir: str | Path,
+                address: str | None = None) -> StageResult:
+    """The model artifact of ``job``: trained in a Ray task with ``job.resources`` once per key.
+
+    ``tracking_dir`` holds the default MLflow database of the training run (absolute, shared with the task).
+    """
+    _, key, _ = model_artifact(job)
+    return cached_or_task(store, key, build_model_artifact, job.resources, job, store.uri,
+                          str(Path(tracking_dir).absolute()), address=address)
+
+
+def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tuple[dict[str, Any], bool]:
+    """Train ``job``'s model and commit it under its key (the body of the Ray task; callable directly).
+
+    Training writes checkpoints into a node-local work directory named by the key, so a retried task on the
+    same node resumes from its last epoch; the directory is removed once the artifact is committed.
+    """
+    from puregen_dist.data.datasets import load_data
+    from puregen_dist.jobs import train_ddpm_job, train_ebm_job
+    from puregen_dist.tracking import open_tracker
+
+    store = ArtifactStore(store_uri)
+    kind, key, config = model_artifact(job)
+    work = Path(tempfile.gettempdir()) / "puregen-work" / key
+    job = dataclasses.replace(job, output=str(work), train=_on_assigned_device(job.train))
+
+    def build(staged: StagedArtifact) -> dict[str, Any]:
+        start = time.perf_counter()
+        train, test = load_data(job.data)
+        with open_tracker(job.tracking, tracking_dir, default_run_name=job.name) as tracker:
+            path = (train_ebm_job(job, tracker, train) if kind == "ebm"
+                    else train_ddpm_job(job, tracker, (train, test)))
+        store.stage_dir(staged, path)
+        return {"timings": {"train_s": time.perf_counter() - start}}
+
+    result = store.get_or_build(key, build, kind=kind, config=config)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _on_assigned_device(train_cfg: Any) -> Any:
+    """``device: auto`` becomes the device Ray assigned the task (CUDA only with a GPU assignment)."""
+    return with_device(train_cfg, ray_device()) if train_cfg.device == "auto" else train_cfg
+
+
+# ------------------------------------------------------------------------------------------ poison sets
+
+
+def poison_artifact(job: PurifyJob) -> tuple[str, dict[str, Any]]:
+    """(key, keyed config) of the poisoned training set of (data, attack, seed)."""
+    config = {"data": to_dict(job.data), "attack": to_dict(job.attack), "seed": job.seed}
+    return artifact_key("poison", config), config
+
+
+def poison_stage(job: PurifyJob, store: ArtifactStore) -> StageResult:
+    """The poisoned training set, crafted in a Ray task with ``pipeline.craft`` resources once per key."""
+    key, _ = poison_artifact(job)
+    return cached_or_task(store, key, build_poison_artifact, job.pipeline.craft, job, store.uri,
+                          address=job.pipeline.address)
+
+
+def build_poison_artifact(job: PurifyJob, store_uri: str) -> tuple[dict[str, Any], bool]:
+    """Load the data, craft the poison and commit the poisoned set (the body of the Ray task)."""
+    from puregen_dist.attacks import build_attack
+    from puregen_dist.data.datasets import load_data
+
+    store = ArtifactStore(store_uri)
+    key, config = poison_artifact(job)
+
+    def build(staged: StagedArtifact) -> dict[str, Any]:
+        train, _ = load_data(job.data)
+        poison = build_attack(job.attack).craft(train, seed=job.seed)
+        rows = store.stage_imageset(staged, poison.materialize(), poisoned_ids=poison.poison_ids)
+        return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))}}
+
+    return store.get_or_build(key, build, kind="poison", config=config)
+
+
+# ------------------------------------------------------------------------------------------ purified sets
+
+
 def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> StageResult:
-    """The purified set of (poison set, defense, seed) through Ray Data, once per key."""
+    """The purified set of (poison set, defense, models, seed) through Ray Data, once per key. Model
+    references may be checkpoint directories or model artifact keys of ``store``."""
     defense = {k: v for k, v in to_dict(job.defense).items() if k not in EXECUTION_ONLY}
     config = {"defense": defense, "seed": job.seed, "models": model_fingerprints(job.defense)}
     key = artifact_key("purified", config, inputs=[poison_key])
@@ -53,7 +192,7 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
     def build(staged: StagedArtifact) -> dict[str, Any]:
         ensure_ray(job.pipeline.address)
         stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
-                               ray_cfg=job.pipeline)
+                               ray_cfg=job.pipeline, store_uri=store.uri)
         return {"rows": stats.images, "timings": {"purify_s": stats.seconds,
                                                   "images_per_second": stats.images_per_second,
                                                   "seconds_per_image_per_device":
@@ -61,22 +200,3 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
 
     manifest, built = store.get_or_build(key, build, kind="purified", config=config, inputs=[poison_key])
     return StageResult(key, manifest, built)
-
-
-def model_fingerprints(defense_cfg: Any) -> dict[str, str]:
-    """SHA-256 of the checkpoint files each generative model reference points to, so that retraining a model
-    in place changes the purified set's key (a path alone would serve a stale cache)."""
-    return {name: directory_digest(Path(getattr(defense_cfg, name)))
-            for name in ("ebm", "ddpm") if getattr(defense_cfg, name, None)}
-
-
-def directory_digest(directory: Path) -> str:
-    """SHA-256 over the names and contents of the weight and config files under ``directory``."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        digest.update(str(path.relative_to(directory)).encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-

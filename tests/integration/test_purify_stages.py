@@ -52,9 +52,71 @@ def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, 
 
 def test_retrained_model_changes_the_purified_key(tiny_checkpoints):
     from puregen_dist.defenses.puregen import PureGenEBMConfig
-    from puregen_dist.pipeline.stages import model_fingerprints
+    from puregen_dist.pipeline.models import model_fingerprints
 
     one = model_fingerprints(PureGenEBMConfig(ebm=str(tiny_checkpoints[1][0])))
     three = model_fingerprints(PureGenEBMConfig(ebm=str(tiny_checkpoints[3][0])))
     assert set(one) == {"ebm"} and one != three
     assert one == model_fingerprints(PureGenEBMConfig(ebm=str(tiny_checkpoints[1][0]), batch_size=3))
+
+
+TINY_EBM_JOB = {"name": "tiny-ebm", "seed": 1, "output": "unused",
+                "data": {"dataset": "digits", "train_per_class": 6},
+                "ebm": {"nf": 8, "in_channels": 1, "image_size": 16},
+                "train": {"epochs": 1, "batch_size": 20, "bank_size": 40, "mcmc_steps": 2, "milestones": [],
+                          "sample_grid": 0},
+                "resources": {"num_cpus": 0.5}, "tracking": {"enabled": False}}
+
+
+def test_model_trained_as_ray_task_is_used_by_key(tmp_path, capsys):
+    store_dir = tmp_path / "store"
+    ebm_yaml = tmp_path / "ebm.yaml"
+    ebm_yaml.write_text(yaml.safe_dump(TINY_EBM_JOB))
+    assert main(["-q", "train-ebm", str(ebm_yaml), "--store", str(store_dir)]) == 0
+    first = capsys.readouterr().out
+    key = first.split()[2]
+    assert key.startswith("ebm-") and "trained" in first and f"defense.ebm: {key}" in first
+    assert main(["-q", "train-ebm", str(ebm_yaml), "--store", str(store_dir)]) == 0
+    assert f"{key} cached (already in the store)" in capsys.readouterr().out
+    assert not (tmp_path / "unused").exists()  # output is not used with a store
+
+    purify_yaml = tmp_path / "purify.yaml"
+    purify_yaml.write_text(yaml.safe_dump({
+        "seed": 2, "output": str(tmp_path / "local.parquet"), "store": str(store_dir),
+        "data": {"dataset": "digits", "train_per_class": 3},
+        "attack": {"name": "badnets", "budget": 0.2},
+        "defense": {"name": "puregen_ebm", "ebm": key, "langevin": {"steps": 2}},
+        "pipeline": {"actors": 1, "batch_size": 8, "craft": {"num_cpus": 0.5}}}))
+    assert main(["-q", "purify", str(purify_yaml)]) == 0
+    store = ArtifactStore(store_dir)
+    manifests = {m["kind"]: m for m in store.ls()}
+    assert sorted(manifests) == ["ebm", "poison", "purified"]
+    assert manifests["purified"]["config"]["models"] == {"ebm": key}
+    via_ray, _ = store.get_imageset(manifests["purified"]["key"])
+    assert main(["-q", "purify", str(purify_yaml), "--no-ray"]) == 0
+    local, _ = read_imageset(tmp_path / "local.parquet")
+    assert np.array_equal(via_ray.ids, local.ids) and np.array_equal(via_ray.images, local.images)
+
+
+def test_missing_model_key_is_an_error_before_any_work(tmp_path, capsys):
+    missing = "ebm-" + "a" * 16
+    purify_yaml = tmp_path / "purify.yaml"
+    purify_yaml.write_text(yaml.safe_dump({
+        "store": str(tmp_path / "store"), "data": {"dataset": "digits", "train_per_class": 3},
+        "defense": {"name": "puregen_ebm", "ebm": missing}}))
+    assert main(["-q", "purify", str(purify_yaml)]) == 2
+    assert f"model artifact '{missing}' not found in store" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists() or ArtifactStore(tmp_path / "store").ls() == []
+
+
+def test_tasks_get_the_configured_resources():
+    import ray
+
+    from puregen_dist.config.generative import TaskResources
+    from puregen_dist.pipeline.stages import run_task
+
+    def assigned() -> dict:
+        return ray.get_runtime_context().get_assigned_resources()
+
+    assert run_task(assigned, TaskResources(num_cpus=0.5)) == {"CPU": 0.5}
+    assert run_task(assigned, TaskResources(num_cpus=2)) == {"CPU": 2.0}

@@ -1,0 +1,99 @@
+"""Model and poison artifacts (the bodies of the Ray tasks, called in-process here) and model references by
+artifact key: keys follow the content, a second build is a cache hit, bad references name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.generative import EBMJob, EBMTrainConfig, PurifyJob
+from puregen_dist.config.loading import build
+from puregen_dist.defenses.jpeg import JPEGConfig
+from puregen_dist.defenses.puregen import PureGenEBMConfig, PureGenNaiveConfig
+from puregen_dist.generative.purifiers import load_ebm
+from puregen_dist.pipeline.models import model_fingerprints, resolve_models
+from puregen_dist.pipeline.stages import (build_model_artifact, build_poison_artifact, model_artifact,
+                                          poison_artifact)
+from puregen_dist.pipeline.store import ArtifactStore, StoreError
+
+TINY_EBM = {"seed": 1, "data": {"dataset": "digits", "train_per_class": 6},
+            "ebm": {"nf": 8, "in_channels": 1, "image_size": 16},
+            "train": {"epochs": 1, "batch_size": 20, "bank_size": 40, "mcmc_steps": 2, "milestones": [],
+                      "sample_grid": 0},
+            "tracking": {"enabled": False}}
+
+
+def _ebm_job(**changes) -> EBMJob:
+    return dataclasses.replace(build(EBMJob, TINY_EBM, source="test"), **changes)
+
+
+def test_model_key_follows_what_changes_the_weights():
+    _, key, config = model_artifact(_ebm_job())
+    assert key.startswith("ebm-") and "output" not in config and "device" not in config["train"]
+    same = _ebm_job(output="elsewhere", store="s3://bucket/x", name="renamed",
+                    train=dataclasses.replace(_ebm_job().train, device="cpu", checkpoint_every=5))
+    assert model_artifact(same)[1] == key
+    assert model_artifact(_ebm_job(seed=2))[1] != key
+    assert model_artifact(_ebm_job(train=dataclasses.replace(_ebm_job().train, epochs=2)))[1] != key
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny EBM trained into a fresh store by the task body: (store, key, first manifest, built)."""
+    root = tmp_path_factory.mktemp("models")
+    store = ArtifactStore(root / "store")
+    manifest, built = build_model_artifact(_ebm_job(), store.uri, str(root))
+    return store, manifest["key"], manifest, built
+
+
+def test_model_artifact_is_trained_once_and_loads(trained):
+    store, key, manifest, built = trained
+    assert built and manifest["kind"] == "ebm" and key == model_artifact(_ebm_job())[1]
+    assert {"model.safetensors", "config.json"} <= set(manifest["files"])
+    assert manifest["timings"]["train_s"] > 0
+    assert not (Path(tempfile.gettempdir()) / "puregen-work" / key).exists()  # work dir removed
+    again, built_again = build_model_artifact(_ebm_job(output="ignored"), store.uri, "unused")
+    assert not built_again and again["created"] == manifest["created"]
+    energy, cfg = load_ebm(store.get_dir(key))
+    assert cfg.nf == 8 and sum(p.numel() for p in energy.parameters()) > 0
+
+
+def test_model_keys_resolve_to_store_directories(trained):
+    store, key, _, _ = trained
+    resolved = resolve_models(PureGenEBMConfig(ebm=key), store)
+    assert Path(resolved.ebm) == Path(store.get_dir(key))
+    assert resolve_models(PureGenEBMConfig(ebm=key), store.uri) == resolved
+    assert model_fingerprints(PureGenEBMConfig(ebm=key)) == {"ebm": key}  # content-addressed already
+    path_cfg = PureGenEBMConfig(ebm=resolved.ebm)
+    assert resolve_models(path_cfg, store) is path_cfg and resolve_models(JPEGConfig(), None) == JPEGConfig()
+
+
+def test_bad_model_references_name_the_key(trained, tmp_path):
+    store, key, _, _ = trained
+    missing = "ebm-" + "0" * 16
+    with pytest.raises(StoreError, match=f"defense.ebm: model artifact '{missing}' not found in store"):
+        resolve_models(PureGenEBMConfig(ebm=missing), store)
+    with pytest.raises(StoreError, match=f"defense.ddpm: artifact '{key}' .* is a 'ebm' artifact"):
+        resolve_models(PureGenNaiveConfig(ebm=key, ddpm=key), store)
+    with pytest.raises(StoreError, match="no artifact store"):
+        resolve_models(PureGenEBMConfig(ebm=key), None)
+    with pytest.raises(UserInputError, match="checkpoint directory not found"):
+        model_fingerprints(PureGenEBMConfig(ebm=str(tmp_path / "nowhere")))
+
+
+def test_poison_artifact_is_crafted_once(tmp_path):
+    job = build(PurifyJob, {"seed": 3, "data": {"dataset": "digits", "train_per_class": 5},
+                            "attack": {"name": "badnets", "budget": 0.2}}, source="test")
+    store = ArtifactStore(tmp_path / "store")
+    manifest, built = build_poison_artifact(job, store.uri)
+    key, config = poison_artifact(job)
+    assert built and manifest["key"] == key and manifest["kind"] == "poison" and manifest["rows"] == 50
+    data, poisoned = store.get_imageset(key)
+    assert len(data) == 50 and poisoned.sum() == 10 and np.all(np.diff(data.ids) > 0)
+    assert build_poison_artifact(dataclasses.replace(job, output="other"), store.uri)[1] is False
+    assert poison_artifact(dataclasses.replace(job, seed=4))[0] != key
