@@ -36,12 +36,11 @@ from puregen_dist.data.io import COLUMNS, META_KEY
 from puregen_dist.defenses import build_defense
 from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task, with_device
 from puregen_dist.pipeline.models import resolve_models
+from puregen_dist.pipeline.store import ROWS_PER_FILE
 from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_FILE = 4096
-"""Output files hold at least this many rows (the last one fewer): few files, bounded write buffers."""
 SCALAR_TYPES = {"id": pa.int64(), "label": pa.int64(), "poisoned": pa.bool_()}
 
 

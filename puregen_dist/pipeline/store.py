@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 IMAGESET_FILE = "images.parquet"
+ROWS_PER_FILE = 4096
+"""Rows per Parquet file of a stored image set (Ray Data reads one file per task)."""
+ROWS_PER_GROUP = 1024
 TMP_DIR = ".tmp"
 STORE_FORMAT = 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # artifact kinds
@@ -321,11 +324,21 @@ class ArtifactStore:
 
     def stage_imageset(self, staged: StagedArtifact, data: ImageSet,
                        poisoned_ids: np.ndarray | None = None) -> int:
-        """Write ``data`` as ``images.parquet`` (data/io schema, zstd) into ``staged``; returns N rows."""
-        with self.fs.open_output_stream(f"{staged.path}/{IMAGESET_FILE}") as out:
-            writer = _HashingWriter(out)
-            pq.write_table(imageset_table(data, poisoned_ids), writer, compression="zstd")
-        staged.checksums[IMAGESET_FILE] = writer.digest()
+        """Write ``data`` (data/io schema, zstd) into ``staged``; returns N rows.
+
+        Up to ``ROWS_PER_FILE`` rows go into ``images.parquet``; larger sets into ``images-00000.parquet``,
+        ``images-00001.parquet``, ... of ``ROWS_PER_FILE`` rows each, in row groups of ``ROWS_PER_GROUP``:
+        Ray Data reads a file per task, so bounded files keep every reader's memory bounded as N grows.
+        """
+        table = imageset_table(data, poisoned_ids)
+        starts = range(0, max(len(data), 1), ROWS_PER_FILE)
+        for index, start in enumerate(starts):
+            name = IMAGESET_FILE if len(starts) == 1 else f"images-{index:05d}.parquet"
+            with self.fs.open_output_stream(f"{staged.path}/{name}") as out:
+                writer = _HashingWriter(out)
+                pq.write_table(table.slice(start, ROWS_PER_FILE), writer, compression="zstd",
+                               row_group_size=ROWS_PER_GROUP)
+            staged.checksums[name] = writer.digest()
         return len(data)
 
     def stage_dir(self, staged: StagedArtifact, local_dir: str | os.PathLike[str]) -> int:
@@ -444,8 +457,8 @@ class ArtifactStore:
     def put_imageset(self, key: str, data: ImageSet, *, kind: str, config: Mapping[str, Any],
                      inputs: Sequence[str] = (), poisoned_ids: np.ndarray | None = None,
                      timings: Mapping[str, float] | None = None) -> dict[str, Any]:
-        """Store ``data`` (N images) as ``<key>/images.parquet``; returns the manifest (the existing one if
-        ``key`` is already committed: content-addressed, so the same content)."""
+        """Store ``data`` (N images) as Parquet (see :meth:`stage_imageset`); returns the manifest (the
+        existing one if ``key`` is already committed: content-addressed, so the same content)."""
         self._expect_key(key, kind, config, inputs)
         if self.exists(key):
             return self.manifest(key)

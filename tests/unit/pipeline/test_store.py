@@ -134,6 +134,24 @@ def test_commit_of_files_written_by_another_writer(store):
     assert store.imageset_path(key) == str(Path(store.root) / key)
 
 
+def test_large_image_sets_are_split_into_bounded_files(store, monkeypatch):
+    import puregen_dist.pipeline.store as store_module
+
+    monkeypatch.setattr(store_module, "ROWS_PER_FILE", 4)
+    monkeypatch.setattr(store_module, "ROWS_PER_GROUP", 2)
+    data = make_imageset(n=10, size=4)
+    key = _key()
+    manifest = store.put_imageset(key, data, kind="purified", config=CONFIG, inputs=INPUTS,
+                                  poisoned_ids=data.ids[[1, 9]])
+    names = ["images-00000.parquet", "images-00001.parquet", "images-00002.parquet"]
+    assert sorted(manifest["files"]) == names and manifest["rows"] == 10
+    assert [pq.ParquetFile(store.fs.open_input_file(f"{store.root}/{key}/{n}")).metadata.num_row_groups
+            for n in names] == [2, 2, 1]
+    assert store.imageset_path(key) == str(Path(store.root) / key)  # Ray Data reads the directory
+    back, poisoned = store.get_imageset(key, verify=True)
+    assert np.array_equal(back.images, data.images) and np.flatnonzero(poisoned).tolist() == [1, 9]
+
+
 def test_one_file_with_blocks_out_of_order_is_returned_sorted_by_id(store):
     data = make_imageset(n=10, size=4)
     key = _key()
