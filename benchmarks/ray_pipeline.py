@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,25 +67,30 @@ def make_checkpoint(root: Path, nf: int) -> str:
 
 
 def make_input(root: Path, n: int, row_group_rows: int | None = None) -> str:
-    """N seeded random 32x32x3 images (ids 0..N-1, 10 classes) as one Parquet file (``write_imageset``, i.e.
-    pyarrow's default row groups: one row group up to 1Mi rows; or ``row_group_rows`` rows per row group);
-    returns the directory holding it."""
+    """N seeded random 32x32x3 images (ids 0..N-1, 10 classes, every 17th flagged poisoned); returns the path
+    Ray Data reads. Default: stored the way the package stores a poison set (``ArtifactStore.put_imageset``:
+    files of at most 4,096 rows in 1,024-row groups). ``row_group_rows``: instead one file with row groups of
+    that many rows (0: pyarrow's default, one row group up to 1 Mi rows), for comparison."""
     import pyarrow.parquet as pq
 
-    from puregen_dist.data.io import imageset_table, write_imageset
+    from puregen_dist.data.io import imageset_table
+    from puregen_dist.pipeline.store import ArtifactStore, artifact_key
     from puregen_dist.types import ImageSet
 
     rng = np.random.default_rng(SEED)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     data = ImageSet(images, (np.arange(n) % 10).astype(np.int64), np.arange(n, dtype=np.int64), CLASSES)
-    directory = root / f"input_{n}_{row_group_rows or 'default'}"
     poisoned = np.arange(0, n, 17, dtype=np.int64)
     if row_group_rows is None:
-        write_imageset(data, directory / "train.parquet", poisoned_ids=poisoned)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        pq.write_table(imageset_table(data, poisoned), directory / "train.parquet", compression="zstd",
-                       row_group_size=row_group_rows)
+        store = ArtifactStore(root / f"store_{n}")
+        config = {"benchmark": "ray_pipeline", "images": n, "seed": SEED}
+        key = artifact_key("poison", config)
+        store.put_imageset(key, data, kind="poison", config=config, poisoned_ids=poisoned)
+        return store.imageset_path(key)
+    directory = root / f"input_{n}_{row_group_rows}"
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(imageset_table(data, poisoned), directory / "train.parquet", compression="zstd",
+                   row_group_size=row_group_rows or None)
     return str(directory)
 
 
@@ -102,13 +108,14 @@ def child_inproc(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     from puregen_dist.config.generative import LangevinConfig
-    from puregen_dist.data.io import read_imageset, write_imageset
+    from puregen_dist.data.io import write_imageset
     from puregen_dist.defenses.puregen import PureGenDefense, PureGenEBMConfig
+    from puregen_dist.pipeline.purify import read_purified
 
     cfg = PureGenEBMConfig(ebm=spec["ckpt"], langevin=LangevinConfig(steps=spec["steps"]), device="cpu",
                            batch_size=spec["batch_size"])
     t0 = time.perf_counter()
-    data, poisoned = read_imageset(Path(spec["input"]) / "train.parquet")
+    data, poisoned = read_purified(spec["input"])
     t1 = time.perf_counter()
     defense = PureGenDefense(cfg)
     t2 = time.perf_counter()
@@ -273,7 +280,7 @@ class TreeMemory(threading.Thread):
         self.halt = threading.Event()
         self.peak_rss = self.peak_pss = self.peak_driver = 0
         self.procs_at_peak: list[str] = []
-        self.pss_breakdown: list[tuple[str, int, int]] = []
+        self.pss_breakdown: list[tuple[str, int, int, int]] = []  # name, RSS, PSS, USS
         self.samples = 0
 
     def run(self) -> None:
@@ -292,7 +299,7 @@ class TreeMemory(threading.Thread):
                     rss += info.rss
                     pss += info.pss
                     names.append(p.name())
-                    per_proc.append((p.name(), info.rss, info.pss))
+                    per_proc.append((p.name(), info.rss, info.pss, info.uss))
                     if p.pid == self.root.pid:
                         self.peak_driver = max(self.peak_driver, info.rss)
                 except psutil.Error:
@@ -313,8 +320,8 @@ class TreeMemory(threading.Thread):
         return {"peak_rss_sum_mib": self.peak_rss / mib, "peak_pss_sum_mib": self.peak_pss / mib,
                 "peak_driver_rss_mib": self.peak_driver / mib, "processes_at_peak": len(self.procs_at_peak),
                 "process_names_at_peak": sorted(set(self.procs_at_peak)), "samples": self.samples,
-                "pss_peak_breakdown_mib": [(n, round(r / mib), round(q / mib))
-                                           for n, r, q in self.pss_breakdown]}
+                "pss_peak_breakdown_mib": [(n, round(r / mib), round(q / mib), round(u / mib))
+                                           for n, r, q, u in self.pss_breakdown]}
 
 
 def child_mem(spec: dict[str, Any]) -> dict[str, Any]:
@@ -343,19 +350,40 @@ def bench_a(args: argparse.Namespace, root: Path, ckpt: str) -> dict[str, Any]:
         ("ray_T2_2x1", "ray", ray_run(2, 2, 0.5)),
         ("ray_T2_1x2", "ray", ray_run(3, 1, 2)),  # 3 logical CPUs: one left for the read/write tasks
     ]
-    for name, kind, extra in plan:
-        workdir = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=root))
-        spec = {"kind": kind, "workdir": str(workdir), "input": inp, "input_small": small, **common, **extra}
-        print(f"[a] {name} ...", flush=True)
-        runs[name] = run_child(spec, timeout=args.timeout)
-        print(f"[a] {name}: {json.dumps(runs[name])}", flush=True)
+    plan = [case for case in plan if case[0].split("_")[1] in args.threads.split(",")]
+    repeats: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):  # interleaved: each repeat runs every case once, in-process first
+        runs = {}
+        for name, kind, extra in plan:
+            workdir = Path(tempfile.mkdtemp(prefix=f"{name}_{repeat}_", dir=root))
+            spec = {"kind": kind, "workdir": str(workdir), "input": inp, "input_small": small, **common, **extra}
+            print(f"[a] {name} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
+            runs[name] = run_child(spec, timeout=args.timeout)
+            print(f"[a] {name}: {json.dumps(runs[name])}", flush=True)
+        repeats.append({"runs": runs, "summary": summarise_a(runs, n, args.small)})
     return {"images": n, "small": args.small, "steps": args.steps, "nf": args.nf, "batch_size": bs,
-            "runs": runs, "summary": summarise_a(runs, n, args.small)}
+            "repeats": repeats, "summary": median_summary([r["summary"] for r in repeats])}
+
+
+def median_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per case and statistic, the median over repeats (with the per-repeat values alongside)."""
+    out: dict[str, Any] = {}
+    for case in summaries[0]:
+        out[case] = {}
+        for stat, value in summaries[0][case].items():
+            values = [s[case][stat] for s in summaries]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[case][stat] = {"median": float(np.median(values)), "repeats": values}
+            else:
+                out[case][stat] = values if len(values) > 1 else value
+    return out
 
 
 def summarise_a(runs: dict[str, Any], n: int, small: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t, ray_names in ((1, ["ray_T1_1x1"]), (2, ["ray_T2_2x1", "ray_T2_1x2"])):
+        if f"inproc_T{t}" not in runs:
+            continue
         ip = runs[f"inproc_T{t}"]
         ip_e2e = n / ip["apply_s"]  # build + all batches (first included)
         ip_steady = (n - ip["first_batch_images"]) / ip["rest_s"]
@@ -387,7 +415,7 @@ def bench_b(args: argparse.Namespace, root: Path, ckpt: str) -> dict[str, Any]:
         print(f"[b] N={n} ...", flush=True)
         runs[str(n)] = run_child(spec, timeout=args.timeout, monitor=True)
         print(f"[b] N={n}: {json.dumps(runs[str(n)])}", flush=True)
-        Path(inp, "train.parquet").unlink()
+        shutil.rmtree(Path(inp) if Path(inp).is_dir() else Path(inp).parent)
     lo, hi = runs[str(min(sizes))]["memory"], runs[str(max(sizes))]["memory"]
     summary = {"rss_ratio": hi["peak_rss_sum_mib"] / lo["peak_rss_sum_mib"],
                "pss_ratio": hi["peak_pss_sum_mib"] / lo["peak_pss_sum_mib"],
@@ -445,6 +473,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="(a) Langevin steps")
     p.add_argument("--nf", type=int, default=32, help="(a), (c) SNGAN-32 width")
     p.add_argument("--batch-size", type=int, default=128, help="rows per map_batches call / in-process batch")
+    p.add_argument("--repeats", type=int, default=1, help="(a) repeat every case, interleaved; medians")
+    p.add_argument("--threads", default="T1,T2", help="(a) which cases: T1 and/or T2")
     p.add_argument("--small", type=int, default=256, help="(a), (c) small input for the fixed-cost estimate")
     p.add_argument("--mem-sizes", default="5000,50000", help="(b) image counts")
     p.add_argument("--mem-steps", type=int, default=1, help="(b) Langevin steps")
@@ -453,7 +483,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mem-cpus-per-actor", type=float, default=0.5)
     p.add_argument("--object-store-mb", type=int, default=None, help="(b) object store size (Ray default)")
     p.add_argument("--row-group-rows", type=int, default=None,
-                   help="(b) rows per Parquet row group of the input (default: write_imageset's: one)")
+                   help="(b) input as ONE file with row groups of this many rows (0: pyarrow's default, one "
+                        "group); default: the store's layout (files of <= 4,096 rows)")
     p.add_argument("--scale-images", type=int, default=2048, help="(c) images")
     p.add_argument("--scale-steps", type=int, default=10, help="(c) Langevin steps")
     p.add_argument("--timeout", type=float, default=1200, help="per child process, seconds")

@@ -36,11 +36,13 @@ from puregen_dist.data.io import COLUMNS, META_KEY
 from puregen_dist.defenses import build_defense
 from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task, with_device
 from puregen_dist.pipeline.models import resolve_models
-from puregen_dist.pipeline.store import ROWS_PER_FILE
+from puregen_dist.pipeline.store import ROWS_PER_FILE, ROWS_PER_GROUP
 from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
 
+ROW_OVERHEAD_BYTES = 64
+"""Bytes per row beside the image (id, label, poisoned, offsets), for sizing read blocks."""
 SCALAR_TYPES = {"id": pa.int64(), "label": pa.int64(), "poisoned": pa.bool_()}
 
 
@@ -291,12 +293,30 @@ def warn_if_starved(ray_cfg: RayPurifyConfig) -> None:
 
 
 def read_dataset(source: ParquetInput, ray_cfg: RayPurifyConfig) -> Any:
-    """The input as a lazy Ray Dataset, streamed in blocks of at most one batch (so that every actor gets work
-    even from a single-row-group file, and memory stays bounded)."""
+    """The input as a lazy Ray Dataset whose read tasks emit blocks of :func:`block_rows` rows, so that
+    every actor gets work even from a single file and memory stays bounded as N grows.
+
+    The read's ``target_max_block_size`` is set for this dataset only (the dataset keeps the context it was
+    created with; the process-wide context is restored). This replaced a ``repartition`` step, whose worker
+    held ~13x the input at 50,000 images (benchmarks/RESULTS.md (b)).
+    """
     import ray
 
-    dataset = ray.data.read_parquet(list(source.files), filesystem=source.filesystem)
-    return dataset.repartition(target_num_rows_per_block=ray_cfg.batch_size)
+    context = ray.data.DataContext.get_current()
+    previous = context.target_max_block_size
+    rows = block_rows(source.rows, ray_cfg)
+    context.target_max_block_size = rows * (math.prod(source.shape) + ROW_OVERHEAD_BYTES)
+    try:
+        return ray.data.read_parquet(list(source.files), filesystem=source.filesystem)
+    finally:
+        context.target_max_block_size = previous
+
+
+def block_rows(total: int, ray_cfg: RayPurifyConfig) -> int:
+    """Rows per read block: about four blocks per actor (load balance), at least one batch (per-block
+    overhead), at most ``ROWS_PER_GROUP`` (memory)."""
+    wanted = math.ceil(total / (4 * ray_cfg.actors))
+    return max(1, min(max(wanted, ray_cfg.batch_size), ROWS_PER_GROUP))
 
 
 def map_purifier(dataset: Any, defense_cfg: Any, seed: int, source: ParquetInput, ray_cfg: RayPurifyConfig,

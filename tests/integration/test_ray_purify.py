@@ -138,6 +138,19 @@ def test_two_actors_small_batches_identical(ray_local, workdir, tmp_path, ebm_cf
     np.testing.assert_array_equal(out.images, reference.images)
 
 
+def test_read_blocks_are_about_one_batch_and_context_is_restored(ray_local, workdir):
+    """Both actors get work from a single small file: the read emits several bounded blocks."""
+    source = purify_module.inspect_input(workdir["input"])
+    before = ray.data.DataContext.get_current().target_max_block_size
+    cfg = RayPurifyConfig(batch_size=8, actors=2)
+    assert purify_module.block_rows(N, cfg) == 13  # about 4 blocks per actor, >= one batch
+    assert purify_module.block_rows(50_000, cfg) == 1024 and purify_module.block_rows(10, cfg) == 8
+    dataset = purify_module.read_dataset(source, cfg)
+    assert ray.data.DataContext.get_current().target_max_block_size == before
+    rows = [len(batch["id"]) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(rows) == N and len(rows) >= 6 and max(rows) <= 26
+
+
 def test_jpeg_task_pool_equals_in_process(ray_local, workdir, tmp_path):
     cfg = JPEGConfig(quality=50)
     out, poisoned = run(workdir, tmp_path, cfg, "jpeg", batch_size=16, cpu_tasks=2)
