@@ -140,6 +140,51 @@ def diagnose_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_cmd(args: argparse.Namespace) -> int:
+    """Plan a sweep, build its missing artifacts, run its trials with Ray Tune, print the report."""
+    from puregen_dist.sweep.runner import dry_run, run_sweep
+    from puregen_dist.sweep.spec import load_sweep
+
+    sweep = load_sweep(args.config, args.set)  # every cell validated: nothing computed or written yet
+    if args.address:
+        sweep = dataclasses.replace(sweep, settings=dataclasses.replace(sweep.settings, address=args.address))
+    if args.dry_run:
+        print(dry_run(sweep))
+        return 0
+    outcome = run_sweep(sweep)
+    return 0 if not outcome.trials_failed else 1
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+
+
+def quickstart_cmd(args: argparse.Namespace) -> int:
+    """The README's main job: the quickstart sweep on the embedded digits data, local Ray, local MLflow."""
+    if not QUICKSTART.is_file():
+        raise UserInputError(f"{QUICKSTART}: the quickstart sweep file is missing (run from a checkout of the "
+                             "repository, installed with `pip install -e .`)")
+    args.config = str(QUICKSTART)
+    return sweep_cmd(args)
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    """The paper-shaped table of a sweep's MLflow experiment (Markdown printed; CSV, PNG written)."""
+    from puregen_dist.sweep.report import build_table, fetch_runs, to_markdown, write_report
+    from puregen_dist.tracking.mlflow_tracker import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri, args.output_dir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserInputError(f"{uri}: no MLflow database there (pass --tracking-uri, or --output-dir of the "
+                             "sweep)")
+    runs = fetch_runs(uri, args.experiment, args.parent)
+    out_dir = Path(args.report_dir or Path(args.output_dir) / "report")
+    paths = write_report(runs, out_dir)
+    print(to_markdown(build_table(runs)))
+    for path in paths.values():
+        print(path)
+    return 0
+
+
 def artifacts_cmd(args: argparse.Namespace) -> int:
     """List, show, remove or garbage-collect artifacts of a content-addressed store."""
     from puregen_dist.pipeline.artifacts_cli import format_table, show
@@ -169,6 +214,13 @@ CONFIG_KINDS: dict[str, type] = {"run": ExperimentConfig, "train-ebm": EBMJob, "
 def show_config_cmd(args: argparse.Namespace) -> int:
     """Print the resolved, validated config (as the command ``--as`` would read it; guessed by default)."""
     kind = args.as_command or guess_command(load_yaml(args.config))
+    if kind == "sweep":
+        from puregen_dist.sweep.spec import load_sweep
+
+        sweep = load_sweep(args.config, args.set)
+        print(f"# sweep {sweep.name!r}: {len(sweep.cells)} cells")
+        print("\n".join(cell.describe() for cell in sweep.cells))
+        return 0
     print(f"# resolved as `puregen-dist {kind}` config", file=sys.stderr)
     print(to_yaml(load_config(CONFIG_KINDS[kind], args.config, args.set)), end="")
     return 0
@@ -176,6 +228,8 @@ def show_config_cmd(args: argparse.Namespace) -> int:
 
 def guess_command(data: dict[str, Any]) -> str:
     """Which command a config file is for, from its top-level keys."""
+    if "space" in data or "base" in data:
+        return "sweep"
     if "train" in data:
         return "train-ddpm" if "ddpm" in data else "train-ebm"
     if {"num_images", "every", "ddpm_grid", "ebm", "ddpm"} & set(data):
@@ -192,6 +246,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "purify": (purify_cmd, "poison and purify a training set through Ray Data into the store (--no-ray: "
                            "in-process into a Parquet file)"),
     "diagnose": (diagnose_cmd, "energy histograms and l2 trajectories of purification (PNG + CSV)"),
+    "sweep": (sweep_cmd, "run a sweep: build the missing artifacts, Ray Tune trials, MLflow runs, report"),
+    "quickstart": (quickstart_cmd, "the quickstart sweep (digits, tiny EBM + DDPM, 4 defenses, 2 seeds)"),
+    "report": (report_cmd, "the paper-shaped results table of a sweep's MLflow experiment"),
     "show-config": (show_config_cmd, "print the resolved config (defaults filled in, overrides applied)"),
     "artifacts": (artifacts_cmd, "ls | show KEY | rm KEY | gc: inspect the content-addressed artifact store"),
 }
@@ -206,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "report":
+            cmd.add_argument("experiment", help="MLflow experiment (the sweep's name)")
+            cmd.add_argument("--output-dir", default="outputs", help="the sweep's base output_dir: its "
+                             "mlflow.db is read and report/ written there (default: outputs)")
+            cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite under --output-dir)")
+            cmd.add_argument("--parent", help="only the trials of this parent (sweep invocation) run id")
+            cmd.add_argument("--report-dir", help="where to write the files (default: OUTPUT_DIR/report)")
+            continue
+        if name == "quickstart":
+            cmd.set_defaults(config=None, set=[], dry_run=False)
+            cmd.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+            cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a sweep-file value, e.g. --set settings.seeds=[0]")
+            cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+            continue
         if name == "artifacts":
             cmd.add_argument("action", choices=["ls", "show", "rm", "gc"])
             cmd.add_argument("key", nargs="?", help="artifact key (show, rm)")
@@ -221,10 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train-ebm", "train-ddpm"):
             cmd.add_argument("--store", help="train as a Ray task into this artifact store (directory or "
                                               "pyarrow.fs URI); skipped when the model is already there")
-        if name in ("purify", "train-ebm", "train-ddpm"):
+        if name == "sweep":
+            cmd.add_argument("--dry-run", action="store_true",
+                             help="print the plan (artifacts to build / cached, trials) and stop")
+        if name in ("purify", "train-ebm", "train-ddpm", "sweep"):
             cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
         if name == "show-config":
-            cmd.add_argument("--as", dest="as_command", choices=sorted(CONFIG_KINDS),
+            cmd.add_argument("--as", dest="as_command", choices=sorted([*CONFIG_KINDS, "sweep"]),
                              help="resolve the file as this command's config (default: guessed from its keys)")
     return parser
 

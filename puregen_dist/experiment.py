@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from puregen_dist.data.transforms import image_grid
 from puregen_dist.defenses import build_defense
 from puregen_dist.protocols import Tracker
 from puregen_dist.registry import UnknownNameError
-from puregen_dist.types import ImageSet, PoisonSet
+from puregen_dist.types import ImageSet, TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,37 +94,53 @@ def prepare_experiment(cfg: ExperimentConfig) -> Prepared:
 def execute(prep: Prepared, tracker: Tracker) -> RunMetrics:
     """Craft, defend, train and evaluate; log params, per-epoch and final metrics, and the config."""
     cfg = prep.cfg
-    _log_setup(cfg, tracker)
+    log_setup(cfg, tracker)
     poison, craft_seconds = _timed(lambda: prep.attack.craft(prep.train, seed=cfg.seed))
     poisoned = poison.materialize()
     log.info("attack %s: %d poisoned of %d training images", cfg.attack.name, len(poison.poison_ids), len(poisoned))
     defended, defense_seconds = _timed(lambda: prep.defense.apply(poisoned, seed=cfg.seed))
     _check_defense_output(poisoned, defended, cfg.defense.name)
     log.info("defense %s: %.2fs", cfg.defense.name, defense_seconds)
-    _log_samples(tracker, poison, poisoned, defended)
-    model = _build_model(cfg, prep.train)
-    triggered = poison.target.kind == "triggered"
+    log_samples(tracker, poison.poison_ids, poisoned, defended)
+    costs = {"craft_seconds": craft_seconds, "defense_seconds": defense_seconds,
+             "defense_seconds_per_image": defense_seconds / max(len(poisoned), 1),
+             "num_poisons": float(len(poison.poison_ids))}
+    return train_and_evaluate(cfg, defended, prep.test, poison.target, tracker, costs=costs)
+
+
+def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, target: TargetSpec,
+                       tracker: Tracker, *, costs: dict[str, float] | None = None,
+                       report: Callable[[dict[str, float], int], None] | None = None) -> RunMetrics:
+    """Train ``cfg.classifier`` on the (defended) training set and evaluate it on the clean test set.
+
+    Per epoch: test accuracy, and poison success at m = 1 for triggered attacks, to the tracker (and to
+    ``report(metrics, epoch)`` when given, e.g. Ray Tune). Final: natural accuracy, poison success at every
+    ``cfg.eval.magnifications``, ``costs`` plus ``train_seconds``, logged at step ``epochs``.
+    """
+    model = _build_model(cfg, train)
+    triggered = target.kind == "triggered"
 
     def on_epoch_end(epoch: int, net: nn.Module) -> dict[str, float]:
-        metrics = {"test_acc": natural_accuracy(net, prep.test, cfg.classifier.eval_batch_size)}
+        metrics = {"test_acc": natural_accuracy(net, test, cfg.classifier.eval_batch_size)}
         if triggered:
-            ps = poison_success(net, prep.test, poison.target, 1.0, cfg.classifier.eval_batch_size)
+            ps = poison_success(net, test, target, 1.0, cfg.classifier.eval_batch_size)
             metrics[success_key(1.0)] = ps.rate
         return metrics
 
-    result = train_classifier(model, defended, cfg.classifier, seed=cfg.seed, on_epoch_end=on_epoch_end,
-                              report=tracker.log_metrics)
+    def log_epoch(metrics: dict[str, float], step: int) -> None:
+        tracker.log_metrics(metrics, step=step)
+        if report is not None:
+            report(metrics, step)
+
+    result = train_classifier(model, train, cfg.classifier, seed=cfg.seed, on_epoch_end=on_epoch_end,
+                              report=log_epoch)
     metrics = RunMetrics(
-        nat_acc=natural_accuracy(result.model, prep.test, cfg.classifier.eval_batch_size),
-        history=result.history,
-        costs={"craft_seconds": craft_seconds, "defense_seconds": defense_seconds,
-               "defense_seconds_per_image": defense_seconds / max(len(poisoned), 1),
-               "train_seconds": result.seconds, "num_poisons": float(len(poison.poison_ids))},
+        nat_acc=natural_accuracy(result.model, test, cfg.classifier.eval_batch_size),
+        history=result.history, costs={**(costs or {}), "train_seconds": result.seconds},
         run_id=getattr(tracker, "run_id", None),
     )
     if triggered:
-        metrics.poison_success = {m: poison_success(result.model, prep.test, poison.target, m,
-                                                    cfg.classifier.eval_batch_size)
+        metrics.poison_success = {m: poison_success(result.model, test, target, m, cfg.classifier.eval_batch_size)
                                   for m in cfg.eval.magnifications}
     tracker.log_metrics(metrics.as_dict(), step=cfg.classifier.epochs)
     return metrics
@@ -153,7 +170,7 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
-def _log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
+def log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
     tracker.log_params(flatten(cfg))
     tracker.set_tags({
         "puregen_dist.version": __version__,
@@ -186,9 +203,9 @@ def _check_defense_output(before: ImageSet, after: ImageSet, name: str) -> None:
         raise RuntimeError(f"defense {name!r} changed ids, labels, order, shape or dtype of the training set")
 
 
-def _log_samples(tracker: Tracker, poison: PoisonSet, poisoned: ImageSet, defended: ImageSet) -> None:
+def log_samples(tracker: Tracker, poison_ids: np.ndarray, poisoned: ImageSet, defended: ImageSet) -> None:
     """Grids of up to 16 training images (poisoned ones first) before and after the defense."""
-    ids = poison.poison_ids[:16] if len(poison.poison_ids) else poisoned.ids[:16]
+    ids = poison_ids[:16] if len(poison_ids) else poisoned.ids[:16]
     pos = poisoned.positions(ids)
     tracker.log_image(image_grid(poisoned.images[pos]), "train_before_defense")
     tracker.log_image(image_grid(defended.images[pos]), "train_after_defense")

@@ -10,6 +10,7 @@ runs on any node that reaches the store URI and a crash never leaves a readable 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
+
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import DDPMJob, EBMJob, PurifyJob, TaskResources
 from puregen_dist.config.loading import to_dict
@@ -26,6 +29,7 @@ from puregen_dist.pipeline.actors import ray_device, with_device
 from puregen_dist.pipeline.models import model_fingerprints
 from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
+from puregen_dist.types import TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +178,58 @@ def build_poison_artifact(job: PurifyJob, store_uri: str) -> tuple[dict[str, Any
         train, _ = load_data(job.data)
         poison = build_attack(job.attack).craft(train, seed=job.seed)
         rows = store.stage_imageset(staged, poison.materialize(), poisoned_ids=poison.poison_ids)
+        stage_target(store, staged, poison.target, poison.eps)
         return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))}}
 
     return store.get_or_build(key, build, kind="poison", config=config)
 
 
+TARGET_JSON = "target.json"
+TARGET_TENSORS = "target.safetensors"
+_TARGET_ARRAYS = ("trigger", "trigger_mask", "target_ids")
+
+
+def stage_target(store: ArtifactStore, staged: StagedArtifact, target: TargetSpec, eps: float) -> None:
+    """Store what the attack aims at beside the poisoned set: scalars as ``target.json``, the trigger
+    (H, W, C) float32, its mask and the target ids as ``target.safetensors`` (what a trial needs to measure
+    poison success)."""
+    from safetensors.numpy import save
+
+    arrays = {name: np.ascontiguousarray(value) for name in _TARGET_ARRAYS
+              if (value := getattr(target, name)) is not None}
+    scalars = {"kind": target.kind, "target_class": target.target_class,
+               "adversarial_label": target.adversarial_label, "eps": float(eps)}
+    store.stage_bytes(staged, TARGET_JSON, json.dumps(scalars, sort_keys=True).encode())
+    if arrays:
+        store.stage_bytes(staged, TARGET_TENSORS, save(arrays))
+
+
+def read_target(store: ArtifactStore, poison_key: str) -> TargetSpec:
+    """The TargetSpec stored with poison set ``poison_key`` (see :func:`stage_target`)."""
+    from safetensors.numpy import load
+
+    scalars = json.loads(store.read_bytes(poison_key, TARGET_JSON))
+    files = store.manifest(poison_key)["files"]
+    arrays = load(store.read_bytes(poison_key, TARGET_TENSORS)) if TARGET_TENSORS in files else {}
+    return TargetSpec(kind=scalars["kind"], target_class=scalars["target_class"],
+                      adversarial_label=scalars["adversarial_label"],
+                      **{name: arrays.get(name) for name in _TARGET_ARRAYS})
+
+
 # ------------------------------------------------------------------------------------------ purified sets
+
+
+def purified_artifact(job: PurifyJob, poison_key: str) -> tuple[str, dict[str, Any]]:
+    """(key, keyed config) of the purified set of (poison set, defense, models, seed)."""
+    defense = {k: v for k, v in to_dict(job.defense).items() if k not in EXECUTION_ONLY}
+    config = {"defense": defense, "seed": job.seed, "models": model_fingerprints(job.defense)}
+    return artifact_key("purified", config, inputs=[poison_key]), config
 
 
 def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> StageResult:
     """The purified set of (poison set, defense, models, seed) through Ray Data, once per key. Model
     references may be checkpoint directories or model artifact keys of ``store``."""
-    defense = {k: v for k, v in to_dict(job.defense).items() if k not in EXECUTION_ONLY}
-    config = {"defense": defense, "seed": job.seed, "models": model_fingerprints(job.defense)}
-    key = artifact_key("purified", config, inputs=[poison_key])
+    key, config = purified_artifact(job, poison_key)
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         ensure_ray(job.pipeline.address)

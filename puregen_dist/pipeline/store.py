@@ -341,6 +341,22 @@ class ArtifactStore:
             staged.checksums[name] = writer.digest()
         return len(data)
 
+    def stage_bytes(self, staged: StagedArtifact, name: str, payload: bytes) -> None:
+        """Write ``payload`` as file ``name`` (no subdirectories) into ``staged``."""
+        if "/" in name or name == MANIFEST:
+            raise ValueError(f"invalid artifact file name {name!r}")
+        with self.fs.open_output_stream(f"{staged.path}/{name}") as out:
+            writer = _HashingWriter(out)
+            writer.write(payload)
+        staged.checksums[name] = writer.digest()
+
+    def read_bytes(self, key: str, name: str) -> bytes:
+        """The content of file ``name`` of the committed artifact ``key``."""
+        if name not in self.manifest(key).get("files", {}):
+            raise StoreError(f"artifact {key!r} in store {self.uri} has no file {name!r}")
+        with self.fs.open_input_stream(self._p(key, name)) as src:
+            return src.read()
+
     def stage_dir(self, staged: StagedArtifact, local_dir: str | os.PathLike[str]) -> int:
         """Copy every file under the local directory ``local_dir`` into ``staged``; returns the file count."""
         src = Path(local_dir)

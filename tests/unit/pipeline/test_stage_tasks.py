@@ -17,8 +17,10 @@ from puregen_dist.defenses.jpeg import JPEGConfig
 from puregen_dist.defenses.puregen import PureGenEBMConfig, PureGenNaiveConfig
 from puregen_dist.generative.purifiers import load_ebm
 from puregen_dist.pipeline.models import model_fingerprints, resolve_models
+from puregen_dist.attacks import build_attack
+from puregen_dist.data.datasets import load_data
 from puregen_dist.pipeline.stages import (build_model_artifact, build_poison_artifact, model_artifact,
-                                          poison_artifact)
+                                          poison_artifact, read_target)
 from puregen_dist.pipeline.store import ArtifactStore, StoreError
 
 TINY_EBM = {"seed": 1, "data": {"dataset": "digits", "train_per_class": 6},
@@ -96,4 +98,9 @@ def test_poison_artifact_is_crafted_once(tmp_path):
     data, poisoned = store.get_imageset(key)
     assert len(data) == 50 and poisoned.sum() == 10 and np.all(np.diff(data.ids) > 0)
     assert build_poison_artifact(dataclasses.replace(job, output="other"), store.uri)[1] is False
+    target = read_target(store, key)  # what a trial needs to measure poison success
+    crafted = build_attack(job.attack).craft(load_data(job.data)[0], seed=3).target
+    assert target.kind == "triggered" and target.target_class == crafted.target_class
+    assert np.array_equal(target.trigger, crafted.trigger) and target.trigger.dtype == np.float32
+    assert (target.trigger_mask is None) == (crafted.trigger_mask is None)
     assert poison_artifact(dataclasses.replace(job, seed=4))[0] != key

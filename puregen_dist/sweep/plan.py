@@ -1,0 +1,130 @@
+"""The sweep planner (DESIGN §2): the unique artifacts of each stage that the cells need (generative models,
+poison sets, purified sets), which of them the store already holds, and the trials.
+
+Keys are computed from configs alone (nothing is loaded or built here), with the same functions the stages
+use, so a plan's "cached" is exactly what the build will skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from puregen_dist.config.generative import PurifyJob
+from puregen_dist.pipeline.stages import ModelJob, model_artifact, poison_artifact, purified_artifact
+from puregen_dist.pipeline.store import ArtifactStore
+from puregen_dist.sweep.spec import Cell, Sweep
+
+
+@dataclass
+class ArtifactPlan:
+    """One artifact the sweep needs: its stage, key, whether the store holds it, and the job that builds it."""
+
+    stage: str  # "model" | "poison" | "purified"
+    key: str
+    cached: bool
+    job: Any
+    label: str
+
+
+@dataclass
+class TrialPlan:
+    """One trial: its cell and the artifacts it reads."""
+
+    cell: Cell
+    poison_key: str
+    train_key: str
+    """The training set the classifier sees: the purified set, or the poison set for ``defense: none``."""
+    model_keys: dict[str, str] = field(default_factory=dict)
+
+    def tags(self) -> dict[str, str]:
+        """Artifact keys as MLflow tags."""
+        tags = {"artifact.poison": self.poison_key, "artifact.train": self.train_key}
+        tags.update({f"artifact.{name}": key for name, key in self.model_keys.items()})
+        return tags
+
+
+@dataclass
+class SweepPlan:
+    """Everything to build, stage by stage, and the trials."""
+
+    sweep: Sweep
+    models: list[ArtifactPlan]
+    poisons: list[ArtifactPlan]
+    purified: list[ArtifactPlan]
+    trials: list[TrialPlan]
+
+    def stages(self) -> list[tuple[str, list[ArtifactPlan]]]:
+        return [("models", self.models), ("poison sets", self.poisons), ("purified sets", self.purified)]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able summary (logged to the parent run)."""
+        return {"sweep": self.sweep.name, "cells": len(self.trials),
+                **{name.replace(" ", "_"): [{"key": a.key, "cached": a.cached, "label": a.label} for a in items]
+                   for name, items in self.stages()},
+                "trials": [{"cell_id": t.cell.cell_id, "defense": t.cell.row, "attack": t.cell.col,
+                            "classifier": t.cell.config.classifier.name, "seed": t.cell.config.seed,
+                            **t.tags()} for t in self.trials]}
+
+
+def purify_job_of(cell: Cell, sweep: Sweep) -> PurifyJob:
+    """The ``purify`` job of a cell (data, attack, defense, seed, store, pipeline resources), so that its
+    poison and purified keys are the ones ``puregen-dist purify`` would use."""
+    cfg, settings = cell.config, sweep.settings
+    return PurifyJob(name=f"{sweep.name}-{cell.cell_id}", seed=cfg.seed, store=settings.store,
+                     pipeline=dataclasses.replace(settings.pipeline, address=settings.address),
+                     data=cfg.data, attack=cfg.attack, defense=cfg.defense)
+
+
+def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
+    """The unique artifacts per stage (first-use order) and one trial per cell."""
+    models: dict[str, ArtifactPlan] = {}
+    keys = sweep.model_keys()
+    for name, job in sweep.models.items():
+        models.setdefault(keys[name], ArtifactPlan("model", keys[name], store.exists(keys[name]),
+                                                   _with_store(job, store), f"{name} ({_kind(job)})"))
+    poisons: dict[str, ArtifactPlan] = {}
+    purified: dict[str, ArtifactPlan] = {}
+    trials = []
+    for cell in sweep.cells:
+        job = purify_job_of(cell, sweep)
+        poison_key, _ = poison_artifact(job)
+        poisons.setdefault(poison_key, ArtifactPlan("poison", poison_key, store.exists(poison_key), job,
+                                                    f"{cell.col} seed={cell.config.seed}{_target(cell)}"))
+        train_key = poison_key
+        if cell.config.defense.name != "none":
+            train_key, _ = purified_artifact(job, poison_key)
+            purified.setdefault(train_key, ArtifactPlan("purified", train_key, store.exists(train_key), job,
+                                                        f"{cell.row} on {poison_key}"))
+        used = {name: ref for name in ("ebm", "ddpm") if (ref := getattr(cell.config.defense, name, None))}
+        trials.append(TrialPlan(cell, poison_key, train_key, used))
+    return SweepPlan(sweep, list(models.values()), list(poisons.values()), list(purified.values()), trials)
+
+
+def _with_store(job: ModelJob, store: ArtifactStore) -> ModelJob:
+    return dataclasses.replace(job, store=store.uri)
+
+
+def _kind(job: ModelJob) -> str:
+    return model_artifact(job)[0]
+
+
+def _target(cell: Cell) -> str:
+    target = getattr(cell.config.attack, "target_class", None)
+    return "" if target is None else f" target={target}"
+
+
+def format_plan(plan: SweepPlan, finished: set[str] | frozenset[str] = frozenset()) -> str:
+    """The plan as text: per stage, each artifact as `build` or `cached`; then the trials (`done` for cells
+    that already have a finished MLflow run)."""
+    lines = [f"sweep {plan.sweep.name!r} ({plan.sweep.source}): {len(plan.trials)} cells"]
+    for name, items in plan.stages():
+        todo = sum(not a.cached for a in items)
+        lines.append(f"{name}: {len(items)} ({todo} to build, {len(items) - todo} cached)")
+        lines += [f"  {'cached' if a.cached else 'build '}  {a.key}  {a.label}" for a in items]
+    pending = [t for t in plan.trials if t.cell.cell_id not in finished]
+    lines.append(f"trials: {len(plan.trials)} ({len(pending)} to run, {len(plan.trials) - len(pending)} "
+                 "already finished)")
+    lines += [f"  {'done' if t.cell.cell_id in finished else 'run '}  {t.cell.describe()}" for t in plan.trials]
+    return "\n".join(lines)

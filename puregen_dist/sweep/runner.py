@@ -1,0 +1,271 @@
+"""``puregen-dist sweep``: plan, build the missing artifacts stage by stage, run the trials with Ray Tune,
+record everything in MLflow (a parent run per invocation, a child run per trial) and print the report.
+
+Resume: every stage is cached by content key in the store, and a cell with a finished MLflow child run is not
+run again, so re-running the same command after a crash, a kill or a node loss finishes only what is missing.
+Within one plan, an interrupted Tune experiment is restored (``Tuner.restore``) when its state exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.pipeline.purify import ensure_ray, resolve_path
+from puregen_dist.pipeline.stages import (StageResult, build_model_artifact, build_poison_artifact,
+                                          purify_stage, warn_if_infeasible)
+from puregen_dist.pipeline.store import ArtifactStore, artifact_key
+from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
+from puregen_dist.sweep.spec import Sweep
+from puregen_dist.sweep.trial import finished_cells, run_trial, trial_spec
+
+log = logging.getLogger(__name__)
+
+Trainable = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class SweepOutcome:
+    """What one invocation did."""
+
+    plan: SweepPlan
+    parent_run_id: str | None
+    tracking_uri: str
+    trials_run: int
+    trials_failed: list[str]
+    report_dir: Path | None
+    report_markdown: str
+
+
+def tracking_uri_of(sweep: Sweep) -> str:
+    """The absolute MLflow URI of the sweep (``base.tracking.uri``, $MLFLOW_TRACKING_URI, else a sqlite file
+    in ``base.output_dir``), resolved on the driver so that every trial writes to the same database."""
+    from puregen_dist.tracking.mlflow_tracker import resolve_tracking_uri
+
+    base = sweep.cells[0].config
+    return resolve_tracking_uri(base.tracking.uri, base.output_dir)
+
+
+def dry_run(sweep: Sweep) -> str:
+    """The plan as text (artifacts to build and cached, trials to run and finished). Only reads the store
+    and the MLflow database (an absent store directory is created empty)."""
+    store = ArtifactStore(sweep.settings.store)
+    plan = plan_sweep(sweep, store)
+    return format_plan(plan, _finished_if_db_exists(tracking_uri_of(sweep), sweep.name))
+
+
+def _finished_if_db_exists(uri: str, experiment: str) -> set[str]:
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return set()
+    return finished_cells(uri, experiment)
+
+
+def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callable[[str], None] = print
+              ) -> SweepOutcome:
+    """Run a whole sweep (see the module docstring). ``trainable`` replaces :func:`run_trial` (tests wrap it
+    to inject failures)."""
+    from puregen_dist.tracking.mlflow_tracker import MLflowTracker, ensure_experiment
+
+    store = ArtifactStore(sweep.settings.store)
+    uri = tracking_uri_of(sweep)
+    ensure_experiment(uri, sweep.name)  # database and experiment exist before any trial starts
+    plan = plan_sweep(sweep, store)
+    finished = finished_cells(uri, sweep.name)
+    echo(format_plan(plan, finished))
+    parent = MLflowTracker(uri, sweep.name, run_name=f"{sweep.name} sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                           tags=_parent_tags(sweep, plan))
+    try:
+        _log_parent(parent, sweep, plan, finished)
+        ensure_ray(sweep.settings.address)
+        build_stages(plan, store, uri, echo)
+        pending = [t for t in plan.trials if t.cell.cell_id not in finished]
+        specs = [trial_spec(t, sweep=sweep.name, store_uri=store.uri, tracking_uri=uri,
+                            parent_run_id=parent.run_id) for t in pending]
+        failed = run_trials(sweep, plan, specs, trainable or run_trial, echo) if specs else []
+        report_dir, markdown = _report(sweep, uri, parent, echo)
+    except BaseException:
+        parent.close("FAILED")
+        raise
+    parent.log_metrics({"trials_run": len(specs), "trials_failed": len(failed)})
+    parent.close("FINISHED" if not failed else "FAILED")
+    echo(f"browse: mlflow ui --backend-store-uri {uri}")
+    return SweepOutcome(plan, parent.run_id, uri, len(specs), failed, report_dir, markdown)
+
+
+# ------------------------------------------------------------------------------------------ parent run
+
+
+def _parent_tags(sweep: Sweep, plan: SweepPlan) -> dict[str, str]:
+    return {"sweep": sweep.name, "sweep_file": sweep.source, "role": "sweep", "git_revision": git_revision(),
+            "cells": str(len(plan.trials))}
+
+
+def _log_parent(parent: Any, sweep: Sweep, plan: SweepPlan, finished: set[str]) -> None:
+    parent.log_params({"sweep_file": sweep.source, "cells": len(plan.trials),
+                       "already_finished": len(set(t.cell.cell_id for t in plan.trials) & finished),
+                       **{f"settings.{k}": v for k, v in _flat_settings(sweep).items()}})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sweep.yaml").write_text(yaml.safe_dump(sweep.raw, sort_keys=False))
+        (Path(tmp) / "plan.json").write_text(json.dumps(plan.as_dict(), indent=2))
+        (Path(tmp) / "plan.txt").write_text(format_plan(plan, finished))
+        for name in ("sweep.yaml", "plan.json", "plan.txt"):
+            parent.log_artifact(Path(tmp) / name)
+
+
+def _flat_settings(sweep: Sweep) -> dict[str, Any]:
+    from puregen_dist.config.loading import flatten
+
+    return flatten(sweep.settings)
+
+
+def git_revision() -> str:
+    """The checkout's commit (``-dirty`` when modified), or ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def build_stages(plan: SweepPlan, store: ArtifactStore, tracking_uri: str, echo: Callable[[str], None]) -> None:
+    """Materialise the missing artifacts: models and poison sets as concurrent Ray tasks (resources from their
+    configs), then purified sets one after another through Ray Data actor pools. Model training runs log to
+    the sweep's MLflow database (their experiments are created here first: no creation race)."""
+    from puregen_dist.tracking.mlflow_tracker import ensure_experiment
+
+    output_dir = str(Path(plan.sweep.cells[0].config.output_dir).absolute())
+    models = [dataclasses.replace(a, job=dataclasses.replace(
+        a.job, tracking=dataclasses.replace(a.job.tracking, uri=tracking_uri))) for a in plan.models if not a.cached]
+    for artifact in models:
+        if artifact.job.tracking.enabled:
+            ensure_experiment(tracking_uri, artifact.job.tracking.experiment)
+    _run_tasks(models, echo, lambda a: (build_model_artifact, a.job.resources, (a.job, store.uri, output_dir)))
+    _run_tasks([a for a in plan.poisons if not a.cached], echo,
+               lambda a: (build_poison_artifact, a.job.pipeline.craft, (a.job, store.uri)))
+    for artifact in plan.purified:
+        if artifact.cached:
+            continue
+        start = time.perf_counter()
+        echo(f"purifying {artifact.label} through Ray Data ...")
+        poison_key = next(t.poison_key for t in plan.trials if t.train_key == artifact.key)
+        result: StageResult = purify_stage(artifact.job, poison_key, store)
+        echo(f"  {result.key} {'built' if result.built else 'cached'} in {time.perf_counter() - start:.1f}s")
+
+
+def _run_tasks(artifacts: list[ArtifactPlan], echo: Callable[[str], None],
+               task_of: Callable[[ArtifactPlan], tuple[Callable[..., Any], Any, tuple]]) -> None:
+    """Submit one Ray task per artifact (all at once), then wait for all; a task's UserInputError is
+    re-raised as itself."""
+    import ray
+
+    if not artifacts:
+        return
+    futures = {}
+    for artifact in artifacts:
+        fn, resources, args = task_of(artifact)
+        warn_if_infeasible(resources)
+        remote = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                            max_retries=resources.max_retries)(fn)
+        futures[remote.remote(*args)] = artifact
+        echo(f"building {artifact.stage} {artifact.key} ({artifact.label}) as a Ray task")
+    start = time.perf_counter()
+    try:
+        for ref, artifact in futures.items():
+            manifest, _ = ray.get(ref)
+            echo(f"  {artifact.key} ready ({time.perf_counter() - start:.1f}s)")
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UserInputError):
+            raise exc.cause from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------ trials
+
+
+def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], trainable: Trainable,
+               echo: Callable[[str], None]) -> list[str]:
+    """Run the pending cells as Ray Tune trials (FIFO, every cell to completion, ``max_failures`` retries);
+    returns the cell ids whose trial finally failed. An interrupted run of the same pending set is restored."""
+    from ray import tune
+
+    settings = sweep.settings
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    storage = _storage_path(settings.storage)
+    name = f"{sweep.name}-{artifact_key('trials', {'cells': [s['cell_id'] for s in specs]})[7:]}"
+    wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus})
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        echo(f"restoring the interrupted Tune experiment {path}")
+        tuner = tune.Tuner.restore(path, wrapped, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            wrapped, param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or None,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+    echo(f"running {len(specs)} trial(s) with Ray Tune ({settings.trial_cpus} CPU, {settings.trial_gpus} GPU "
+         f"each; storage {path})")
+    results = tuner.fit()
+    failed = [r.config["trial"]["cell_id"] for r in results if r.error is not None]
+    for result in results:
+        if result.error is not None:
+            echo(f"  FAILED cell {result.config['trial']['cell_id']}: {str(result.error).splitlines()[0][:300]}")
+    return failed
+
+
+def _trial_name(trial: Any) -> str:
+    spec = trial.config["trial"]
+    return f"cell{spec['index']:04d}_{spec['cell_id'][5:13]}"
+
+
+def _storage_path(storage: str) -> str:
+    """An absolute path (created) or a URI, as Tune requires."""
+    if "://" in storage:
+        resolve_path(storage)  # an unusable URI is a clear error now
+        return storage
+    path = Path(storage).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _report(sweep: Sweep, uri: str, parent: Any, echo: Callable[[str], None]) -> tuple[Path | None, str]:
+    """Build the report from every finished child run of the sweep's experiment, log it to the parent run,
+    and print the table."""
+    from puregen_dist.sweep.report import build_table, fetch_runs, to_markdown, write_report
+
+    try:
+        runs = fetch_runs(uri, sweep.name)
+    except UserInputError as exc:
+        echo(f"no report: {exc}")
+        return None, ""
+    out_dir = Path(sweep.cells[0].config.output_dir).absolute() / "report"
+    paths = write_report(runs, out_dir)
+    for path in paths.values():
+        parent.log_artifact(Path(path), "report")
+    markdown = to_markdown(build_table(runs))
+    echo(markdown)
+    echo(f"report: {out_dir}")
+    return out_dir, markdown

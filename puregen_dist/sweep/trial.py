@@ -1,0 +1,127 @@
+"""One sweep trial: read the cell's training set and poison target from the artifact store, train and
+evaluate the classifier, log one MLflow child run (DESIGN §2: trials only read artifacts, never run Ray Data).
+
+:func:`run_trial` is the Ray Tune function trainable; :func:`execute_trial` is the same work without Tune
+(what it calls, and what unit tests call).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from puregen_dist.classifiers.evaluation import NAT_ACC_DEFINITION, POISON_SUCCESS_DEFINITION
+from puregen_dist.config.loading import build, to_dict
+from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.data.datasets import load_data
+from puregen_dist.experiment import RunMetrics, log_samples, log_setup, train_and_evaluate
+from puregen_dist.pipeline.stages import read_target
+from puregen_dist.pipeline.store import ArtifactStore
+from puregen_dist.protocols import Tracker
+from puregen_dist.sweep.plan import TrialPlan
+
+log = logging.getLogger(__name__)
+
+FINISHED = "FINISHED"
+
+
+def trial_spec(trial: TrialPlan, *, sweep: str, store_uri: str, tracking_uri: str,
+               parent_run_id: str | None) -> dict[str, Any]:
+    """The JSON-able description of one trial that Tune hands to :func:`run_trial` as ``config["trial"]``."""
+    cell = trial.cell
+    return {"sweep": sweep, "cell_id": cell.cell_id, "index": cell.index, "row": cell.row, "col": cell.col,
+            "config": to_dict(cell.config), "poison_key": trial.poison_key, "train_key": trial.train_key,
+            "artifact_tags": trial.tags(), "store": store_uri, "tracking_uri": tracking_uri,
+            "parent_run_id": parent_run_id}
+
+
+def cell_tags(spec: Mapping[str, Any], cfg: ExperimentConfig, attack_kind: str) -> dict[str, str]:
+    """Tags of a child run: what the report groups by, the metric definitions, the artifact keys."""
+    tags = {"sweep": spec["sweep"], "cell_id": spec["cell_id"], "cell_index": str(spec["index"]),
+            "row": spec["row"], "col": spec["col"], "attack.kind": attack_kind, "seed": str(cfg.seed),
+            "classifier": cfg.classifier.name, "metric.nat_acc": NAT_ACC_DEFINITION,
+            "metric.poison_success": POISON_SUCCESS_DEFINITION, **spec["artifact_tags"]}
+    target = getattr(cfg.attack, "target_class", None)
+    if attack_kind == "triggered" and target is not None:
+        tags["target_class"] = str(target)
+    return tags
+
+
+def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
+                  report: Callable[[dict[str, float], int], None] | None = None) -> RunMetrics:
+    """Train and evaluate the classifier of ``spec`` on its stored training set (purified, or the poison set
+    for ``defense: none``); poison success uses the target stored with the poison set. Costs come from the
+    artifact manifests (crafting and purification time)."""
+    cfg = build(ExperimentConfig, spec["config"], source=f"cell {spec['cell_id']}")
+    store = ArtifactStore(spec["store"])
+    poison_key, train_key = spec["poison_key"], spec["train_key"]
+    target = read_target(store, poison_key)
+    log_setup(cfg, tracker)
+    tracker.set_tags(cell_tags(spec, cfg, target.kind if cfg.attack.name != "none" else "none"))
+    poisoned, flags = store.get_imageset(poison_key)
+    train = poisoned if train_key == poison_key else store.get_imageset(train_key)[0]
+    _, test = load_data(cfg.data)
+    log_samples(tracker, poisoned.ids[flags], poisoned, train)
+    return train_and_evaluate(cfg, train, test, target, tracker, report=report,
+                              costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())))
+
+
+def _costs(store: ArtifactStore, poison_key: str, train_key: str, images: int, poisons: int) -> dict[str, float]:
+    craft = store.manifest(poison_key).get("timings", {})
+    costs = {"craft_seconds": float(craft.get("craft_s", craft.get("build_s", 0.0))),
+             "num_poisons": float(poisons)}
+    if train_key != poison_key:
+        purify = store.manifest(train_key).get("timings", {})
+        seconds = float(purify.get("purify_s", purify.get("build_s", 0.0)))
+        costs.update({"defense_seconds": seconds, "defense_seconds_per_image": seconds / max(images, 1)})
+        if "seconds_per_image_per_device" in purify:
+            costs["defense_seconds_per_image_per_device"] = float(purify["seconds_per_image_per_device"])
+    return costs
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one cell, one MLflow child run (FINISHED, or FAILED with the error).
+
+    Idempotent: a cell that already has a finished child run in the sweep's experiment is not run again
+    (a restored Tune experiment or a re-run sweep never duplicates a result).
+    """
+    from ray import tune
+
+    from puregen_dist.tracking.mlflow_tracker import MLflowTracker
+
+    spec = config["trial"]
+    cfg = build(ExperimentConfig, spec["config"], source=f"cell {spec['cell_id']}")
+    if cfg.classifier.threads:
+        import torch
+
+        torch.set_num_threads(cfg.classifier.threads)
+    if spec["cell_id"] in finished_cells(spec["tracking_uri"], cfg.tracking.experiment):
+        tune.report({"already_finished": 1.0})
+        return
+    tracker = MLflowTracker(spec["tracking_uri"], cfg.tracking.experiment,
+                            run_name=f"{spec['row']} | {spec['col']} | {cfg.classifier.name} | seed {cfg.seed}",
+                            parent_run_id=spec["parent_run_id"], tags={"cell_id": spec["cell_id"]})
+    try:
+        metrics = execute_trial(spec, tracker, report=lambda m, step: tune.report({**m, "epoch": step}))
+    except BaseException as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000],
+                          "error_traceback": traceback.format_exc()[-5000:]})
+        tracker.close("FAILED")
+        raise
+    tracker.close(FINISHED)
+    tune.report({**metrics.as_dict(), "epoch": cfg.classifier.epochs, "done": 1.0})
+
+
+def finished_cells(tracking_uri: str, experiment: str) -> set[str]:
+    """``cell_id`` tags of the FINISHED runs of ``experiment`` (empty when it does not exist yet)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return set()
+    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              max_results=50000)
+    return {run.data.tags["cell_id"] for run in runs if "cell_id" in run.data.tags}

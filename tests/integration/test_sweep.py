@@ -1,0 +1,131 @@
+"""`puregen-dist sweep` end to end under a local Ray: artifacts built once, 8 trials as Ray Tune trials, one
+parent and 8 child MLflow runs, the report, a re-run that does nothing, retries and failures (the killed
+driver: test_sweep_resume.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from puregen_dist.cli import main
+from puregen_dist.pipeline.store import ArtifactStore
+
+pytestmark = pytest.mark.ray
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def sweep_file(tmp_path: Path, name: str = "t", **settings) -> Path:
+    """Digits, 2 architectures x 2 seeds x 2 defenses x 1 attack = 8 cells, 1 epoch each."""
+    data = {
+        "name": name,
+        "base": {"output_dir": str(tmp_path / "out"),
+                 "data": {"dataset": "digits", "train_per_class": 12, "test_fraction": 0.25},
+                 "attack": {"name": "badnets", "target_class": 0, "budget": 0.1, "label_mode": "dirty"},
+                 "classifier": {"name": "small_cnn", "epochs": 1, "batch_size": 32, "threads": 1,
+                                "crop_padding": 1, "flip": False},
+                 "eval": {"magnifications": [1.0]}},
+        "space": {"classifier.name": ["small_cnn", "hlb_small"],
+                  "defense": {"grid": [{"name": "none"}, {"name": "jpeg", "quality": 50}]}},
+        "settings": {"seeds": [0, 1], "trial_cpus": 1, "max_concurrent_trials": 2, "max_failures": 1,
+                     "storage": str(tmp_path / "tune"), "store": str(tmp_path / "store"),
+                     "pipeline": {"actors": 1, "batch_size": 32, "cpu_tasks": 1, "craft": {"num_cpus": 1}},
+                     **settings},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def child_runs(tmp_path: Path, experiment: str = "t"):
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    children = [r for r in runs if "cell_id" in r.data.tags]
+    return client, parents, children
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from puregen_dist.pipeline.purify import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def test_sweep_builds_once_runs_8_trials_and_reports(ray_session, tmp_path, capsys):
+    path = sweep_file(tmp_path)
+    assert main(["-q", "sweep", str(path), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "poison sets: 2 (2 to build, 0 cached)" in plan and "purified sets: 2 (2 to build" in plan
+    assert "trials: 8 (8 to run, 0 already finished)" in plan
+
+    assert main(["-q", "sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore(tmp_path / "store")
+    kinds = sorted(m["kind"] for m in store.ls())
+    assert kinds == ["poison", "poison", "purified", "purified"]  # each built exactly once
+    _, parents, children = child_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len({r.data.tags["cell_id"] for r in children}) == 8
+    one = children[0]
+    assert {"classifier.name", "defense.name", "seed", "attack.budget"} <= set(one.data.params)
+    assert {"nat_acc", "poison_success_m1", "train_seconds", "test_acc"} <= set(one.data.metrics)
+    assert {"metric.nat_acc", "metric.poison_success", "artifact.train", "col", "seed"} <= set(one.data.tags)
+    assert one.data.tags["artifact.poison"] in {m["key"] for m in store.ls()}
+    assert {r.data.tags["row"] for r in children} == {"none", "jpeg"}
+    assert parents[0].data.params["cells"] == "8"
+
+    # the report printed at the end of the sweep matches the runs
+    nat = np.mean([r.data.metrics["nat_acc"] for r in children if r.data.tags["row"] == "jpeg"]) * 100
+    assert f"{nat:.1f}" in out
+    assert main(["-q", "report", "t", "--output-dir", str(tmp_path / "out")]) == 0
+    report = capsys.readouterr().out
+    assert f"{nat:.1f}" in report and (tmp_path / "out" / "report" / "report.csv").is_file()
+
+    # a second invocation runs nothing and builds nothing
+    before = {m["key"]: m["created"] for m in store.ls()}
+    assert main(["-q", "sweep", str(path)]) == 0
+    assert "trials: 8 (0 to run, 8 already finished)" in capsys.readouterr().out
+    assert {m["key"]: m["created"] for m in store.ls()} == before
+    _, parents, children = child_runs(tmp_path)
+    assert len(children) == 8 and len(parents) == 2
+
+
+def test_retry_then_success_and_a_failure_that_stays(ray_session, tmp_path):
+    from puregen_dist.sweep.runner import run_sweep
+    from puregen_dist.sweep.spec import load_sweep
+    from puregen_dist.sweep.trial import run_trial
+
+    marker = tmp_path / "failed-once"
+    sweep = load_sweep(sweep_file(tmp_path), ["space.classifier.name=[small_cnn]", "settings.seeds=[0]"])
+    flaky_cell, broken_cell = sweep.cells[0].cell_id, sweep.cells[1].cell_id
+
+    def flaky(config):
+        spec = config["trial"]
+        if spec["cell_id"] == broken_cell or (spec["cell_id"] == flaky_cell and not marker.exists()):
+            marker.touch()
+            config = {"trial": {**spec, "train_key": "purified-0000000000000000"}}  # fails inside the run
+        run_trial(config)
+
+    outcome = run_sweep(sweep, trainable=flaky, echo=lambda line: None)
+    assert outcome.trials_failed == [broken_cell]
+    _, parents, children = child_runs(tmp_path)
+    by_cell = {}
+    for run in children:
+        by_cell.setdefault(run.data.tags["cell_id"], []).append(run.info.status)
+    assert sorted(by_cell[flaky_cell]) == ["FAILED", "FINISHED"]  # retried and succeeded
+    assert by_cell[broken_cell] == ["FAILED", "FAILED"]  # 1 + max_failures attempts, error recorded
+    failed = [r for r in children if r.data.tags["cell_id"] == broken_cell]
+    assert all("purified-0000000000000000" in r.data.tags["error"] for r in failed)
+    assert parents[0].info.status == "FAILED"

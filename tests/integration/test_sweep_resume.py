@@ -1,0 +1,75 @@
+"""Resume after a killed sweep driver: the same command finishes only the missing cells, rebuilds nothing,
+and leaves exactly one finished MLflow child run per cell. (Its own module: the driver runs in a subprocess
+with its own local Ray.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from puregen_dist.pipeline.store import ArtifactStore
+
+from test_sweep import child_runs, sweep_file  # noqa: E402  (same directory)
+
+pytestmark = pytest.mark.ray
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant (the driver, the local Ray it started, its trial workers)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+
+
+
+def test_killed_driver_resumes_without_rebuilding(tmp_path):
+    """The sweep CLI in a subprocess, killed after some trials finished; the same command then completes it."""
+    path = sweep_file(tmp_path)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "puregen_dist", "-q", "sweep", str(path)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    db = tmp_path / "out" / "mlflow.db"
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            if proc.poll() is not None:
+                pytest.fail(f"the sweep ended (rc {proc.returncode}) before it could be killed")
+            if db.exists():
+                _, _, children = child_runs(tmp_path)
+                if sum(r.info.status == "FINISHED" for r in children) >= 2:
+                    break
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        kill_tree(proc)
+    store = ArtifactStore(tmp_path / "store")
+    built = {m["key"]: m["created"] for m in store.ls()}
+    _, _, children = child_runs(tmp_path)
+    done_before = {r.data.tags["cell_id"] for r in children if r.info.status == "FINISHED"}
+    assert 2 <= len(done_before) < 8
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"trials: 8 ({8 - len(done_before)} to run, {len(done_before)} already finished)" in rerun.stdout
+    _, _, children = child_runs(tmp_path)
+    finished = [r.data.tags["cell_id"] for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 8 and len(set(finished)) == 8  # exactly one finished run per cell
+    after = {m["key"]: m["created"] for m in store.ls()}
+    assert all(after[key] == created for key, created in built.items())  # nothing rebuilt
+    assert len(after) == 4

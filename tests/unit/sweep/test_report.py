@@ -1,0 +1,275 @@
+"""The sweep results table: golden aggregation numbers, MLflow fetching (sqlite), the written report files."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.sweep import report
+from puregen_dist.sweep.report import (
+    CSV_COLUMNS,
+    RunRecord,
+    build_table,
+    fetch_runs,
+    steps_plot_png,
+    to_csv_rows,
+    to_markdown,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# (defense, target class) -> poison success m=1 per seed (seeds 0, 1)
+POISON_M1 = {("puregen_ebm", 0): [0.1, 0.0], ("puregen_ebm", 1): [0.2, 0.3],
+             ("none", 0): [0.9, 0.8], ("none", 1): [0.6, 0.5]}
+POISON_M3 = {("puregen_ebm", 0): [0.2, 0.2], ("puregen_ebm", 1): [0.4, 0.4],
+             ("none", 0): [1.0, 1.0], ("none", 1): [0.9, 0.7]}
+NAT_ACC = {"none": [0.95, 0.94, 0.96, 0.91], "puregen_ebm": [0.90, 0.92, 0.91, 0.89]}
+TARGET_SUCCESS = {"none": [1, 1, 0, 1, 1], "puregen_ebm": [0, 0, 0, 1, 0]}
+
+
+def _record(row: str, col: str, kind: str, seed: int, target: int | None, metrics: dict[str, float],
+            **params: str) -> RunRecord:
+    cell = f"cell-{row}-{col}-{seed}-{target}"
+    return RunRecord(row, col, kind, seed, target, metrics, dict(params), cell, f"run-{cell}", 0)
+
+
+def golden_runs() -> list[RunRecord]:
+    """puregen_ebm first on purpose (``none`` must still be the first row); a triggered attack
+    (2 target classes × 2 seeds), a triggerless attack (5 runs) and a clean column (1 run)."""
+    runs = []
+    for row in ("puregen_ebm", "none"):
+        nat = iter(NAT_ACC[row])
+        for target in (0, 1):
+            for seed in (0, 1):
+                metrics = {"poison_success_m1": POISON_M1[row, target][seed],
+                           "poison_success_m3": POISON_M3[row, target][seed], "nat_acc": next(nat)}
+                runs.append(_record(row, "badnets", "triggered", seed, target, metrics))
+        for i, hit in enumerate(TARGET_SUCCESS[row]):
+            runs.append(_record(row, "bullseye", "triggerless", i, None,
+                                {"target_success": float(hit), "nat_acc": 0.9}))
+        runs.append(_record(row, "clean", "none", 0, None, {"nat_acc": 0.97}))
+    return runs
+
+
+def _wilson_by_hand(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+
+
+def test_rows_none_first_and_clean_columns_first():
+    table = build_table(golden_runs())
+    assert table.rows == ["none", "puregen_ebm"]
+    assert table.cols == ["clean", "badnets", "bullseye"]
+    assert len(table.cells) == 6
+
+
+@pytest.mark.parametrize("row", ["none", "puregen_ebm"])
+def test_triggered_cell_golden_numbers(row):
+    cell = build_table(golden_runs()).cell(row, "badnets")
+    for summary, by_target in ((cell.poison_m1, POISON_M1), (cell.poison_m3, POISON_M3)):
+        values = by_target[row, 0] + by_target[row, 1]
+        assert summary.mean == pytest.approx(statistics.fmean(values))
+        assert summary.std == pytest.approx(statistics.stdev(values))  # ddof=1
+        best = max(statistics.fmean(by_target[row, t]) for t in (0, 1))
+        assert summary.max_over_targets == pytest.approx(best)
+        assert (summary.n, summary.n_targets) == (4, 2)
+    assert cell.nat_acc.mean == pytest.approx(statistics.fmean(NAT_ACC[row]))
+    assert cell.nat_acc.std == pytest.approx(statistics.stdev(NAT_ACC[row]))
+    assert cell.n_runs == 4 and cell.triggerless is None
+
+
+@pytest.mark.parametrize("row", ["none", "puregen_ebm"])
+def test_triggerless_cell_is_a_rate_with_a_wilson_interval(row):
+    cell = build_table(golden_runs()).cell(row, "bullseye")
+    hits = TARGET_SUCCESS[row]
+    tl = cell.triggerless
+    assert (tl.successes, tl.n) == (sum(hits), 5)
+    assert tl.rate == pytest.approx(sum(hits) / 5)
+    assert (tl.ci_low, tl.ci_high) == pytest.approx(_wilson_by_hand(sum(hits), 5))
+    assert cell.poison_m1 is None and cell.nat_acc.std == 0.0 and cell.nat_acc.mean == pytest.approx(0.9)
+
+
+def test_wilson_literal_values():
+    tl = build_table(golden_runs()).cell("none", "bullseye").triggerless
+    assert (tl.ci_low, tl.ci_high) == pytest.approx((0.3755, 0.9638), abs=1e-4)
+
+
+def test_single_run_has_zero_std_and_no_attack_cell_has_only_accuracy():
+    cell = build_table(golden_runs()).cell("none", "clean")
+    assert (cell.nat_acc.mean, cell.nat_acc.std, cell.nat_acc.n) == (0.97, 0.0, 1)
+    assert cell.poison_m1 is None and cell.poison_m3 is None and cell.triggerless is None
+
+
+def test_mixed_attack_kinds_in_a_column_and_no_runs_are_errors():
+    runs = golden_runs() + [_record("none", "badnets", "triggerless", 9, None, {"target_success": 1.0})]
+    with pytest.raises(ValueError, match="badnets"):
+        build_table(runs)
+    with pytest.raises(ValueError):
+        build_table([])
+
+
+# ------------------------------------------------------------------------------------------- renderers
+
+
+def test_markdown_cells_and_caption():
+    text = to_markdown(build_table(golden_runs()))
+    lines = text.splitlines()
+    assert lines[0] == "| defense \\ attack | clean | badnets | bullseye |"
+    none_line = next(line for line in lines if line.startswith("| none |"))
+    # poison m=1 [.9,.8,.6,.5]: mean 70.0, std 18.3, max target mean 85.0; nat [.95,.94,.96,.91]: 94.0 ± 2.2
+    assert "| 70.0 ± 18.3 (max 85.0) / 94.0 ± 2.2 |" in none_line
+    assert "| 80.0 [37.6, 96.4] / 90.0 ± 0.0 |" in none_line
+    assert none_line.startswith("| none | 97.0 ± 0.0 |")
+    ebm_line = next(line for line in lines if line.startswith("| puregen_ebm |"))
+    assert lines.index(none_line) < lines.index(ebm_line)
+    ebm = POISON_M1["puregen_ebm", 0] + POISON_M1["puregen_ebm", 1]
+    expected = f"{100 * statistics.fmean(ebm):.1f} ± {100 * statistics.stdev(ebm):.1f} (max 25.0)"
+    assert expected in ebm_line
+    assert "sample std (ddof=1)" in text and "Wilson" in text
+    assert "Natural accuracy: top-1 accuracy" in text and "magnification m" in text
+    assert "m=3" in text  # the second table, m3 was recorded
+
+
+def test_csv_rows_long_format(tmp_path):
+    rows = to_csv_rows(build_table(golden_runs()))
+    assert len(rows) == 6 and all(tuple(r) == CSV_COLUMNS for r in rows)
+    assert [(r["row"], r["col"]) for r in rows[:3]] == [("none", "clean"), ("none", "badnets"),
+                                                        ("none", "bullseye")]
+    badnets = rows[1]
+    assert badnets["poison_m1_max_over_targets"] == pytest.approx(0.85)
+    assert badnets["target_success_rate"] is None
+    paths = write_report(golden_runs(), tmp_path)
+    with open(paths["csv"], newline="") as handle:
+        back = list(csv.DictReader(handle))
+    assert len(back) == 6 and tuple(back[0]) == CSV_COLUMNS
+    assert float(back[2]["target_success_ci_low"]) == pytest.approx(_wilson_by_hand(4, 5)[0])
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def steps_runs(steps: tuple[int, ...]) -> list[RunRecord]:
+    runs = [_record("none", "badnets", "triggered", 0, 0, {"poison_success_m1": 0.9, "nat_acc": 0.95},
+                    **{"defense.name": "none"})]
+    for s in steps:
+        for seed in (0, 1):
+            runs.append(_record(f"puregen_ebm (langevin.steps={s})", "badnets", "triggered", seed, 0,
+                                {"poison_success_m1": 1.0 / s, "nat_acc": 0.9},
+                                **{"defense.name": "puregen_ebm", "defense.langevin.steps": str(s)}))
+    return runs
+
+
+def test_write_report_with_varied_langevin_steps(tmp_path):
+    paths = write_report(steps_runs((50, 150)), tmp_path / "out")
+    assert set(paths) == {"markdown", "csv", "heatmap", "langevin_steps"}
+    assert paths["langevin_steps"].name == "report_langevin_steps.png"
+    for key in ("heatmap", "langevin_steps"):
+        assert paths[key].read_bytes()[:8] == PNG_MAGIC
+    assert paths["markdown"].read_text().startswith("| defense \\ attack | badnets |")
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_steps_plot_only_when_steps_vary(tmp_path):
+    assert not steps_plot_png(steps_runs((150,)), tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+    (tmp_path / "report_langevin_steps.png").write_bytes(b"stale")
+    paths = write_report(golden_runs(), tmp_path)
+    assert set(paths) == {"markdown", "csv", "heatmap"}
+    assert not (tmp_path / "report_langevin_steps.png").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "report_heatmap.png"}
+    assert paths["heatmap"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_mlflow_is_imported_lazily():
+    """Only function bodies import mlflow or ray, so the pure parts import without them (its other imports,
+    classifiers.evaluation and plots, are covered by tests/test_layering.py)."""
+    tree = ast.parse(Path(report.__file__).read_text())
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    modules = [alias.name for node in top_level if isinstance(node, ast.Import) for alias in node.names]
+    modules += [node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)]
+    assert modules and not [m for m in modules if m.split(".")[0] in {"mlflow", "ray"}]
+
+
+# --------------------------------------------------------------------------------------------- MLflow
+
+
+@pytest.fixture(scope="module")
+def sweep_db(tmp_path_factory):
+    """A sqlite MLflow DB with experiment "sweep-x": parent A (children: finished cell-1 (old), cell-2,
+    failed cell-3) and parent B (children: finished cell-1 (newer re-run), cell-4)."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from puregen_dist.tracking.mlflow_tracker import ensure_experiment
+
+    tmp_path = tmp_path_factory.mktemp("sweep_db")
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    exp = ensure_experiment(uri, "sweep-x", tmp_path / "artifacts")
+    ensure_experiment(uri, "other-exp", tmp_path / "artifacts")
+    client = MlflowClient(uri)
+    parents = {p: client.create_run(exp, start_time=1000 + i, run_name=p).info.run_id
+               for i, p in enumerate(("A", "B"))}
+    for run_id in parents.values():
+        client.set_terminated(run_id)
+    ids = {}
+
+    def child(name: str, parent: str, cell: str, start: int, status: str = "FINISHED",
+              nat: float = 0.9) -> None:
+        tags = {"mlflow.parentRunId": parents[parent], "sweep": "sweep-x", "cell_id": cell, "row": "jpeg",
+                "col": "badnets", "attack.kind": "triggered", "seed": "3", "target_class": "7",
+                "classifier": "cnn"}
+        run_id = client.create_run(exp, start_time=start, tags=tags, run_name=name).info.run_id
+        client.log_batch(run_id, metrics=[Metric("nat_acc", 0.1, 0, 0), Metric("nat_acc", nat, 1, 1),
+                                          Metric("poison_success_m1", 0.25, 1, 0)],
+                         params=[Param("defense.name", "jpeg"), Param("seed", "3")],
+                         tags=[RunTag("extra", "x")])
+        client.set_terminated(run_id, status=status)
+        ids[name] = run_id
+
+    child("old1", "A", "cell-1", 2000, nat=0.5)
+    child("c2", "A", "cell-2", 2100)
+    child("failed3", "A", "cell-3", 2200, status="FAILED")
+    child("new1", "B", "cell-1", 3000, nat=0.8)
+    child("c4", "B", "cell-4", 3100)
+    return uri, parents, ids
+
+
+def test_fetch_runs_latest_per_cell_finished_children_only(sweep_db):
+    uri, _, ids = sweep_db
+    records = fetch_runs(uri, "sweep-x")
+    assert [r.run_id for r in records] == [ids["c2"], ids["new1"], ids["c4"]]
+    new1 = records[1]
+    assert (new1.cell_id, new1.row, new1.col, new1.attack_kind) == ("cell-1", "jpeg", "badnets", "triggered")
+    assert (new1.seed, new1.target_class, new1.start_time) == (3, 7, 3000)
+    assert new1.metrics == {"nat_acc": 0.8, "poison_success_m1": 0.25}  # latest value of the history
+    assert new1.params == {"defense.name": "jpeg", "seed": "3"}
+
+
+def test_fetch_runs_of_one_parent(sweep_db):
+    uri, parents, ids = sweep_db
+    records = fetch_runs(uri, "sweep-x", parents["A"])
+    assert [r.run_id for r in records] == [ids["old1"], ids["c2"]]
+    assert records[0].metrics["nat_acc"] == 0.5
+
+
+def test_fetch_runs_user_errors(sweep_db, tmp_path):
+    uri, _, _ = sweep_db
+    with pytest.raises(UserInputError, match="'missing-exp'") as info:
+        fetch_runs(uri, "missing-exp")
+    assert "'sweep-x'" in str(info.value) and "'other-exp'" in str(info.value) and uri in str(info.value)
+    with pytest.raises(UserInputError, match="no finished sweep child runs"):
+        fetch_runs(uri, "other-exp")
+    with pytest.raises(UserInputError, match="no MLflow database"):
+        fetch_runs(f"sqlite:///{(tmp_path / 'nope' / 'mlflow.db').as_posix()}", "sweep-x")
