@@ -83,7 +83,7 @@ def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
     keys = sweep.model_keys()
     for name, job in sweep.models.items():
         models.setdefault(keys[name], ArtifactPlan("model", keys[name], store.exists(keys[name]),
-                                                   _with_store(job, store), f"{name} ({_kind(job)})"))
+                                                   _with_store(job, store), _model_label(name, job)))
     poisons: dict[str, ArtifactPlan] = {}
     purified: dict[str, ArtifactPlan] = {}
     trials = []
@@ -106,8 +106,9 @@ def _with_store(job: ModelJob, store: ArtifactStore) -> ModelJob:
     return dataclasses.replace(job, store=store.uri)
 
 
-def _kind(job: ModelJob) -> str:
-    return model_artifact(job)[0]
+def _model_label(name: str, job: ModelJob) -> str:
+    kind = model_artifact(job)[0]
+    return name if name == kind else f"{name} ({kind})"
 
 
 def _target(cell: Cell) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -208,7 +207,6 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
     from ray import tune
 
     settings = sweep.settings
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     storage = _storage_path(settings.storage)
     name = f"{sweep.name}-{artifact_key('trials', {'cells': [s['cell_id'] for s in specs]})[7:]}"
     wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus})

@@ -23,7 +23,7 @@ def read_runs(out_dir: Path):
     uri = f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     try:
-        return uri, mlflow.search_runs(experiment_names=["quickstart"])
+        return uri, mlflow.search_runs(experiment_names=["quickstart-run"])
     finally:
         mlflow.set_tracking_uri(None)
 

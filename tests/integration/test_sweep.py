@@ -129,3 +129,18 @@ def test_retry_then_success_and_a_failure_that_stays(ray_session, tmp_path):
     failed = [r for r in children if r.data.tags["cell_id"] == broken_cell]
     assert all("purified-0000000000000000" in r.data.tags["error"] for r in failed)
     assert parents[0].info.status == "FAILED"
+
+
+def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch, capsys):
+    """`puregen-dist quickstart` end to end, scaled down through --set only (the full run: README)."""
+    monkeypatch.chdir(tmp_path)
+    small = ["base.data.train_per_class=16", "models.ebm.data.train_per_class=8",
+             "models.ddpm.data.train_per_class=8", "models.ebm.train.epochs=1", "models.ebm.train.bank_size=64",
+             "models.ddpm.train.epochs=1", "base.classifier.epochs=1", "settings.seeds=[0]"]
+    assert main(["-q", "quickstart", *[arg for s in small for arg in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    for row in ("none", "jpeg", "puregen_ebm", "puregen_ddpm"):
+        assert f"| {row} | " in out
+    assert "models: 2 (2 to build, 0 cached)" in out and "trials: 4 (4 to run" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'outputs' / 'quickstart' / 'mlflow.db'}" in out
+    assert (tmp_path / "outputs" / "quickstart" / "report" / "report_heatmap.png").is_file()

@@ -101,3 +101,21 @@ def test_overrides_of_dotted_axes_replace_them():
     data = deep_merge(data, parse_overrides(["space.classifier.name=[hlb_small]", "space.seed=[3]"]))
     sweep = sweep_from_dict(data, source="sweep.yaml")
     assert [(c.config.classifier.name, c.config.seed) for c in sweep.cells] == [("hlb_small", 3)]
+
+
+def test_cli_show_config_and_bad_sweep_file(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    from puregen_dist.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"name": "t", "base": BASE, "space": {"seed": [0, 1, 2]}}))
+    assert main(["show-config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# sweep 't': 3 cells") and out.count("cell-") == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "t", "base": BASE, "space": {"classifier.epochs": [0]}}))
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "cell (classifier.epochs=0): classifier.epochs: must be >= 1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "good.yaml"]  # nothing written
