@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.generative import DDPMJob, DiagnoseJob, EBMJob, PurifyJob
+from puregen_dist.config.generative import ClassifierJob, DDPMJob, DiagnoseJob, EBMJob, PurifyJob
 from puregen_dist.config.loading import load_config, load_yaml, to_yaml
 from puregen_dist.config.schema import ExperimentConfig
 
@@ -44,17 +44,24 @@ def train_ebm_cmd(args: argparse.Namespace) -> int:
     """Train (or resume) an EBM; prints the checkpoint directory."""
     from puregen_dist.jobs import train_ebm_job
 
-    return _train_generative(EBMJob, args, lambda job, tracker, data: train_ebm_job(job, tracker, data[0]), "EBM")
+    return _train_model(EBMJob, args, lambda job, tracker, data: train_ebm_job(job, tracker, data[0]), "EBM")
 
 
 def train_ddpm_cmd(args: argparse.Namespace) -> int:
     """Train (or resume) a DDPM; prints the checkpoint directory."""
     from puregen_dist.jobs import train_ddpm_job
 
-    return _train_generative(DDPMJob, args, train_ddpm_job, "DDPM")
+    return _train_model(DDPMJob, args, train_ddpm_job, "DDPM")
 
 
-def _train_generative(job_cls: type, args: argparse.Namespace, train: Callable[..., Path], label: str) -> int:
+def train_classifier_cmd(args: argparse.Namespace) -> int:
+    """Pretrain a classifier on clean data (for transfer); prints the checkpoint directory."""
+    from puregen_dist.jobs import train_classifier_job
+
+    return _train_model(ClassifierJob, args, train_classifier_job, "classifier")
+
+
+def _train_model(job_cls: type, args: argparse.Namespace, train: Callable[..., Path], label: str) -> int:
     """Load the job and its data (errors before anything is written), then train: in-process into ``output``,
     or, with a store (``--store`` / ``store:``), as a Ray task into the artifact store (skipped when cached)."""
     from puregen_dist.data.datasets import load_data
@@ -79,7 +86,9 @@ def _train_into_store(job: Any, label: str, address: str | None) -> int:
     result = model_stage(job, store, tracking_dir=_parent(job.output), address=address)
     state = "trained" if result.built else "cached (already in the store)"
     print(f"{label} artifact {result.key} {state} in {store.uri}")
-    print(f"use it as defense.{result.manifest['kind']}: {result.key}  (with store: {store.uri})")
+    kind = result.manifest["kind"]
+    field = "classifier.pretrained" if kind == "classifier" else f"defense.{kind}"
+    print(f"use it as {field}: {result.key}  (with store: {store.uri})")
     return 0
 
 
@@ -208,6 +217,7 @@ def artifacts_cmd(args: argparse.Namespace) -> int:
 
 
 CONFIG_KINDS: dict[str, type] = {"run": ExperimentConfig, "train-ebm": EBMJob, "train-ddpm": DDPMJob,
+                                 "train-classifier": ClassifierJob,
                                  "purify": PurifyJob, "diagnose": DiagnoseJob}
 
 
@@ -232,6 +242,8 @@ def guess_command(data: dict[str, Any]) -> str:
         return "sweep"
     if "train" in data:
         return "train-ddpm" if "ddpm" in data else "train-ebm"
+    if "output" in data and "classifier" in data:
+        return "train-classifier"
     if {"num_images", "every", "ddpm_grid", "ebm", "ddpm"} & set(data):
         return "diagnose"
     if "output" in data:
@@ -243,6 +255,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (run_cmd, "run one experiment in-process (data -> poison -> defense -> train -> evaluate -> MLflow)"),
     "train-ebm": (train_ebm_cmd, "train (or resume) a PureGen energy-based model (--store: as a Ray task)"),
     "train-ddpm": (train_ddpm_cmd, "train (or resume) a PureGen DDPM (t < 250) (--store: as a Ray task)"),
+    "train-classifier": (train_classifier_cmd, "pretrain a classifier on clean data for transfer "
+                                               "(--store: as a Ray task)"),
     "purify": (purify_cmd, "poison and purify a training set through Ray Data into the store (--no-ray: "
                            "in-process into a Parquet file)"),
     "diagnose": (diagnose_cmd, "energy histograms and l2 trajectories of purification (PNG + CSV)"),
@@ -291,13 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purify":
             cmd.add_argument("--no-ray", action="store_true",
                              help="purify in-process (tests, debugging) and write `output` instead of the store")
-        if name in ("train-ebm", "train-ddpm"):
+        if name in ("train-ebm", "train-ddpm", "train-classifier"):
             cmd.add_argument("--store", help="train as a Ray task into this artifact store (directory or "
                                               "pyarrow.fs URI); skipped when the model is already there")
         if name == "sweep":
             cmd.add_argument("--dry-run", action="store_true",
                              help="print the plan (artifacts to build / cached, trials) and stop")
-        if name in ("purify", "train-ebm", "train-ddpm", "sweep"):
+        if name in ("purify", "train-ebm", "train-ddpm", "train-classifier", "sweep"):
             cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
         if name == "show-config":
             cmd.add_argument("--as", dest="as_command", choices=sorted([*CONFIG_KINDS, "sweep"]),

@@ -29,6 +29,7 @@ from puregen_dist.classifiers.evaluation import (
     poison_success,
 )
 from puregen_dist.classifiers.training import Normalized, train_classifier
+from puregen_dist.classifiers.transfer import transfer_model
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.loading import flatten, to_yaml
 from puregen_dist.config.schema import ExperimentConfig
@@ -88,6 +89,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> Prepared:
     attack.validate(train)
     defense = build_defense(cfg.defense)  # loads generative checkpoints: a bad one fails here
     defense.validate(train)
+    if cfg.classifier.transfer != "scratch":
+        _build_model(cfg, train)  # a missing or mismatched pretrained classifier fails here
     return Prepared(cfg, train, test, attack, defense)
 
 
@@ -186,13 +189,16 @@ def log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
 
 
 def _build_model(cfg: ExperimentConfig, train: ImageSet) -> nn.Module:
-    """The classifier, initialised from the experiment seed, wrapped to normalise [0, 1] input."""
+    """The classifier, initialised from the experiment seed (for transfer: the pretrained backbone and a fresh
+    head), wrapped to normalise [0, 1] input."""
     h, _, c = train.shape
     mean, std = dataset_stats(cfg.data, c)
+    clf = cfg.classifier
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        net = build_classifier(cfg.classifier.name, in_channels=c, num_classes=train.num_classes, image_size=h)
-    return Normalized(net, cfg.classifier.mean or mean, cfg.classifier.std or std)
+        net = build_classifier(clf.name, in_channels=c, num_classes=train.num_classes, image_size=h)
+        net = transfer_model(net, clf.transfer, clf.pretrained or "", name=clf.name, in_channels=c)
+    return Normalized(net, clf.mean or mean, clf.std or std)
 
 
 def _check_defense_output(before: ImageSet, after: ImageSet, name: str) -> None:

@@ -10,6 +10,7 @@ from typing import Literal
 from puregen_dist.config.errors import check
 from puregen_dist.config.schema import (
     AttackConfig,
+    ClassifierConfig,
     DataConfig,
     DefenseConfig,
     TrackingConfig,
@@ -233,6 +234,27 @@ class DDPMJob:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """Purification setting of the per-epoch sample grid."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierJob:
+    """``puregen-dist train-classifier``: pretrain a classifier on clean data, the starting point of the
+    transfer recipes (``classifier.transfer: linear | finetune``, ``classifier.pretrained``)."""
+
+    name: str = "classifier"
+    seed: int = 0
+    output: str = "outputs/classifier"
+    """Checkpoint directory (model.safetensors + config.json)."""
+    store: str | None = None
+    """As for :class:`EBMJob`: train as a Ray task into this artifact store."""
+    resources: TaskResources = field(default_factory=TaskResources)
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        check(self.classifier.transfer == "scratch", "classifier.transfer",
+              "pretraining trains from scratch (transfer: scratch)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -110,6 +110,13 @@ class ClassifierConfig:
     """"auto" (CUDA when available, else CPU), "cpu", or a torch device string such as "cuda:1"."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    transfer: Literal["scratch", "linear", "finetune"] = "scratch"
+    """From scratch, or transfer from ``pretrained``: ``linear`` re-initialises the last linear layer and trains
+    only it (the backbone and its BatchNorm statistics frozen; paper: Adam, lr 0.1, 40 epochs, decay [15, 25, 35]),
+    ``finetune`` re-initialises it and trains every parameter (paper: Adam, lr 1e-4, 60 epochs, [15, 30, 45])."""
+    pretrained: str | None = None
+    """Transfer only: a classifier checkpoint directory (``puregen-dist train-classifier``) or, in a sweep, a
+    ``model:<name>`` reference / ``classifier-<hex16>`` artifact key. Same architecture as ``name``."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -124,6 +131,10 @@ class ClassifierConfig:
         check(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
               "milestones", "must be increasing epochs >= 1")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        check(self.transfer == "scratch" or self.pretrained is not None, "pretrained",
+              f"required for transfer: {self.transfer} (a classifier checkpoint directory)")
+        check(self.transfer != "scratch" or self.pretrained is None, "pretrained",
+              "only used with transfer: linear or finetune")
         for key in ("mean", "std"):
             value = getattr(self, key)
             check(value is None or len(value) >= 1, key, "must list at least one value")

@@ -74,6 +74,15 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
 
 def load_state(directory: str | Path, model: nn.Module, *, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load weights into ``model`` after checking kind, names and shapes; returns (meta, extra tensors)."""
+    config, state, extra = read_state(directory, kind=kind)
+    _check_shapes(Path(directory) / WEIGHTS, model, state)
+    model.load_state_dict(state)
+    return dict(config.get("meta", {})), extra
+
+
+def read_state(directory: str | Path, *, kind: str
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config.json, model state dict, extra tensors) of a checkpoint of ``kind`` (safetensors only)."""
     directory = Path(directory)
     config = read_checkpoint_config(directory)
     if config["kind"] != kind:
@@ -86,10 +95,8 @@ def load_state(directory: str | Path, model: nn.Module, *, kind: str) -> tuple[d
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); pickled checkpoints are refused")
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    _check_shapes(path, model, state)
-    model.load_state_dict(state)
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
-    return dict(config.get("meta", {})), extra
+    return config, state, extra
 
 
 def _check_shapes(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -46,20 +46,31 @@ def resolve_models(defense_cfg: Any, store: ArtifactStore | str | None) -> Any:
         raise StoreError(f"defense.{next(iter(keys))}: {next(iter(keys.values()))!r} is an artifact key, but "
                          "this job has no artifact store to find it in")
     uri = store.uri if isinstance(store, ArtifactStore) else str(store)
-    return dataclasses.replace(defense_cfg, **{name: _model_dir(uri, name, key) for name, key in keys.items()})
+    return dataclasses.replace(defense_cfg, **{name: _model_dir(uri, name, key, f"defense.{name}")
+                                               for name, key in keys.items()})
+
+
+def resolve_model_ref(ref: str, kind: str, store: ArtifactStore | str | None, field: str) -> str:
+    """A local directory for model reference ``ref`` of ``kind`` (a directory as it is, or an artifact key
+    looked up in ``store``); ``field`` names the config key in errors."""
+    if not is_artifact_key(ref):
+        return ref
+    if store is None:
+        raise StoreError(f"{field}: {ref!r} is an artifact key, but this job has no artifact store to find it in")
+    return _model_dir(store.uri if isinstance(store, ArtifactStore) else str(store), kind, ref, field)
 
 
 @functools.lru_cache(maxsize=16)
-def _model_dir(store_uri: str, kind: str, key: str) -> str:
+def _model_dir(store_uri: str, kind: str, key: str, field: str) -> str:
     """Local directory of model artifact ``key`` (downloaded once per process from a remote store)."""
     store = ArtifactStore(store_uri)
     if not store.exists(key):
-        raise StoreError(f"defense.{kind}: model artifact {key!r} not found in store {store.uri} "
+        raise StoreError(f"{field}: model artifact {key!r} not found in store {store.uri} "
                          f"(train it with `puregen-dist train-{kind} CONFIG --store {store.uri}`; "
                          "`puregen-dist artifacts ls` lists the store)")
     found = store.manifest(key).get("kind")
     if found != kind:
-        raise StoreError(f"defense.{kind}: artifact {key!r} in store {store.uri} is a {found!r} artifact, "
+        raise StoreError(f"{field}: artifact {key!r} in store {store.uri} is a {found!r} artifact, "
                          f"expected a {kind!r} model")
     return str(store.get_dir(key))
 

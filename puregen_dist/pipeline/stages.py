@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.generative import DDPMJob, EBMJob, PurifyJob, TaskResources
+from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PurifyJob, TaskResources
 from puregen_dist.config.loading import to_dict
 from puregen_dist.pipeline.actors import ray_device, with_device
 from puregen_dist.pipeline.models import model_fingerprints
@@ -33,12 +33,14 @@ from puregen_dist.types import TargetSpec
 
 log = logging.getLogger(__name__)
 
-ModelJob = Union[EBMJob, DDPMJob]
+ModelJob = Union[EBMJob, DDPMJob, ClassifierJob]
+MODEL_KINDS = {EBMJob: "ebm", DDPMJob: "ddpm", ClassifierJob: "classifier"}
 EXECUTION_ONLY = ("batch_size", "device")
 """Defense fields that change how, not what, is computed: left out of purified-set keys."""
 MODEL_JOB_EXCLUDED = ("name", "output", "store", "resources", "tracking")
 """Model-job fields that do not change the trained weights: left out of model keys (as are the training
-section's ``device`` and ``checkpoint_every``)."""
+section's :data:`EXECUTION_FIELDS`)."""
+EXECUTION_FIELDS = ("device", "checkpoint_every", "threads", "eval_batch_size")
 
 
 @dataclass
@@ -98,10 +100,11 @@ def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[
 
 
 def model_artifact(job: ModelJob) -> tuple[str, str, dict[str, Any]]:
-    """(kind "ebm" | "ddpm", key, keyed config) of the model ``job`` trains."""
-    kind = "ebm" if isinstance(job, EBMJob) else "ddpm"
+    """(kind "ebm" | "ddpm" | "classifier", key, keyed config) of the model ``job`` trains."""
+    kind = MODEL_KINDS[type(job)]
     config = {k: v for k, v in to_dict(job).items() if k not in MODEL_JOB_EXCLUDED}
-    config["train"] = {k: v for k, v in config["train"].items() if k not in ("device", "checkpoint_every")}
+    section = "classifier" if kind == "classifier" else "train"
+    config[section] = {k: v for k, v in config[section].items() if k not in EXECUTION_FIELDS}
     return kind, artifact_key(kind, config), config
 
 
@@ -123,20 +126,24 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
     same node resumes from its last epoch; the directory is removed once the artifact is committed.
     """
     from puregen_dist.data.datasets import load_data
-    from puregen_dist.jobs import train_ddpm_job, train_ebm_job
+    from puregen_dist.jobs import train_classifier_job, train_ddpm_job, train_ebm_job
     from puregen_dist.tracking import open_tracker
 
     store = ArtifactStore(store_uri)
     kind, key, config = model_artifact(job)
     work = Path(tempfile.gettempdir()) / "puregen-work" / key
-    job = dataclasses.replace(job, output=str(work), train=_on_assigned_device(job.train))
+    section = "classifier" if kind == "classifier" else "train"
+    job = dataclasses.replace(job, output=str(work),
+                              **{section: _on_assigned_device(getattr(job, section))})
+    trainers = {"ebm": lambda tracker, data: train_ebm_job(job, tracker, data[0]),
+                "ddpm": lambda tracker, data: train_ddpm_job(job, tracker, data),
+                "classifier": lambda tracker, data: train_classifier_job(job, tracker, data)}
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         start = time.perf_counter()
-        train, test = load_data(job.data)
+        data = load_data(job.data)
         with open_tracker(job.tracking, tracking_dir, default_run_name=job.name) as tracker:
-            path = (train_ebm_job(job, tracker, train) if kind == "ebm"
-                    else train_ddpm_job(job, tracker, (train, test)))
+            path = trainers[kind](tracker, data)
         store.stage_dir(staged, path)
         return {"timings": {"train_s": time.perf_counter() - start}}
 

@@ -98,6 +98,8 @@ def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
             purified.setdefault(train_key, ArtifactPlan("purified", train_key, store.exists(train_key), job,
                                                         f"{cell.row} on {poison_key}"))
         used = {name: ref for name in ("ebm", "ddpm") if (ref := getattr(cell.config.defense, name, None))}
+        if cell.config.classifier.pretrained:
+            used["classifier"] = cell.config.classifier.pretrained
         trials.append(TrialPlan(cell, poison_key, train_key, used))
     return SweepPlan(sweep, list(models.values()), list(poisons.values()), list(purified.values()), trials)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from puregen_dist.config.errors import ConfigError, FieldError, UserInputError, check
-from puregen_dist.config.generative import DDPMJob, EBMJob, PipelineConfig
+from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PipelineConfig
 from puregen_dist.config.loading import build, deep_merge, load_yaml, parse_overrides, to_dict
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.pipeline.stages import model_artifact
@@ -43,7 +43,8 @@ MODEL_PREFIX = "model:"
 MODEL_FIELDS = ("ebm", "ddpm")
 LABEL_EXCLUDED = ("batch_size", "device", "target_class")
 """Defense/attack fields never shown in row/column labels (execution-only, or aggregated over)."""
-ModelJob = Union[EBMJob, DDPMJob]
+ModelJob = Union[EBMJob, DDPMJob, ClassifierJob]
+MODEL_JOBS: dict[str, type] = {"ebm": EBMJob, "ddpm": DDPMJob, "classifier": ClassifierJob}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,9 +194,10 @@ def _models(specs: Mapping[str, Any], source: str) -> dict[str, ModelJob]:
     for name, spec in specs.items():
         spec = _mapping(spec, source, f"models.{name}")
         kind = spec.pop("kind", None)
-        if kind not in ("ebm", "ddpm"):
-            raise ConfigError(f"{source}: models.{name}.kind: expected 'ebm' or 'ddpm', got {kind!r}")
-        job_cls = EBMJob if kind == "ebm" else DDPMJob
+        if kind not in MODEL_JOBS:
+            raise ConfigError(f"{source}: models.{name}.kind: expected one of {', '.join(MODEL_JOBS)}, "
+                              f"got {kind!r}")
+        job_cls = MODEL_JOBS[kind]
         models[name] = build(job_cls, {"name": name, **spec}, source=source, path=f"models.{name}")
     return models
 
@@ -300,22 +302,24 @@ def _build_cell(raw: Mapping[str, Any], assigned: Mapping[str, Any], models: Map
 
 
 def _resolve_models(raw: Mapping[str, Any], models: Mapping[str, ModelJob], where: str) -> dict[str, Any]:
-    defense = raw.get("defense")
-    if not isinstance(defense, Mapping):
-        return dict(raw)
-    resolved = dict(defense)
-    for name in MODEL_FIELDS:
-        ref = defense.get(name)
-        if isinstance(ref, str) and ref.startswith(MODEL_PREFIX):
-            model = ref[len(MODEL_PREFIX):]
-            if model not in models:
-                raise ConfigError(f"{where}: defense.{name}: {ref!r} names no entry of `models:` "
-                                  f"(defined: {', '.join(sorted(models)) or 'none'})")
-            kind, key, _ = model_artifact(models[model])
-            if kind != name:
-                raise ConfigError(f"{where}: defense.{name}: {ref!r} is a {kind} model")
-            resolved[name] = key
-    return {**raw, "defense": resolved}
+    """``raw`` with ``model:<name>`` references (defense.ebm, defense.ddpm, classifier.pretrained) replaced
+    by the artifact keys of those ``models:`` entries."""
+    out = dict(raw)
+    for section, name, kind in (("defense", "ebm", "ebm"), ("defense", "ddpm", "ddpm"),
+                                ("classifier", "pretrained", "classifier")):
+        block = out.get(section)
+        ref = block.get(name) if isinstance(block, Mapping) else None
+        if not (isinstance(ref, str) and ref.startswith(MODEL_PREFIX)):
+            continue
+        model = ref[len(MODEL_PREFIX):]
+        if model not in models:
+            raise ConfigError(f"{where}: {section}.{name}: {ref!r} names no entry of `models:` "
+                              f"(defined: {', '.join(sorted(models)) or 'none'})")
+        found, key, _ = model_artifact(models[model])
+        if found != kind:
+            raise ConfigError(f"{where}: {section}.{name}: {ref!r} is a {found} model, expected {kind}")
+        out[section] = {**block, name: key}
+    return out
 
 
 def _describe(assigned: Mapping[str, Any]) -> str:

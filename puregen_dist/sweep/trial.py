@@ -7,6 +7,7 @@ evaluate the classifier, log one MLflow child run (DESIGN §2: trials only read 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from puregen_dist.config.loading import build, to_dict
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.data.datasets import load_data
 from puregen_dist.experiment import RunMetrics, log_samples, log_setup, train_and_evaluate
+from puregen_dist.pipeline.models import resolve_model_ref
 from puregen_dist.pipeline.stages import read_target
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.protocols import Tracker
@@ -56,6 +58,9 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     artifact manifests (crafting and purification time)."""
     cfg = build(ExperimentConfig, spec["config"], source=f"cell {spec['cell_id']}")
     store = ArtifactStore(spec["store"])
+    if cfg.classifier.pretrained:  # a classifier artifact key -> its directory
+        pretrained = resolve_model_ref(cfg.classifier.pretrained, "classifier", store, "classifier.pretrained")
+        cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, pretrained=pretrained))
     poison_key, train_key = spec["poison_key"], spec["train_key"]
     target = read_target(store, poison_key)
     log_setup(cfg, tracker)

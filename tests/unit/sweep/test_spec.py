@@ -80,7 +80,7 @@ def test_model_references_become_artifact_keys():
     ({"name": "t", "space": {"classifier.epochs": [-1]}}, r"cell \(classifier.epochs=-1\).*classifier.epochs"),
     ({"name": "t", "space": {"defense": [{"name": "puregen_ebm", "ebm": "model:nope"}]}},
      "defense.ebm: 'model:nope' names no entry of `models:`"),
-    ({"name": "t", "models": {"m": {"kind": "gan"}}}, "models.m.kind: expected 'ebm' or 'ddpm'"),
+    ({"name": "t", "models": {"m": {"kind": "gan"}}}, "models.m.kind: expected one of ebm, ddpm, classifier"),
     ({"name": "t", "settings": {"trial_cpus": 0}}, "settings.trial_cpus: must be > 0"),
 ])
 def test_bad_sweep_files_name_the_key(data, message):
