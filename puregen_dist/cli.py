@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)  # force: the current stderr, also on repeated calls
     handler, _ = COMMANDS[args.command]
     try:
         return handler(args)

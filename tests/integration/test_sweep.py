@@ -107,14 +107,17 @@ def test_retry_then_success_and_a_failure_that_stays(ray_session, tmp_path):
     from puregen_dist.sweep.spec import load_sweep
     from puregen_dist.sweep.trial import run_trial
 
-    marker = tmp_path / "failed-once"
+    marker = tmp_path / "flaky-cell-failed-once"  # touched by the flaky cell only (trials run concurrently)
     sweep = load_sweep(sweep_file(tmp_path), ["space.classifier.name=[small_cnn]", "settings.seeds=[0]"])
     flaky_cell, broken_cell = sweep.cells[0].cell_id, sweep.cells[1].cell_id
 
     def flaky(config):
         spec = config["trial"]
-        if spec["cell_id"] == broken_cell or (spec["cell_id"] == flaky_cell and not marker.exists()):
+        fail = spec["cell_id"] == broken_cell
+        if spec["cell_id"] == flaky_cell and not marker.exists():
             marker.touch()
+            fail = True
+        if fail:
             config = {"trial": {**spec, "train_key": "purified-0000000000000000"}}  # fails inside the run
         run_trial(config)
 
