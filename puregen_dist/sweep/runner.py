@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -186,11 +187,12 @@ def _run_tasks(artifacts: list[ArtifactPlan], echo: Callable[[str], None],
                             max_retries=resources.max_retries)(fn)
         futures[remote.remote(*args)] = artifact
         echo(f"building {artifact.stage} {artifact.key} ({artifact.label}) as a Ray task")
-    start = time.perf_counter()
+    start, pending = time.perf_counter(), list(futures)
     try:
-        for ref, artifact in futures.items():
-            manifest, _ = ray.get(ref)
-            echo(f"  {artifact.key} ready ({time.perf_counter() - start:.1f}s)")
+        while pending:  # report in completion order
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done[0])
+            echo(f"  {futures[done[0]].key} ready ({time.perf_counter() - start:.1f}s)")
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, UserInputError):
             raise exc.cause from None
@@ -207,6 +209,10 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
     from ray import tune
 
     settings = sweep.settings
+    # Trials run in the job's working directory, not in their trial directory, so that relative paths in the
+    # cells (data.root, checkpoint directories) mean what they mean to the driver (and to `ray job submit
+    # --working-dir`). Tune propagates this variable from the driver to the trial processes.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     storage = _storage_path(settings.storage)
     name = f"{sweep.name}-{artifact_key('trials', {'cells': [s['cell_id'] for s in specs]})[7:]}"
     wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus})

@@ -147,3 +147,45 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
     assert "models: 2 (2 to build, 0 cached)" in out and "trials: 4 (4 to run" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'outputs' / 'quickstart' / 'mlflow.db'}" in out
     assert (tmp_path / "outputs" / "quickstart" / "report" / "report_heatmap.png").is_file()
+
+
+def test_relative_data_root_resolves_inside_trials(tmp_path, monkeypatch):
+    """Tune would run trials in their trial directory; relative paths must keep the driver's meaning. (The
+    CLI in a subprocess started in that directory, with its own local Ray, as a user runs it.)"""
+    import os
+    import subprocess
+    import sys
+
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from puregen_dist.config.schema import DataConfig
+    from puregen_dist.data.datasets import load_data
+
+    monkeypatch.chdir(tmp_path)
+    for split, data in zip(("train", "test"), load_data(DataConfig(train_per_class=6, test_per_class=3))):
+        blobs = []
+        for image in data.images:
+            buffer = io.BytesIO()
+            Image.fromarray(image[:, :, 0]).save(buffer, format="PNG")
+            blobs.append(buffer.getvalue())
+        column = pa.StructArray.from_arrays([pa.array(blobs, pa.binary()), pa.array([""] * len(blobs))],
+                                            ["bytes", "path"])
+        Path("data").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"img": column, "label": data.labels}), f"data/{split}.parquet")
+    path = tmp_path / "rel.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "rel", "base": {"output_dir": "out", "data": {"dataset": "parquet", "root": "data"},
+                                "attack": {"name": "badnets", "target_class": 0, "budget": 0.2},
+                                "classifier": {"name": "small_cnn", "epochs": 1, "batch_size": 16,
+                                               "threads": 1, "flip": False, "crop_padding": 1}},
+        "settings": {"storage": "tune", "store": "store"}}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "puregen_dist", "-q", "sweep", "rel.yaml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _, _, children = child_runs(tmp_path, "rel")
+    assert [r.info.status for r in children] == ["FINISHED"]
