@@ -178,17 +178,16 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
 
 def report_cmd(args: argparse.Namespace) -> int:
     """The paper-shaped table of a sweep's MLflow experiment (Markdown printed; CSV, PNG written)."""
-    from puregen_dist.sweep.report import build_table, fetch_runs, to_markdown, write_report
+    from puregen_dist.sweep.report import render_report
     from puregen_dist.tracking.mlflow_tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, args.output_dir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserInputError(f"{uri}: no MLflow database there (pass --tracking-uri, or --output-dir of the "
                              "sweep)")
-    runs = fetch_runs(uri, args.experiment, args.parent)
     out_dir = Path(args.report_dir or Path(args.output_dir) / "report")
-    paths = write_report(runs, out_dir)
-    print(to_markdown(build_table(runs)))
+    markdown, paths = render_report(uri, args.experiment, out_dir, args.parent)
+    print(markdown)
     for path in paths.values():
         print(path)
     return 0

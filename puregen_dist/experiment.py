@@ -32,6 +32,7 @@ from puregen_dist.classifiers.training import Normalized, train_classifier
 from puregen_dist.classifiers.transfer import transfer_model
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.loading import flatten, to_yaml
+from puregen_dist.config.generative import ClassifierJob
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.data.datasets import dataset_stats, load_data
 from puregen_dist.data.transforms import image_grid
@@ -90,7 +91,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Prepared:
     defense = build_defense(cfg.defense)  # loads generative checkpoints: a bad one fails here
     defense.validate(train)
     if cfg.classifier.transfer != "scratch":
-        _build_model(cfg, train)  # a missing or mismatched pretrained classifier fails here
+        build_model(cfg, train)  # a missing or mismatched pretrained classifier fails here
     return Prepared(cfg, train, test, attack, defense)
 
 
@@ -120,7 +121,7 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
     ``report(metrics, epoch)`` when given, e.g. Ray Tune). Final: natural accuracy, poison success at every
     ``cfg.eval.magnifications``, ``costs`` plus ``train_seconds``, logged at step ``epochs``.
     """
-    model = _build_model(cfg, train)
+    model = build_model(cfg, train)
     triggered = target.kind == "triggered"
 
     def on_epoch_end(epoch: int, net: nn.Module) -> dict[str, float]:
@@ -188,9 +189,10 @@ def log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
         tracker.log_artifact(path)
 
 
-def _build_model(cfg: ExperimentConfig, train: ImageSet) -> nn.Module:
-    """The classifier, initialised from the experiment seed (for transfer: the pretrained backbone and a fresh
-    head), wrapped to normalise [0, 1] input."""
+def build_model(cfg: ExperimentConfig | ClassifierJob, train: ImageSet) -> nn.Module:
+    """The classifier of ``cfg.classifier`` for ``train``'s shape and classes, initialised from ``cfg.seed``
+    (for transfer: the pretrained backbone and a fresh head), wrapped to normalise [0, 1] input with
+    ``cfg.data``'s statistics (``.net`` is the bare network)."""
     h, _, c = train.shape
     mean, std = dataset_stats(cfg.data, c)
     clf = cfg.classifier

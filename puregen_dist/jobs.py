@@ -8,18 +8,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from puregen_dist.attacks import build_attack
-from puregen_dist.classifiers import build_classifier
 from puregen_dist.classifiers.evaluation import natural_accuracy
-from puregen_dist.classifiers.training import Normalized, train_classifier
+from puregen_dist.classifiers.training import train_classifier
 from puregen_dist.classifiers.transfer import save_classifier
 from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PurifyJob
 from puregen_dist.config.loading import flatten
-from puregen_dist.data.datasets import dataset_stats, load_data
+from puregen_dist.data.datasets import load_data
 from puregen_dist.data.io import write_imageset
 from puregen_dist.defenses import build_defense
+from puregen_dist.experiment import build_model
 from puregen_dist.generative.train_ddpm import train_ddpm
 from puregen_dist.generative.train_ebm import train_ebm
 from puregen_dist.protocols import Tracker
@@ -50,17 +48,13 @@ def train_classifier_job(job: ClassifierJob, tracker: Tracker,
     tracker.log_params(flatten(job))
     clf = job.classifier
     h, _, c = train.shape
-    mean, std = dataset_stats(job.data, c)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.seed)
-        net = build_classifier(clf.name, in_channels=c, num_classes=train.num_classes, image_size=h)
-    model = Normalized(net, clf.mean or mean, clf.std or std)
+    model = build_model(job, train)
     result = train_classifier(model, train, clf, seed=job.seed, report=tracker.log_metrics,
                               on_epoch_end=lambda epoch, m: {"test_acc": natural_accuracy(m, test,
                                                                                           clf.eval_batch_size)})
     accuracy = natural_accuracy(model, test, clf.eval_batch_size)
     tracker.log_metrics({"nat_acc": accuracy, "train_seconds": result.seconds}, step=clf.epochs)
-    return save_classifier(job.output, net, name=clf.name, in_channels=c, num_classes=train.num_classes,
+    return save_classifier(job.output, model.net, name=clf.name, in_channels=c, num_classes=train.num_classes,
                            image_size=h, meta={"nat_acc": accuracy, "epochs": clf.epochs})
 
 

@@ -39,15 +39,9 @@ def resolve_models(defense_cfg: Any, store: ArtifactStore | str | None) -> Any:
     Raises StoreError (exit 2) naming the field and key when no store is configured, the key is not in the
     store, or the artifact is not a model of that field's kind.
     """
-    keys = {name: ref for name, ref in model_refs(defense_cfg).items() if is_artifact_key(ref)}
-    if not keys:
-        return defense_cfg
-    if store is None:
-        raise StoreError(f"defense.{next(iter(keys))}: {next(iter(keys.values()))!r} is an artifact key, but "
-                         "this job has no artifact store to find it in")
-    uri = store.uri if isinstance(store, ArtifactStore) else str(store)
-    return dataclasses.replace(defense_cfg, **{name: _model_dir(uri, name, key, f"defense.{name}")
-                                               for name, key in keys.items()})
+    refs = model_refs(defense_cfg)
+    resolved = {name: resolve_model_ref(ref, name, store, f"defense.{name}") for name, ref in refs.items()}
+    return defense_cfg if resolved == refs else dataclasses.replace(defense_cfg, **resolved)
 
 
 def resolve_model_ref(ref: str, kind: str, store: ArtifactStore | str | None, field: str) -> str:

@@ -55,21 +55,33 @@ class StageResult:
 # ------------------------------------------------------------------------------------------ Ray tasks
 
 
-def run_task(fn: Callable[..., Any], resources: TaskResources, *args: Any, address: str | None = None) -> Any:
-    """``fn(*args)`` as one Ray task with ``resources``; returns its result. A UserInputError raised in the
-    task is re-raised as itself (a one-paragraph message, exit 2), not wrapped in Ray's traceback."""
+def submit_task(fn: Callable[..., Any], resources: TaskResources, *args: Any) -> Any:
+    """``fn(*args)`` submitted as one Ray task with ``resources``; returns its ObjectRef (Ray must be up)."""
     import ray
 
-    ensure_ray(address)
     warn_if_infeasible(resources)
     remote = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                         max_retries=resources.max_retries)(fn)
+    return remote.remote(*args)
+
+
+def task_result(ref: Any) -> Any:
+    """The result of a submitted task. A UserInputError raised in the task is re-raised as itself (a
+    one-paragraph message, exit 2), not wrapped in Ray's traceback."""
+    import ray
+
     try:
-        return ray.get(remote.remote(*args))
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, UserInputError):
             raise exc.cause from None
         raise
+
+
+def run_task(fn: Callable[..., Any], resources: TaskResources, *args: Any, address: str | None = None) -> Any:
+    """``fn(*args)`` as one Ray task with ``resources`` (starting or joining Ray first); returns its result."""
+    ensure_ray(address)
+    return task_result(submit_task(fn, resources, *args))
 
 
 def warn_if_infeasible(resources: TaskResources) -> None:

@@ -25,7 +25,7 @@ import yaml
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.pipeline.purify import ensure_ray, resolve_path
 from puregen_dist.pipeline.stages import (StageResult, build_model_artifact, build_poison_artifact,
-                                          purify_stage, warn_if_infeasible)
+                                          purify_stage, submit_task, task_result)
 from puregen_dist.pipeline.store import ArtifactStore, artifact_key
 from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
 from puregen_dist.sweep.spec import Sweep
@@ -177,26 +177,16 @@ def _run_tasks(artifacts: list[ArtifactPlan], echo: Callable[[str], None],
     re-raised as itself."""
     import ray
 
-    if not artifacts:
-        return
     futures = {}
     for artifact in artifacts:
         fn, resources, args = task_of(artifact)
-        warn_if_infeasible(resources)
-        remote = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                            max_retries=resources.max_retries)(fn)
-        futures[remote.remote(*args)] = artifact
+        futures[submit_task(fn, resources, *args)] = artifact
         echo(f"building {artifact.stage} {artifact.key} ({artifact.label}) as a Ray task")
     start, pending = time.perf_counter(), list(futures)
-    try:
-        while pending:  # report in completion order
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done[0])
-            echo(f"  {futures[done[0]].key} ready ({time.perf_counter() - start:.1f}s)")
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, UserInputError):
-            raise exc.cause from None
-        raise
+    while pending:  # report in completion order
+        done, pending = ray.wait(pending, num_returns=1)
+        task_result(done[0])
+        echo(f"  {futures[done[0]].key} ready ({time.perf_counter() - start:.1f}s)")
 
 
 # ------------------------------------------------------------------------------------------ trials
@@ -258,18 +248,16 @@ def _storage_path(storage: str) -> str:
 def _report(sweep: Sweep, uri: str, parent: Any, echo: Callable[[str], None]) -> tuple[Path | None, str]:
     """Build the report from every finished child run of the sweep's experiment, log it to the parent run,
     and print the table."""
-    from puregen_dist.sweep.report import build_table, fetch_runs, to_markdown, write_report
+    from puregen_dist.sweep.report import render_report
 
+    out_dir = Path(sweep.cells[0].config.output_dir).absolute() / "report"
     try:
-        runs = fetch_runs(uri, sweep.name)
+        markdown, paths = render_report(uri, sweep.name, out_dir)
     except UserInputError as exc:
         echo(f"no report: {exc}")
         return None, ""
-    out_dir = Path(sweep.cells[0].config.output_dir).absolute() / "report"
-    paths = write_report(runs, out_dir)
     for path in paths.values():
         parent.log_artifact(Path(path), "report")
-    markdown = to_markdown(build_table(runs))
     echo(markdown)
     echo(f"report: {out_dir}")
     return out_dir, markdown
