@@ -1,0 +1,43 @@
+"""Artifact keys of the shipped recipes are pinned: a refactor of how keys are computed must not invalidate
+existing stores (issue 8). Keys are computed from configs only (nothing is built)."""
+
+from __future__ import annotations
+
+import pytest
+
+from puregen_dist.pipeline.store import ArtifactStore
+from puregen_dist.sweep.plan import plan_sweep
+from puregen_dist.sweep.spec import load_sweep
+
+
+@pytest.fixture(scope="module")
+def quickstart_plan(tmp_path_factory):
+    sweep = load_sweep("sweeps/quickstart.yaml")
+    return sweep, plan_sweep(sweep, ArtifactStore(str(tmp_path_factory.mktemp("store"))))
+
+
+def test_quickstart_model_keys_are_pinned(quickstart_plan):
+    sweep, _ = quickstart_plan
+    assert sweep.model_keys() == {"ebm": "ebm-9c82639b93ba71ef", "ddpm": "ddpm-9a85f456b8a96105"}
+
+
+def test_quickstart_poison_and_purified_keys_are_pinned(quickstart_plan):
+    _, plan = quickstart_plan
+    by_row = {(t.cell.row, t.cell.config.seed): t for t in plan.trials}
+    ebm = by_row[("puregen_ebm", 0)]
+    assert (ebm.cell.cell_id, ebm.poison_key, ebm.train_key) == (
+        "cell-9fc6eac5afcfd5bb", "poison-e9e77646b016535b", "purified-6ed3168d40f0f374")
+    assert ebm.model_keys == {"ebm": "ebm-9c82639b93ba71ef"}
+    assert by_row[("jpeg", 0)].train_key == "purified-c012ec9feb82378a"
+    assert by_row[("puregen_ddpm", 0)].train_key == "purified-fe7048c940ea2afd"
+    assert by_row[("none", 0)].train_key == "poison-e9e77646b016535b"
+
+
+def test_transfer_recipe_classifier_key_is_pinned(tmp_path):
+    sweep = load_sweep("sweeps/transfer_linear.yaml")
+    assert sweep.model_keys() == {"pretrained": "classifier-d112b509199e4b51", "ebm": "ebm-c409615b36affe1c",
+                                  "ddpm": "ddpm-f1f224735f30a6cb"}
+    plan = plan_sweep(sweep, ArtifactStore(str(tmp_path)))
+    first = plan.trials[0]
+    assert (first.cell.cell_id, first.poison_key) == ("cell-068ca037ebadbd48", "poison-e42a2b0b7d1d2b39")
+    assert first.model_keys == {"classifier": "classifier-d112b509199e4b51"}
