@@ -2,9 +2,10 @@
 
 Both run the chain of PUREGEN_REFERENCE §1.3 (x ← x − (ε²/2)∇ₓ(G(x)/T) + εz, ε = 1.25e-2, T = 1e-4, zero
 initial noise) with the same SNGAN-32 energy weights on the same batch, in this process, alternating rounds;
-the table reports the median of each. The reference follows the published code literally: an input tensor that
-requires grad, autograd on the batch-summed energy, in-place updates of ``.data``, default memory format,
-parameters left requiring grad, noise from ``torch.randn`` on the whole batch.
+the table reports the median of each. The reference is the package's readable chain
+(``puregen_dist.generative.langevin.langevin_chain``) run the way the published code runs it: autograd of the
+batch-summed energy with respect to the input, the whole batch at once, default memory format, parameters left
+requiring grad, noise from ``torch.randn_like`` on the whole batch.
 
 Also reported: FLOPs of one Langevin step (torch.utils.flop_counter, forward + input-gradient backward) and
 the achieved FLOP/s against a dense float32 matmul roofline timed in the same run.
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from puregen_dist.config.generative import LangevinConfig
-from puregen_dist.generative import langevin
+from puregen_dist.generative import langevin, langevin_fast
 from puregen_dist.generative.ebm import SNGAN32Energy
 from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
 from puregen_dist.generative.purifiers import EBMPurifier
@@ -38,33 +39,42 @@ from puregen_dist.generative.purifiers import EBMPurifier
 STEP_SIZE, TEMPERATURE = 1.25e-2, 1e-4
 
 
-def reference_purify(model: nn.Module, x: Tensor, steps: int, *, backward: bool = False) -> Tensor:
-    """The published loop, literally. ``backward=True`` uses ``.backward()`` (also fills parameter grads)."""
+def reference_purify(model: nn.Module, x: Tensor, steps: int) -> Tensor:
+    """The naive baseline: the package's reference chain (``langevin.langevin_chain``, i.e. ``langevin_step``
+    per step) run as the published code runs it: the whole batch at once, default memory format, parameters
+    left requiring grad, ``torch.randn_like`` noise on the whole batch; clamp at the end."""
+    chain = langevin.langevin_chain(model, x, torch.randn_like, steps=steps, step_size=STEP_SIZE,
+                                    temperature=TEMPERATURE)
+    for update in chain:
+        x = update.x
+    return x.clamp(-1.0, 1.0)
+
+
+def backward_purify(model: nn.Module, x: Tensor, steps: int) -> Tensor:
+    """Ablation, not the package's step: the published code's ``.backward()`` variant, which also fills
+    parameter gradients (what that costs against ``autograd.grad`` on the input only)."""
     x = x.clone().requires_grad_(True)
     for _ in range(steps):
-        energy = model(x).sum() / TEMPERATURE
-        if backward:
-            x.grad = None
-            energy.backward()
-            grad = x.grad
-        else:
-            (grad,) = torch.autograd.grad(energy, x)
-        x.data = x.data - 0.5 * STEP_SIZE ** 2 * grad + STEP_SIZE * torch.randn_like(x)
+        x.grad = None
+        (model(x).sum() / TEMPERATURE).backward()
+        x.data = x.data - 0.5 * STEP_SIZE ** 2 * x.grad + STEP_SIZE * torch.randn_like(x)
     return x.detach().clamp(-1.0, 1.0)
 
 
 def previous_purify(model: nn.Module, x: Tensor, ids: Tensor, steps: int) -> Tensor:
-    """``EBMPurifier.purify`` before issue #3: one ``langevin_step`` per step, per-sample noise drawn per
-    step, the whole batch at once, NCHW, the module as written (no pool folding)."""
+    """``EBMPurifier.purify`` before issue #3: the reference chain with per-sample noise drawn per step,
+    the whole batch at once, NCHW, the module as written (no pool folding)."""
     noise = SampleNoise(ids, 0, STREAM_LANGEVIN)
-    for _ in range(steps):
-        z = noise.randn(tuple(x.shape[1:]), x.device, x.dtype)
-        x, _, _ = langevin.langevin_step(model, x, STEP_SIZE, TEMPERATURE, z)
+    draw = lambda state: noise.randn(tuple(state.shape[1:]), state.device, state.dtype)  # noqa: E731
+    for update in langevin.langevin_chain(model, x, draw, steps=steps, step_size=STEP_SIZE,
+                                          temperature=TEMPERATURE):
+        x = update.x
     return x.clamp(-1.0, 1.0)
 
 
 class Patched:
-    """Context: set attributes of ``langevin`` (the fast path's switches) for one variant, then restore."""
+    """Context: set attributes of ``langevin_fast`` (the fast path's switches) for one variant, then
+    restore."""
 
     def __init__(self, **values: object) -> None:
         self.values = values
@@ -72,12 +82,12 @@ class Patched:
 
     def __enter__(self) -> None:
         for name, value in self.values.items():
-            self.saved[name] = copy.deepcopy(getattr(langevin, name))
-            setattr(langevin, name, value)
+            self.saved[name] = copy.deepcopy(getattr(langevin_fast, name))
+            setattr(langevin_fast, name, value)
 
     def __exit__(self, *exc: object) -> None:
         for name, value in self.saved.items():
-            setattr(langevin, name, value)
+            setattr(langevin_fast, name, value)
 
 
 def variants(args: argparse.Namespace, model: nn.Module, x: Tensor,
@@ -94,13 +104,13 @@ def variants(args: argparse.Namespace, model: nn.Module, x: Tensor,
 
     runs = {"reference": lambda: reference_purify(ref_model, x, args.steps), "ours": ours()}
     if args.ablations:
-        runs["reference (.backward)"] = lambda: reference_purify(ref_model, x, args.steps, backward=True)
+        runs["reference (.backward)"] = lambda: backward_purify(ref_model, x, args.steps)
         runs["previous EBMPurifier"] = lambda: previous_purify(purifier.energy, x, ids, args.steps)
         runs["ours, no pool fold"] = ours(FOLD_POOL=False)
         runs["ours, NCHW"] = ours(CHANNELS_LAST={"cpu": False, "cuda": False})
         if x.device.type != "cpu":
             runs["ours, noise drawn inline"] = ours(NOISE_THREADS={"cpu": 0, "cuda": 0})
-        default = langevin.micro_batch_size(model, x)
+        default = langevin_fast.micro_batch_size(model, x)
         for rows in (8, 16, 32, 64) if x.device.type == "cpu" else (128, 512):
             if rows != default:
                 runs[f"ours, micro-batch {rows}"] = ours(MICRO_BATCH={"cpu": rows, "cuda": rows})
@@ -131,9 +141,9 @@ def step_flops(model: nn.Module, x: Tensor) -> dict[str, float]:
     """FLOPs of one Langevin step on the batch (forward + input-gradient backward): the model as written (what
     the reference executes) and what ``EBMPurifier`` executes (pool-folded network, padded micro-batches)."""
     frozen = copy.deepcopy(model).requires_grad_(False)
-    rows = langevin.micro_batch_size(model, x)
+    rows = langevin_fast.micro_batch_size(model, x)
     padded = torch.cat([x, x[:1].expand(-rows * (-x.shape[0] // rows) - x.shape[0], *x.shape[1:])])
-    fast = langevin.fast_energy(frozen)
+    fast = langevin_fast.fast_energy(frozen)
     return {"model": _count_flops(frozen, x), "executed": _count_flops(fast, padded)}
 
 

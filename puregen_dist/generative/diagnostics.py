@@ -7,7 +7,8 @@ Dynamics" (NeurIPS 2024), https://arxiv.org/abs/2405.18627.
 * Figure 3: mean per-image ℓ2 distances along purification, ‖x − Ψ_t(x+δ)‖, ‖(x+δ) − Ψ_t(x+δ)‖ and
   ‖x − Ψ_t(x)‖, against EBM Langevin steps (:func:`ebm_l2_trajectories`) or DDPM steps T_D
   (:func:`ddpm_l2_trajectories`). The paper picks its defaults (150 EBM / 75 DDPM steps) where the first
-  falls below the second (:meth:`Trajectories.crossing_step`).
+  falls below the second (:meth:`Trajectories.crossing_step`). The EBM trajectories watch the purification
+  loop itself through a per-step observer (:class:`L2Observer`), so they end exactly at ``purify``'s output.
 
 All distances are in the generative models' [-1, 1] space: per image ‖·‖₂ over (C, H, W), then mean and
 (population, ddof = 0) std over images. Pure torch/numpy: no plotting, no I/O (see :mod:`puregen_dist.plots`).
@@ -16,7 +17,7 @@ All distances are in the generative models' [-1, 1] space: per image ‖·‖₂
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,7 @@ from torch import Tensor
 
 from puregen_dist.data.transforms import to_sym
 from puregen_dist.generative.ddpm import DDPMPurifier
-from puregen_dist.generative.langevin import check_finite, langevin_step
-from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
-from puregen_dist.generative.purifiers import FINITE_CHECK_EVERY, EBMPurifier
+from puregen_dist.generative.purifiers import EBMPurifier
 
 log = logging.getLogger(__name__)
 
@@ -128,53 +127,50 @@ def _check_pair(clean: Tensor, poisoned: Tensor, ids: Tensor) -> None:
 
 
 class _Recorder:
-    """Per-image distances of one batch, accumulated step by step, then concatenated over batches."""
+    """Per-image distances at every recorded step, collected batch by batch."""
 
     def __init__(self) -> None:
-        self.values: dict[str, list[list[np.ndarray]]] = {name: [] for name in DISTANCES}
+        self.batches: dict[str, list[np.ndarray]] = {name: [] for name in DISTANCES}
 
-    def start_batch(self) -> None:
-        for per_step in self.values.values():
-            per_step.append([])
-
-    def record(self, clean: Tensor, poisoned: Tensor, purified_poisoned: Tensor,
-               purified_clean: Tensor) -> None:
-        """All (B, C, H, W) on one device, [-1, 1] space."""
-        current = {D_CLEAN_TO_PURIFIED_POISONED: _norms(clean, purified_poisoned),
-                   D_POISONED_TO_PURIFIED_POISONED: _norms(poisoned, purified_poisoned),
-                   D_CLEAN_TO_PURIFIED_CLEAN: _norms(clean, purified_clean)}
-        for name, norms in current.items():
-            self.values[name][-1].append(norms)
+    def add(self, distances: Mapping[str, np.ndarray]) -> None:
+        """One batch: name -> (R, b) per-image distances at the R recorded steps, for every name of
+        :data:`DISTANCES`."""
+        for name in DISTANCES:
+            self.batches[name].append(distances[name])
 
     def result(self, steps: Sequence[int]) -> Trajectories:
         distances = {}
-        for name, batches in self.values.items():
-            per_image = np.concatenate([np.stack(b) for b in batches], axis=1)  # (R, N)
+        for name, batches in self.batches.items():
+            per_image = np.concatenate(batches, axis=1)  # (R, N)
             distances[name] = (per_image.mean(axis=1), per_image.std(axis=1))
         return Trajectories(np.asarray(steps, dtype=np.int64), distances)
 
 
-def langevin_states(purifier: EBMPurifier, x: Tensor, ids: Tensor, *,
-                    seed: int) -> Iterator[tuple[int, Tensor]]:
-    """The chain of :meth:`EBMPurifier.purify`, state by state: yields (t, x_t) for t = 0 … steps.
+class L2Observer:
+    """A :class:`~puregen_dist.generative.langevin.StepObserver` recording, at the steps ``record_at``, each
+    chain's per-image ℓ2 distances from Ψ_t = clamp(x_t, -1, 1) to two references.
 
-    x_t is the unclamped state after t Langevin updates (x_0 = x on the purifier's device); the purified
-    image after t steps is Ψ_t(x) = x_t.clamp(-1, 1), which is what ``purify`` returns for ``steps = t``.
+    Args:
+        references: name -> (B, C, H, W) images, row b compared with chain b; on the chain's device.
+        record_at: the steps t to record, increasing.
 
-    Noise: one ``SampleNoise(ids, seed, STREAM_LANGEVIN).randn`` draw per step, i.e. the per-step draws of
-    ``EBMPurifier.purify`` (which exposes no per-step hook). The unit tests check that the final state
-    reproduces ``purify``; if ``purify`` ever draws its noise another way, those tests fail.
+    After the chain: ``distances[name]`` is (R, B) float64, R = len(record_at); steps never seen stay NaN.
     """
-    cfg = purifier.langevin
-    noise = SampleNoise(ids, seed, STREAM_LANGEVIN)
-    x = x.to(purifier.device)
-    yield 0, x
-    for step in range(cfg.steps):
-        z = noise.randn(tuple(x.shape[1:]), x.device, x.dtype)
-        x, energy, grad = langevin_step(purifier.energy, x, cfg.step_size, cfg.temperature, z)
-        if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == cfg.steps:
-            check_finite(energy, grad, where=f"diagnostic Langevin step {step + 1}", ids=ids)
-        yield step + 1, x
+
+    def __init__(self, references: Mapping[str, Tensor], record_at: Sequence[int]) -> None:
+        self.references = dict(references)
+        self.index = {int(t): i for i, t in enumerate(record_at)}
+        rows = next(iter(self.references.values())).shape[0]
+        self.distances = {name: np.full((len(self.index), rows), np.nan) for name in self.references}
+
+    def __call__(self, step: int, rows: slice, x: Tensor, energy: Tensor | None) -> None:
+        i = self.index.get(step)
+        if i is None:
+            return
+        with torch.no_grad():
+            purified = x.clamp(-1.0, 1.0)
+            for name, reference in self.references.items():
+                self.distances[name][i, rows] = _norms(reference[rows], purified)
 
 
 def _record_steps(total: int, every: int) -> list[int]:
@@ -187,8 +183,9 @@ def ebm_l2_trajectories(purifier: EBMPurifier, clean: Tensor, poisoned: Tensor, 
                         every: int = 1, batch_size: int | None = None) -> Trajectories:
     """ℓ2 distances along PureGen-EBM purification (Figure 3, left), recorded every ``every`` Langevin steps.
 
-    The chains on x+δ and on x are those of ``purifier.purify(·, ids, seed=seed)`` (same per-sample noise
-    streams, so both chains share their noise, as they do in purification); see :func:`langevin_states`.
+    The chains on x+δ and on x are those of ``purifier.purify(·, ids, seed=seed)``, watched by an
+    :class:`L2Observer`: the same loop, the same per-sample noise streams (so both chains share their noise,
+    as they do in purification); the last recorded step is exactly the purified output.
 
     Args:
         purifier: the EBM and its Langevin setting (``purifier.langevin.steps`` is the last recorded t).
@@ -211,23 +208,23 @@ def ebm_l2_trajectories(purifier: EBMPurifier, clean: Tensor, poisoned: Tensor, 
     recorder = _Recorder()
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        _ebm_batch(purifier, clean[sl], poisoned[sl], ids[sl], seed, set(steps), recorder)
+        recorder.add(_ebm_batch(purifier, clean[sl], poisoned[sl], ids[sl], seed, steps))
         log.info("EBM ℓ2 trajectories: %d/%d images", min(start + batch_size, n), n)
     return recorder.result(steps)
 
 
 def _ebm_batch(purifier: EBMPurifier, clean: Tensor, poisoned: Tensor, ids: Tensor, seed: int,
-               record_at: set[int], recorder: _Recorder) -> None:
-    """Run the poisoned and clean chains of one batch as one (2B, C, H, W) chain and record distances."""
+               record_at: Sequence[int]) -> dict[str, np.ndarray]:
+    """Purify the poisoned and clean images of one batch as one (2B, C, H, W) batch, observed at
+    ``record_at``: name -> (R, B) distances."""
     b = clean.shape[0]
-    device = purifier.device
-    clean, poisoned = clean.to(device), poisoned.to(device)
-    recorder.start_batch()
-    for t, state in langevin_states(purifier, torch.cat([poisoned, clean]), torch.cat([ids, ids]), seed=seed):
-        if t in record_at:
-            with torch.no_grad():
-                purified = state.clamp(-1.0, 1.0)
-                recorder.record(clean, poisoned, purified[:b], purified[b:])
+    clean, poisoned = clean.to(purifier.device), poisoned.to(purifier.device)
+    start = torch.cat([poisoned, clean])
+    observer = L2Observer({"clean": torch.cat([clean, clean]), "start": start}, record_at)
+    purifier.purify(start, torch.cat([ids, ids]), seed=seed, observer=observer)
+    to_clean, to_start = observer.distances["clean"], observer.distances["start"]
+    return {D_CLEAN_TO_PURIFIED_POISONED: to_clean[:, :b], D_POISONED_TO_PURIFIED_POISONED: to_start[:, :b],
+            D_CLEAN_TO_PURIFIED_CLEAN: to_clean[:, b:]}
 
 
 def ddpm_l2_trajectories(purifier: DDPMPurifier, clean: Tensor, poisoned: Tensor, ids: Tensor, *, seed: int,
@@ -259,17 +256,19 @@ def ddpm_l2_trajectories(purifier: DDPMPurifier, clean: Tensor, poisoned: Tensor
     recorder = _Recorder()
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        recorder.start_batch()
-        for by_steps in purifiers:
-            _ddpm_record(by_steps, clean[sl], poisoned[sl], ids[sl], seed, recorder)
+        per_t = [_ddpm_distances(by_steps, clean[sl], poisoned[sl], ids[sl], seed) for by_steps in purifiers]
+        recorder.add({name: np.stack([d[name] for d in per_t]) for name in DISTANCES})
         log.info("DDPM ℓ2 trajectories: %d/%d images", min(start + batch_size, n), n)
     return recorder.result(grid)
 
 
-def _ddpm_record(purifier: DDPMPurifier, clean: Tensor, poisoned: Tensor, ids: Tensor, seed: int,
-                 recorder: _Recorder) -> None:
+def _ddpm_distances(purifier: DDPMPurifier, clean: Tensor, poisoned: Tensor, ids: Tensor,
+                    seed: int) -> dict[str, np.ndarray]:
+    """One T_D: purify x+δ and x as one batch; name -> (B,) distances."""
     b = clean.shape[0]
     clean, poisoned = clean.to(purifier.device), poisoned.to(purifier.device)
     with torch.no_grad():
         purified = purifier.purify(torch.cat([poisoned, clean]), torch.cat([ids, ids]), seed=seed)
-        recorder.record(clean, poisoned, purified[:b], purified[b:])
+    return {D_CLEAN_TO_PURIFIED_POISONED: _norms(clean, purified[:b]),
+            D_POISONED_TO_PURIFIED_POISONED: _norms(poisoned, purified[:b]),
+            D_CLEAN_TO_PURIFIED_CLEAN: _norms(clean, purified[b:])}

@@ -21,7 +21,8 @@ from puregen_dist.config.loading import build
 from puregen_dist.data.transforms import sym_to_uint8, to_sym
 from puregen_dist.generative.checkpoints import CheckpointError, load_state, read_checkpoint_config
 from puregen_dist.generative.ebm import build_ebm
-from puregen_dist.generative.langevin import fast_energy, langevin_purify, micro_batch_size
+from puregen_dist.generative.langevin import StepObserver
+from puregen_dist.generative.langevin_fast import fast_energy, langevin_purify, micro_batch_size
 from puregen_dist.protocols import Purifier
 from puregen_dist.types import ImageSet
 
@@ -37,7 +38,7 @@ class EBMPurifier:
 
     The chain runs through ``langevin_purify`` on a ``fast_energy`` copy of the network (same function,
     channels-last / pool-folded where faster), in fixed-size micro-batches: outputs are bit-identical however
-    the images are batched or ordered.
+    the images are batched or ordered. An optional :class:`StepObserver` watches the chain (diagnostics).
 
     Args:
         energy: G_θ, (B, C, H, W) -> (B,); put in eval mode with gradients off for its parameters.
@@ -52,15 +53,22 @@ class EBMPurifier:
     def device(self) -> torch.device:
         return next(self.energy.parameters()).device
 
-    def purify(self, x: Tensor, ids: Tensor, *, seed: int) -> Tensor:
-        """(B, C, H, W) in [-1, 1] -> (B, C, H, W) in [-1, 1]; noise per sample from (seed, id)."""
+    def purify(self, x: Tensor, ids: Tensor, *, seed: int, observer: StepObserver | None = None) -> Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, C, H, W) in [-1, 1]; noise per sample from (seed, id).
+
+        ``observer`` (optional) sees the unclamped states x_0 … x_steps of every row as the chain runs
+        (``langevin_purify``); the output is clamp(x_steps, -1, 1) with or without it, bit for bit.
+        """
         cfg = self.langevin
         x = x.to(self.device)
         if cfg.steps == 0 or x.shape[0] == 0:
+            if observer is not None and x.shape[0]:
+                observer(0, slice(0, x.shape[0]), x, None)
             return x.clamp(-1.0, 1.0)
         y = langevin_purify(fast_energy(self.energy), x, torch.as_tensor(ids), seed=seed, steps=cfg.steps,
                             step_size=cfg.step_size, temperature=cfg.temperature,
-                            check_every=FINITE_CHECK_EVERY, rows=micro_batch_size(self.energy, x))
+                            check_every=FINITE_CHECK_EVERY, rows=micro_batch_size(self.energy, x),
+                            observer=observer)
         return y.clamp_(-1.0, 1.0)
 
     def energies(self, x: Tensor) -> Tensor:

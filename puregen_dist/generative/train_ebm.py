@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from puregen_dist.generative.checkpoints import (
     save_checkpoint,
 )
 from puregen_dist.generative.ebm import build_ebm
-from puregen_dist.generative.langevin import check_finite, langevin_step
+from puregen_dist.generative.langevin import LangevinStep, check_finite, langevin_chain
 from puregen_dist.protocols import Tracker
 from puregen_dist.types import ImageSet
 
@@ -82,16 +83,26 @@ class EBMTrainer:
     def _sample(self, x: Tensor) -> tuple[Tensor, float]:
         """K Langevin steps from ``x`` with the parameters frozen; returns the samples and the logged gradient
         norm: mean over steps of (ε²/2)·mean_batch ‖∇ₓ(G/T)‖₂ (§1.2.8)."""
-        lang = self.cfg.langevin
+        lang, steps = self.cfg.langevin, self.cfg.mcmc_steps
         self.model.requires_grad_(False)
         norms = []
-        for k in range(self.cfg.mcmc_steps):
-            z = torch.randn(x.shape, generator=self.generator).to(self.device)
-            x, energy, grad = langevin_step(self.model, x, lang.step_size, lang.temperature, z)
-            norms.append((0.5 * lang.step_size**2) * grad.flatten(1).norm(dim=1).mean())
-            if k + 1 == self.cfg.mcmc_steps:
-                check_finite(energy, grad, where=f"EBM training epoch {self.epoch + 1}, chain step {k + 1}")
+        for k, update in enumerate(self._chain(x, steps)):
+            x = update.x
+            norms.append((0.5 * lang.step_size**2) * update.grad.flatten(1).norm(dim=1).mean())
+            if k + 1 == steps:
+                check_finite(update.energy, update.grad,
+                             where=f"EBM training epoch {self.epoch + 1}, chain step {k + 1}")
         return x.detach(), float(torch.stack(norms).mean())
+
+    def _chain(self, x: Tensor, steps: int) -> Iterator[LangevinStep]:
+        """``langevin_chain`` of the model from ``x`` (B, C, H, W), noise from the trainer's generator (drawn
+        on CPU, then moved): yields (x_{k+1}, G(x_k), ∇ₓ(G/T)(x_k)) per step."""
+        lang = self.cfg.langevin
+        return langevin_chain(self.model, x, self._chain_noise, steps=steps, step_size=lang.step_size,
+                              temperature=lang.temperature)
+
+    def _chain_noise(self, x: Tensor) -> Tensor:
+        return torch.randn(x.shape, generator=self.generator).to(self.device)
 
     # --- epochs -------------------------------------------------------------------------------------------
 
@@ -113,11 +124,9 @@ class EBMTrainer:
     def samples(self, count: int, steps: int) -> np.ndarray:
         """(count, H, W, C) uint8 short-run samples: ``steps`` Langevin steps from data + σ_data noise."""
         x = self._noisy(self.data[:count]).to(self.device)
-        lang = self.cfg.langevin
         self.model.requires_grad_(False)
-        for _ in range(steps):
-            z = torch.randn(x.shape, generator=self.generator).to(self.device)
-            x, _, _ = langevin_step(self.model, x, lang.step_size, lang.temperature, z)
+        for update in self._chain(x, steps):
+            x = update.x
         return sym_to_uint8(x)
 
     # --- checkpoints --------------------------------------------------------------------------------------

@@ -101,6 +101,28 @@ def test_ebm_trajectory_is_the_purifier_chain(ebm, ebm_traj, batch):
     assert abs(other - expected[D_CLEAN_TO_PURIFIED_POISONED]) > 1e-3
 
 
+def test_ebm_trajectory_ends_exactly_at_the_purified_output(ebm, ebm_traj, batch):
+    """The trajectories watch the purification loop itself (a per-step observer), so the last recorded
+    distances are those of ``purify``'s output bit for bit, and the recorded steps do not depend on the
+    diagnostic's own batching."""
+    clean, poisoned, ids = batch
+    purified_poisoned = ebm.purify(poisoned, ids, seed=SEED)
+    purified_clean = ebm.purify(clean, ids, seed=SEED)
+    expected = {D_CLEAN_TO_PURIFIED_POISONED: per_image(clean, purified_poisoned),
+                D_POISONED_TO_PURIFIED_POISONED: per_image(poisoned, purified_poisoned),
+                D_CLEAN_TO_PURIFIED_CLEAN: per_image(clean, purified_clean)}
+    for name, norms in expected.items():
+        assert ebm_traj.mean(name)[-1] == norms.mean(), name
+        assert ebm_traj.distances[name][1][-1] == norms.std(), name
+    sparse = ebm_l2_trajectories(ebm, clean, poisoned, ids, seed=SEED, every=5, batch_size=4)
+    for name in DISTANCES:
+        np.testing.assert_array_equal(sparse.mean(name), ebm_traj.mean(name)[[0, 5, 10, 12]])
+
+
+def per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return torch.linalg.vector_norm((a - b).flatten(1).double(), dim=1).numpy()
+
+
 def test_ebm_trajectory_every_and_batching(ebm, ebm_traj, batch):
     clean, poisoned, ids = batch
     sparse = ebm_l2_trajectories(ebm, clean, poisoned, ids, seed=SEED, every=5, batch_size=4)

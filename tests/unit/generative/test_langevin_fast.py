@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from puregen_dist.config.generative import LangevinConfig
 from puregen_dist.data.transforms import sym_to_uint8
-from puregen_dist.generative import langevin
+from puregen_dist.generative import langevin_fast
 from puregen_dist.generative.ebm import ConvNetEnergy, SNGAN32Energy
-from puregen_dist.generative.langevin import FoldedSNGAN32, draw_noise, fast_energy
+from puregen_dist.generative.folded_sngan import FoldedSNGAN32
+from puregen_dist.generative.langevin_fast import draw_noise, fast_energy
 from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
 from puregen_dist.generative.purifiers import EBMPurifier
 
@@ -70,8 +71,8 @@ def test_block_noise_draws_equal_per_step_draws(shape, dtype):
 
 
 def test_block_draw_rule_matches_this_torch_build():
-    assert langevin.block_draws_match(3 * 32 * 32, torch.float32)
-    assert not langevin.block_draws_match(3 * 5 * 5, torch.float32)
+    assert langevin_fast.block_draws_match(3 * 32 * 32, torch.float32)
+    assert not langevin_fast.block_draws_match(3 * 5 * 5, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ equality
@@ -79,7 +80,7 @@ def test_block_draw_rule_matches_this_torch_build():
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_fast_path_matches_the_reference_equation_float32(fold, monkeypatch):
-    monkeypatch.setattr(langevin, "FOLD_POOL", fold)
+    monkeypatch.setattr(langevin_fast, "FOLD_POOL", fold)
     energy, x, ids = tiny_energy(), images(), torch.arange(1000, 1064)
     cfg = LangevinConfig(steps=STEPS)
     want = reference_purify(energy, x, ids, seed=11, cfg=cfg)
@@ -91,7 +92,7 @@ def test_fast_path_matches_the_reference_equation_float32(fold, monkeypatch):
 @pytest.mark.parametrize("fold", [True, False])
 def test_fast_path_matches_the_reference_equation_float64(fold, monkeypatch):
     """In float64 rounding differences vanish: the fast path is the same computation."""
-    monkeypatch.setattr(langevin, "FOLD_POOL", fold)
+    monkeypatch.setattr(langevin_fast, "FOLD_POOL", fold)
     energy, x, ids = tiny_energy(torch.float64), images(16, torch.float64), torch.arange(16)
     cfg = LangevinConfig(steps=STEPS)
     want = reference_purify(energy, x, ids, seed=2, cfg=cfg)
@@ -156,7 +157,7 @@ def test_purification_is_batch_invariant_bit_for_bit(micro_batch, monkeypatch):
     """64 images as one batch, as 4 batches of 16, as uneven batches of 5, and shuffled: identical output.
     (The tiny net's own micro-batch is 64 rows; 16 makes a batch of 64 four micro-batches.)"""
     if micro_batch:
-        monkeypatch.setitem(langevin.MICRO_BATCH, "cpu", micro_batch)
+        monkeypatch.setitem(langevin_fast.MICRO_BATCH, "cpu", micro_batch)
     purifier = EBMPurifier(tiny_energy(), LangevinConfig(steps=STEPS))
     x, ids = images(), torch.arange(500, 564)
     whole = purifier.purify(x, ids, seed=5)
@@ -172,15 +173,15 @@ def test_noise_drawn_ahead_on_threads_gives_the_same_output(monkeypatch):
     purifier = EBMPurifier(tiny_energy(), LangevinConfig(steps=20))  # two noise blocks
     x, ids = images(24), torch.arange(24)
     inline = purifier.purify(x, ids, seed=4)
-    monkeypatch.setitem(langevin.NOISE_THREADS, "cpu", 3)
+    monkeypatch.setitem(langevin_fast.NOISE_THREADS, "cpu", 3)
     assert torch.equal(purifier.purify(x, ids, seed=4), inline)
 
 
 def test_micro_batch_size_follows_the_network_and_image_shape_only():
     x = torch.zeros(3, 3, 32, 32)
-    assert langevin.micro_batch_size(SNGAN32Energy(3, 128), x) == 32
-    assert langevin.micro_batch_size(SNGAN32Energy(3, 32), x) == 64
-    assert langevin.micro_batch_size(SNGAN32Energy(3, 128), x[:1]) == 32
+    assert langevin_fast.micro_batch_size(SNGAN32Energy(3, 128), x) == 32
+    assert langevin_fast.micro_batch_size(SNGAN32Energy(3, 32), x) == 64
+    assert langevin_fast.micro_batch_size(SNGAN32Energy(3, 128), x[:1]) == 32
 
 
 def test_noise_depends_on_seed_and_id_not_position():
