@@ -6,22 +6,20 @@ and purified images) and Figure 3 (ℓ2 distances along purification).
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with an explicit ``FigureCanvasAgg``: no pyplot, no global
 backend selection, so this is headless and safe to call from several threads. Every file is written atomically
-(a temporary file in the target directory, then ``os.replace``).
+(:func:`puregen_dist.atomic.atomic_file`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from puregen_dist.atomic import atomic_file
 from puregen_dist.generative.diagnostics import (
     D_CLEAN_TO_PURIFIED_CLEAN,
     D_CLEAN_TO_PURIFIED_POISONED,
@@ -42,23 +40,6 @@ DISTANCE_LABELS = {
 """Legend entries of the three ℓ2 distances (matplotlib mathtext)."""
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, text: bool) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _new_figure(width: float = 6.4, height: float = 4.4) -> Figure:
     """A Figure bound to its own Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -70,9 +51,10 @@ def _new_figure(width: float = 6.4, height: float = 4.4) -> Figure:
 
 
 def _save_png(figure: Figure, path: str | Path) -> Path:
-    path = _atomic_write(path, lambda handle: figure.savefig(handle, format="png"), text=False)
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png")
     log.info("wrote %s", path)
-    return path
+    return Path(path)
 
 
 def energy_histogram_png(energies: Mapping[str, np.ndarray], path: str | Path, title: str, *,
@@ -150,11 +132,9 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path, fieldnames: Sequence
         fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     columns = list(fieldnames)
 
-    def write(handle: IO[str]) -> None:
+    with atomic_file(path, "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-
-    path = _atomic_write(path, write, text=True)
     log.info("wrote %s (%d rows)", path, len(rows))
-    return path
+    return Path(path)

@@ -3,15 +3,13 @@
 A checkpoint is a directory holding ``model.safetensors`` (tensors only) and ``config.json`` (the model kind, its
 constructor arguments, and free-form metadata such as the training epoch). Loading checks the kind and every tensor
 name and shape against a freshly built model, so a wrong architecture or a tampered file is refused with an error
-naming the file. Writes are atomic: files go to a temporary sibling directory that is renamed into place.
+naming the file. Writes are atomic (:func:`puregen_dist.atomic.atomic_dir`): files go to a temporary sibling
+directory that is renamed into place.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from puregen_dist.atomic import atomic_dir
 from puregen_dist.config.errors import UserInputError
 
 WEIGHTS = "model.safetensors"
@@ -36,25 +35,13 @@ def save_checkpoint(directory: str | Path, model: nn.Module, *, kind: str, model
                     extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Atomically write ``model``'s state dict (plus ``extra_tensors``, e.g. optimizer-free training state)
     and its config to ``directory``; returns the directory."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+    with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps({"kind": kind, "model": dict(model_config), "meta": dict(meta or {})},
                                              indent=2, sort_keys=True))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:

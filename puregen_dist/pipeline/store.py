@@ -487,39 +487,25 @@ class ArtifactStore:
         return self.commit(staged, kind=kind, config=config, inputs=inputs, rows=rows, timings=timings)
 
     def get_imageset(self, key: str, *, verify: bool = False) -> tuple[ImageSet, np.ndarray]:
-        """(ImageSet, poisoned flags (N,) bool) of image set ``key``, sorted by id: Ray Data writes blocks in
-        completion order, across files and within one file. ``verify=True`` checks every file's sha256 against
-        the manifest first."""
+        """(ImageSet, poisoned flags (N,) bool) of image set ``key``, sorted by id (Ray Data writes blocks in
+        completion order, across files and within one file), read through ``store.fs`` by
+        :func:`~puregen_dist.data.io.read_imageset`. ``verify=True`` first checks every file's sha256 against
+        the manifest (on a remote store that reads the files twice)."""
         manifest = self.manifest(key)
-        parts = [self._read_parquet(key, name, manifest["files"][name], verify)
-                 for name in self._parquet_files(key, manifest)]
-        classes = {p[0].classes for p in parts}
-        if len(classes) != 1:
-            raise StoreError(f"artifact {key!r} in store {self.uri}: its Parquet files disagree on class "
-                             "names")
-        images, labels, ids = (np.concatenate([getattr(p[0], a) for p in parts])
-                               for a in ("images", "labels", "ids"))
-        order = np.argsort(ids, kind="stable")
-        data = ImageSet(images[order], labels[order], ids[order], parts[0][0].classes)
-        return data, np.concatenate([p[1] for p in parts])[order]
-
-    def _read_parquet(self, key: str, name: str, expected: Mapping[str, Any],
-                      verify: bool) -> tuple[ImageSet, np.ndarray]:
-        path = self._p(key, name)
-        if self.local:
-            if verify:
-                self._verify(key, name, expected)
-            return self._decode(key, path)
-        with tempfile.TemporaryDirectory(prefix="puregen-store-") as tmp:
-            local = Path(tmp) / name.replace("/", "_")
-            self._download(key, name, local, expected if verify else None)
-            return self._decode(key, str(local))
-
-    def _decode(self, key: str, local_path: str) -> tuple[ImageSet, np.ndarray]:
+        names = self._parquet_files(key, manifest)
+        if verify:
+            for name in names:
+                self._verify_present(key, name, manifest["files"][name])
         try:
-            return read_imageset(local_path)
+            return read_imageset([self._p(key, name) for name in names], filesystem=self.fs)
         except UserInputError as exc:
             raise StoreError(f"artifact {key!r} in store {self.uri}: {exc}") from None
+
+    def _verify_present(self, key: str, name: str, expected: Mapping[str, Any]) -> None:
+        try:
+            self._verify(key, name, expected)
+        except FileNotFoundError:
+            raise StoreError(f"artifact {key!r} in store {self.uri}: file {name} is missing") from None
 
     def _verify(self, key: str, name: str, expected: Mapping[str, Any]) -> None:
         self._check_digest(key, name, self._hash_file(self._p(key, name)), expected)

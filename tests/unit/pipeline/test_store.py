@@ -118,6 +118,19 @@ def test_verify_detects_a_corrupt_file(store, tmp_path):
         store.get_imageset(key, verify=True)
 
 
+def test_a_missing_or_unreadable_file_is_a_store_error_naming_key_and_file(store, tmp_path):
+    key, _, _ = _put(store)
+    path = tmp_path / "store" / key / "images.parquet"
+    path.write_bytes(b"garbage")
+    with pytest.raises(StoreError, match=f"{key}.*images.parquet: not a readable Parquet file"):
+        store.get_imageset(key)
+    path.unlink()
+    with pytest.raises(StoreError, match=f"{key}.*images.parquet: Parquet image set not found"):
+        store.get_imageset(key)
+    with pytest.raises(StoreError, match=f"{key}.*file images.parquet is missing"):
+        store.get_imageset(key, verify=True)
+
+
 def test_commit_of_files_written_by_another_writer(store):
     data = make_imageset(n=10, size=4)
     key = _key()
@@ -372,7 +385,7 @@ class ObjectStoreLike(pafs.FileSystemHandler):
         return self.fs.open_append_stream(path)
 
 
-def test_a_remote_like_store_copies_instead_of_renaming_and_downloads_on_read(tmp_path):
+def test_a_remote_like_store_copies_instead_of_renaming_and_reads_through_its_filesystem(tmp_path):
     remote = ArtifactStore(str(tmp_path / "bucket"), filesystem=pafs.PyFileSystem(ObjectStoreLike()))
     assert not remote.local
     key, data, manifest = _put(remote)

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from puregen_dist.atomic import atomic_dir, atomic_file, atomic_write_text
+
+
+class Crash(Exception):
+    pass
+
+
+def _names(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def test_atomic_file_writes_bytes_and_text_with_readable_permissions(tmp_path):
+    with atomic_file(tmp_path / "sub" / "a.bin") as handle:
+        handle.write(b"\x00\x01")
+    assert (tmp_path / "sub" / "a.bin").read_bytes() == b"\x00\x01"
+    path = atomic_write_text(tmp_path / "b.txt", "é\r\nline\n")
+    assert path == tmp_path / "b.txt" and path.read_bytes() == "é\r\nline\n".encode()  # UTF-8, untranslated
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert _names(tmp_path) == ["b.txt", "sub"]
+
+
+def test_the_target_is_never_half_written_and_an_error_leaves_no_temporary_file(tmp_path):
+    path = atomic_write_text(tmp_path / "report.md", "old")
+    with pytest.raises(Crash), atomic_file(path, "w") as handle:
+        handle.write("new, half")
+        handle.flush()
+        assert path.read_text() == "old"  # mid-write: the target still holds the old content
+        raise Crash
+    assert path.read_text() == "old" and _names(tmp_path) == ["report.md"]
+    with pytest.raises(Crash), atomic_file(tmp_path / "fresh.bin") as handle:
+        handle.write(b"partial")
+        raise Crash
+    assert _names(tmp_path) == ["report.md"]  # no target, no temporary file
+
+
+def test_a_failing_replace_leaves_the_old_target_and_no_temporary_file(tmp_path, monkeypatch):
+    path = atomic_write_text(tmp_path / "t.txt", "old")
+
+    def fail(src, dst):
+        raise OSError("cross-device")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="cross-device"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and _names(tmp_path) == ["t.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- directories
+
+
+def _fill(directory: Path, payload: str) -> None:
+    (directory / "sub").mkdir()
+    (directory / "weights.bin").write_text(payload)
+    (directory / "sub" / "config.json").write_text(payload)
+
+
+def test_atomic_dir_creates_and_replaces_a_directory(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".ckpt.tmp-") and not list(tmp.iterdir())
+        _fill(tmp, "v1")
+    assert (target / "weights.bin").read_text() == "v1" and (target / "sub" / "config.json").is_file()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    (target / "stale.bin").write_text("from v1 only")
+    with atomic_dir(target) as tmp:
+        _fill(tmp, "v2")
+    assert sorted(p.name for p in target.iterdir()) == ["sub", "weights.bin"]  # replaced, not merged
+    assert (target / "weights.bin").read_text() == "v2" and _names(tmp_path) == ["ckpt"]
+
+
+def test_an_error_while_filling_keeps_the_old_directory_and_leaves_nothing(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        _fill(tmp, "v1")
+    with pytest.raises(Crash), atomic_dir(target) as tmp:
+        _fill(tmp, "v2")
+        raise Crash
+    assert (target / "weights.bin").read_text() == "v1" and _names(tmp_path) == ["ckpt"]
+    with pytest.raises(Crash), atomic_dir(tmp_path / "new") as tmp:
+        _fill(tmp, "v1")
+        raise Crash
+    assert _names(tmp_path) == ["ckpt"]
+
+
+def test_a_failing_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        _fill(tmp, "v1")
+    rename = Path.rename
+
+    def rename_new_fails(self, dest):
+        if self.name.startswith(".ckpt.tmp-"):
+            raise OSError("swap failed")
+        return rename(self, dest)
+    monkeypatch.setattr(Path, "rename", rename_new_fails)
+    with pytest.raises(OSError, match="swap failed"), atomic_dir(target) as tmp:
+        _fill(tmp, "v2")
+    assert (target / "weights.bin").read_text() == "v1" and _names(tmp_path) == ["ckpt"]
