@@ -1,5 +1,6 @@
 """Orchestration of the model commands (``train-ebm``, ``train-ddpm``, ``train-classifier``, ``purify``): load and check
-the inputs first (nothing written), then compute with an injected tracker."""
+the inputs first (nothing written), then compute with an injected tracker. Importing this module registers the
+built-in model kinds' trainers in :data:`puregen_dist.registry.MODELS`."""
 
 from __future__ import annotations
 
@@ -21,27 +22,34 @@ from puregen_dist.experiment import build_model
 from puregen_dist.generative.train_ddpm import train_ddpm
 from puregen_dist.generative.train_ebm import train_ebm
 from puregen_dist.protocols import Tracker
+from puregen_dist.registry import MODELS
 from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
 
 
-def train_ebm_job(job: EBMJob, tracker: Tracker, train: ImageSet | None = None) -> Path:
+Data = tuple[ImageSet, ImageSet]
+"""(train, test) splits of a job's ``data`` section."""
+
+
+@MODELS.register(EBMJob.model_kind, EBMJob)
+def train_ebm_job(job: EBMJob, tracker: Tracker, data: Data | None = None) -> Path:
     """Train the EBM of ``job`` on its data's training split; returns the checkpoint directory."""
-    train = train if train is not None else load_data(job.data)[0]
+    train, _ = data if data is not None else load_data(job.data)
     tracker.log_params(flatten(job))
     return train_ebm(job, train, tracker)
 
 
-def train_ddpm_job(job: DDPMJob, tracker: Tracker, data: tuple[ImageSet, ImageSet] | None = None) -> Path:
+@MODELS.register(DDPMJob.model_kind, DDPMJob)
+def train_ddpm_job(job: DDPMJob, tracker: Tracker, data: Data | None = None) -> Path:
     """Train the DDPM of ``job``; its test split feeds the per-epoch purification samples."""
     train, test = data if data is not None else load_data(job.data)
     tracker.log_params(flatten(job))
     return train_ddpm(job, train, test, tracker)
 
 
-def train_classifier_job(job: ClassifierJob, tracker: Tracker,
-                         data: tuple[ImageSet, ImageSet] | None = None) -> Path:
+@MODELS.register(ClassifierJob.model_kind, ClassifierJob)
+def train_classifier_job(job: ClassifierJob, tracker: Tracker, data: Data | None = None) -> Path:
     """Pretrain ``job.classifier`` from scratch on clean ``job.data`` (per-epoch test accuracy) and save the
     bare network as a classifier checkpoint in ``job.output``; returns the directory."""
     train, test = data if data is not None else load_data(job.data)

@@ -46,6 +46,19 @@ class Purifier(Protocol):
     def purify(self, x: Tensor, ids: Tensor, *, seed: int) -> Tensor: ...
 
 
+class GenerativeDefense(Protocol):
+    """A data defense the pipeline runs on an actor pool (config ``pipeline = "actor_pool"``): the actor
+    builds it once, then calls ``purifier.purify`` on batches moved to ``device``."""
+
+    purifier: Purifier
+    device: Any
+    """A ``torch.device`` or device string."""
+
+    def validate(self, train: ImageSet) -> None: ...
+
+    def apply(self, train: ImageSet, *, seed: int) -> ImageSet: ...
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """Experiment tracking (MLflow behind it; a null tracker for unit tests)."""

@@ -52,7 +52,8 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            valid = ", ".join(self.names()) or "(none registered)"
+            valid = ", ".join(self.names()) or ("(none registered: call puregen_dist.plugins.load_plugins() "
+                                                "to register the built-in entries)")
             raise UnknownNameError(f"unknown {self.family} {name!r}; valid names: {valid}") from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
@@ -62,6 +63,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._entries)
+
+    def in_registration_order(self) -> list[str]:
+        """Registered names in the order they were registered (built-ins in their documented order)."""
+        return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -73,18 +78,15 @@ DEFENSES: Registry[Any] = Registry("defense")
 """Data/training defense builders: ``builder(cfg: DefenseConfig) -> DataDefense | TrainingDefense``."""
 CLASSIFIERS: Registry[Any] = Registry("classifier")
 """Classifier builders: ``builder(in_channels: int, num_classes: int, image_size: int) -> nn.Module``."""
+MODELS: Registry[Any] = Registry("model kind")
+"""Model kinds (``ebm``, ``ddpm``, ``classifier``, ...): the job config class that trains one (a
+:class:`~puregen_dist.config.generative.ModelJob` subclass) and its trainer
+``trainer(job, tracker, data: tuple[ImageSet, ImageSet]) -> Path`` (the checkpoint directory)."""
 
-_BY_FAMILY = {"attack": ATTACKS, "defense": DEFENSES, "classifier": CLASSIFIERS}
+_BY_FAMILY = {"attack": ATTACKS, "defense": DEFENSES, "classifier": CLASSIFIERS, "model": MODELS}
 
 
 def registry_for(family: str) -> Registry[Any]:
-    """The registry of ``family`` ("attack", "defense", "classifier"), with every built-in entry loaded."""
-    load_builtins()
+    """The registry of ``family`` ("attack", "defense", "classifier", "model"). Built-in entries are
+    registered by :func:`puregen_dist.plugins.load_plugins`, which every entry point calls."""
     return _BY_FAMILY[family]
-
-
-def load_builtins() -> None:
-    """Import the packages whose modules register the built-in entries (idempotent)."""
-    import puregen_dist.attacks  # noqa: F401
-    import puregen_dist.classifiers  # noqa: F401
-    import puregen_dist.defenses  # noqa: F401

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from puregen_dist.plugins import load_plugins
 from puregen_dist.types import ImageSet
+
+load_plugins()  # the test session is an entry point: register the built-in attacks, defenses, models
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"

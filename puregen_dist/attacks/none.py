@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from torch import nn
 
-from puregen_dist.config.schema import AttackConfig
+from puregen_dist.config.schema import NoAttackConfig
 from puregen_dist.registry import ATTACKS
 from puregen_dist.types import ImageSet, PoisonSet, TargetSpec
-
-
-@dataclass(frozen=True, kw_only=True)
-class NoAttackConfig(AttackConfig):
-    """No poisoning."""
-
-    name: str = "none"
 
 
 class NoAttack:

@@ -5,17 +5,18 @@ default; tests and the quickstart scale them down through config only."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from puregen_dist.config.errors import check
+from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
 from puregen_dist.config.schema import (
     AttackConfig,
     ClassifierConfig,
     DataConfig,
     DefenseConfig,
+    NoAttackConfig,
+    NoDefenseConfig,
     TrackingConfig,
-    no_attack,
-    no_defense,
 )
 
 # --------------------------------------------------------------------------------------------------- EBM
@@ -78,9 +79,9 @@ class EBMTrainConfig:
     """Images in the per-epoch grid of short-run samples (0 disables)."""
     sample_steps: int = 100
     """Langevin steps of those short-run samples, from data + noise."""
-    checkpoint_every: int = 1
+    checkpoint_every: int = execution_only(1)
     """Save (and allow resuming) every this many epochs; the last epoch is always saved."""
-    device: str = "auto"
+    device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -131,8 +132,8 @@ class DDPMTrainConfig:
     """t ~ Uniform{0, ..., max_train_t - 1}; the full 1000-step β schedule is kept."""
     sample_grid: int = 16
     """Images in the per-epoch grid of purified test images (0 disables)."""
-    checkpoint_every: int = 1
-    device: str = "auto"
+    checkpoint_every: int = execution_only(1)
+    device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -164,16 +165,17 @@ class PureGenConfig(DefenseConfig):
     written by ``train-ebm`` / ``train-ddpm`` (for the DDPM also a local diffusers-format directory), or the key
     of a model artifact in the job's store (``ebm-<hex16>``, printed by ``train-ebm --store``)."""
 
-    ebm: str | None = None
-    ddpm: str | None = None
+    pipeline: ClassVar[PipelineKind] = "actor_pool"
+    ebm: str | None = model_ref("ebm")
+    ddpm: str | None = model_ref("ddpm")
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     reps: int = 1
     """T_Reps of PureGen-Reps."""
     filter_fraction: float = 0.5
     """k of PureGen-Filt: the highest-energy fraction that is purified."""
-    batch_size: int = 128
-    device: str = "auto"
+    batch_size: int = execution_only(128)
+    device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
         check(self.reps >= 1, "reps", "must be >= 1")
@@ -201,56 +203,60 @@ class TaskResources:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EBMJob:
-    """``puregen-dist train-ebm``: train an EBM on ``data``'s training split."""
+class ModelJob:
+    """Base of every model-training job (``train-ebm``, ``train-ddpm``, ``train-classifier``, a sweep's
+    ``models:`` entries): trains one model of ``model_kind`` on ``data``'s training split.
 
-    name: str = "ebm"
+    A new model kind subclasses this, sets ``model_kind``, adds its sections, and registers its trainer in
+    :data:`puregen_dist.registry.MODELS`. The model's artifact key hashes the job without its execution-only
+    fields (where outputs go, resources, tracking, devices, checkpoint frequency)."""
+
+    model_kind: ClassVar[str] = ""
+    name: str = execution_only("model")
     seed: int = 0
-    output: str = "outputs/ebm"
+    output: str = execution_only("outputs/model")
     """Checkpoint directory (model.safetensors + config.json); training resumes from it."""
-    store: str | None = None
+    store: str | None = execution_only(None)
     """When set (or ``--store``): train as a Ray task into this artifact store, skipped when the model's
-    artifact exists; ``output`` is then unused. The printed key is what ``defense.ebm`` accepts."""
-    resources: TaskResources = field(default_factory=TaskResources)
+    artifact exists; ``output`` is then unused. The printed key is what model references accept."""
+    resources: TaskResources = execution_only(default_factory=TaskResources)
     data: DataConfig = field(default_factory=DataConfig)
-    ebm: EBMConfig = field(default_factory=EBMConfig)
-    train: EBMTrainConfig = field(default_factory=EBMTrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = execution_only(default_factory=TrackingConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDPMJob:
+class EBMJob(ModelJob):
+    """``puregen-dist train-ebm``: train an EBM on ``data``'s training split."""
+
+    model_kind: ClassVar[str] = "ebm"
+    name: str = execution_only("ebm")
+    output: str = execution_only("outputs/ebm")
+    ebm: EBMConfig = field(default_factory=EBMConfig)
+    train: EBMTrainConfig = field(default_factory=EBMTrainConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDPMJob(ModelJob):
     """``puregen-dist train-ddpm``: train a DDPM on ``data``'s training split."""
 
-    name: str = "ddpm"
-    seed: int = 0
-    output: str = "outputs/ddpm"
-    store: str | None = None
-    """As for :class:`EBMJob`: train as a Ray task into this artifact store."""
-    resources: TaskResources = field(default_factory=TaskResources)
-    data: DataConfig = field(default_factory=DataConfig)
+    model_kind: ClassVar[str] = "ddpm"
+    name: str = execution_only("ddpm")
+    output: str = execution_only("outputs/ddpm")
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     train: DDPMTrainConfig = field(default_factory=DDPMTrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """Purification setting of the per-epoch sample grid."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClassifierJob:
+class ClassifierJob(ModelJob):
     """``puregen-dist train-classifier``: pretrain a classifier on clean data, the starting point of the
     transfer recipes (``classifier.transfer: linear | finetune``, ``classifier.pretrained``)."""
 
-    name: str = "classifier"
-    seed: int = 0
-    output: str = "outputs/classifier"
-    """Checkpoint directory (model.safetensors + config.json)."""
-    store: str | None = None
-    """As for :class:`EBMJob`: train as a Ray task into this artifact store."""
-    resources: TaskResources = field(default_factory=TaskResources)
-    data: DataConfig = field(default_factory=DataConfig)
+    model_kind: ClassVar[str] = "classifier"
+    name: str = execution_only("classifier")
+    output: str = execution_only("outputs/classifier")
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         check(self.classifier.transfer == "scratch", "classifier.transfer",
@@ -296,8 +302,8 @@ class PurifyJob:
     """Ray path: the artifact store (directory or pyarrow.fs URI) holding the poison and purified sets."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    attack: AttackConfig = field(default_factory=no_attack)
-    defense: DefenseConfig = field(default_factory=no_defense)
+    attack: AttackConfig = field(default_factory=NoAttackConfig)
+    defense: DefenseConfig = field(default_factory=NoDefenseConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
 
 
@@ -309,10 +315,10 @@ class DiagnoseJob:
     seed: int = 0
     output_dir: str = "outputs/diagnose"
     data: DataConfig = field(default_factory=DataConfig)
-    attack: AttackConfig = field(default_factory=no_attack)
+    attack: AttackConfig = field(default_factory=NoAttackConfig)
     """The poison whose images are compared with clean ones (poisoned rows only)."""
-    ebm: str | None = None
-    ddpm: str | None = None
+    ebm: str | None = model_ref("ebm")
+    ddpm: str | None = model_ref("ddpm")
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     num_images: int = 64

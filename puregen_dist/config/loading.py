@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 import yaml
 
 from puregen_dist.config.errors import ConfigError, FieldError
+from puregen_dist.config.identity import config_fields, is_execution_only
 from puregen_dist.config.schema import ExperimentConfig, RegistryConfig
 from puregen_dist.registry import UnknownNameError, registry_for
 
@@ -115,10 +116,21 @@ def experiment_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> 
 
 def to_dict(cfg: Any) -> Any:
     """A config dataclass as plain nested data (tuples become lists), ready for YAML or JSON."""
+    return _plain(cfg, keyed=False)
+
+
+def key_dict(cfg: Any) -> Any:
+    """What identifies the result of ``cfg``: :func:`to_dict` without the fields declared execution-only
+    (:func:`~puregen_dist.config.identity.execution_only`), at every level. Content keys hash this."""
+    return _plain(cfg, keyed=True)
+
+
+def _plain(cfg: Any, *, keyed: bool) -> Any:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+        return {f.name: _plain(getattr(cfg, f.name), keyed=keyed) for f in config_fields(cfg)
+                if not (keyed and is_execution_only(f))}
     if isinstance(cfg, (tuple, list)):
-        return [to_dict(v) for v in cfg]
+        return [_plain(v, keyed=keyed) for v in cfg]
     return cfg
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from puregen_dist.config.errors import check
+from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,16 +23,41 @@ class RegistryConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig(RegistryConfig):
-    """Base of every attack's config; ``name`` is the attack's registry name."""
+    """Base of every attack's config; ``name`` is the attack's registry name. Fields declared with
+    :func:`~puregen_dist.config.identity.execution_only` stay out of the poison set's key; fields declared with
+    :func:`~puregen_dist.config.identity.model_ref` reference trained models (e.g. a surrogate)."""
 
     registry: ClassVar[str] = "attack"
 
 
 @dataclass(frozen=True, kw_only=True)
 class DefenseConfig(RegistryConfig):
-    """Base of every defense's config; ``name`` is the defense's registry name."""
+    """Base of every defense's config; ``name`` is the defense's registry name.
+
+    ``pipeline`` says how the pipeline runs the defense (see :data:`~puregen_dist.config.identity.PipelineKind`);
+    fields declared with :func:`~puregen_dist.config.identity.model_ref` reference trained models, fields
+    declared with :func:`~puregen_dist.config.identity.execution_only` stay out of the purified set's key."""
 
     registry: ClassVar[str] = "defense"
+    pipeline: ClassVar[PipelineKind] = "task_pool"
+    rank_by_energy: ClassVar[bool] = False
+    """True: the actor pool first ranks all images by EBM energy and purifies only the top fraction
+    (PureGen-Filt's two passes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoAttackConfig(AttackConfig):
+    """No poisoning (the default attack section)."""
+
+    name: str = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoDefenseConfig(DefenseConfig):
+    """No defense (the default defense section): train on the (possibly poisoned) set as is."""
+
+    pipeline: ClassVar[PipelineKind] = "none"
+    name: str = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,16 +131,16 @@ class ClassifierConfig:
     mean: tuple[float, ...] | None = None
     """Per-channel normalisation mean in [0, 1] units (None: the dataset's standard values)."""
     std: tuple[float, ...] | None = None
-    eval_batch_size: int = 512
-    device: str = "auto"
+    eval_batch_size: int = execution_only(512)
+    device: str = execution_only("auto")
     """"auto" (CUDA when available, else CPU), "cpu", or a torch device string such as "cuda:1"."""
-    threads: int | None = None
+    threads: int | None = execution_only(None)
     """torch CPU threads (None: torch's default)."""
     transfer: Literal["scratch", "linear", "finetune"] = "scratch"
     """From scratch, or transfer from ``pretrained``: ``linear`` re-initialises the last linear layer and trains
     only it (the backbone and its BatchNorm statistics frozen; paper: Adam, lr 0.1, 40 epochs, decay [15, 25, 35]),
     ``finetune`` re-initialises it and trains every parameter (paper: Adam, lr 1e-4, 60 epochs, [15, 30, 45])."""
-    pretrained: str | None = None
+    pretrained: str | None = model_ref("classifier")
     """Transfer only: a classifier checkpoint directory (``puregen-dist train-classifier``) or, in a sweep, a
     ``model:<name>`` reference / ``classifier-<hex16>`` artifact key. Same architecture as ``name``."""
 
@@ -166,20 +192,6 @@ class EvalConfig:
               "magnifications", "must list at least one value > 0")
 
 
-def no_attack() -> AttackConfig:
-    """The default attack section (no poisoning)."""
-    from puregen_dist.attacks.none import NoAttackConfig
-
-    return NoAttackConfig()
-
-
-def no_defense() -> DefenseConfig:
-    """The default defense section (no defense)."""
-    from puregen_dist.defenses.none import NoDefenseConfig
-
-    return NoDefenseConfig()
-
-
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """One experiment: data -> attack -> defense -> classifier -> metrics."""
@@ -190,8 +202,8 @@ class ExperimentConfig:
     output_dir: str = "outputs"
     """Where runs write their files (and the default MLflow database); relative to the working directory."""
     data: DataConfig = field(default_factory=DataConfig)
-    attack: AttackConfig = field(default_factory=no_attack)
-    defense: DefenseConfig = field(default_factory=no_defense)
+    attack: AttackConfig = field(default_factory=NoAttackConfig)
+    defense: DefenseConfig = field(default_factory=NoDefenseConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

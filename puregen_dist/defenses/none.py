@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from puregen_dist.config.schema import DefenseConfig
+from puregen_dist.config.schema import NoDefenseConfig
 from puregen_dist.registry import DEFENSES
 from puregen_dist.types import ImageSet
-
-
-@dataclass(frozen=True, kw_only=True)
-class NoDefenseConfig(DefenseConfig):
-    """No defense."""
-
-    name: str = "none"
 
 
 class NoDefense:

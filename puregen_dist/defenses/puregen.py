@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ class PureGenRepsConfig(PureGenNaiveConfig):
 class PureGenFiltConfig(PureGenConfig):
     """PureGen-Filt, T = [0, 125, 1], k = 0.5: the EBM ranks, the configured stages purify the top-k."""
 
+    rank_by_energy: ClassVar[bool] = True
     name: str = "puregen_filt"
     langevin: LangevinConfig = field(default_factory=lambda: LangevinConfig(steps=0))
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=125))
@@ -98,10 +100,9 @@ class PureGenFiltConfig(PureGenConfig):
 class PureGenDefense:
     """DataDefense around a Purifier: loads the models once (errors name the checkpoint), then purifies."""
 
-    def __init__(self, cfg: PureGenConfig, *, filter_by_energy: bool = False) -> None:
+    def __init__(self, cfg: PureGenConfig) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.filter_by_energy = filter_by_energy
         self.ebm = self.ddpm = None
         stages: list[Purifier] = []
         if cfg.ebm is not None:
@@ -130,7 +131,7 @@ class PureGenDefense:
                                      f"channel(s), the data has {h}x{w}x{c}")
 
     def apply(self, train: ImageSet, *, seed: int) -> ImageSet:
-        if not self.filter_by_energy:
+        if not self.cfg.rank_by_energy:
             return purify_imageset(self.purifier, train, seed=seed, batch_size=self.cfg.batch_size,
                                    device=self.device)
         return self._apply_filtered(train, seed)
@@ -177,4 +178,4 @@ def build_puregen_reps(cfg: PureGenRepsConfig) -> PureGenDefense:
 
 @DEFENSES.register("puregen_filt", PureGenFiltConfig)
 def build_puregen_filt(cfg: PureGenFiltConfig) -> PureGenDefense:
-    return PureGenDefense(cfg, filter_by_energy=True)
+    return PureGenDefense(cfg)

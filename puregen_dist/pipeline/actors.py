@@ -15,7 +15,6 @@ depend on the actor count, the batch size or the block layout.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -27,9 +26,12 @@ import pyarrow as pa
 import torch
 
 from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.identity import with_device
 from puregen_dist.data.transforms import sym_to_uint8, to_sym
 from puregen_dist.defenses import build_defense
 from puregen_dist.pipeline.models import resolve_models
+from puregen_dist.plugins import load_plugins
+from puregen_dist.protocols import GenerativeDefense
 from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
@@ -119,21 +121,16 @@ def ray_device() -> str:
     return "cuda" if len(ray.get_gpu_ids()) > 0 else "cpu"
 
 
-def with_device(cfg: Any, device: str) -> Any:
-    """``cfg`` with its ``device`` field set to ``device`` (unchanged when it has no such field)."""
-    if dataclasses.is_dataclass(cfg) and any(f.name == "device" for f in dataclasses.fields(cfg)):
-        return dataclasses.replace(cfg, device=device)
-    return cfg
-
-
 # ------------------------------------------------------------------------------------------ UDFs
 
 
 class PurifierActor:
-    """Stateful Ray Data UDF: builds the PureGen defense once per actor, then purifies batches.
+    """Stateful Ray Data UDF: builds a generative defense once per actor, then purifies batches.
 
     Args:
-        defense_cfg: a PureGen defense config (its ``device`` is replaced by the one Ray assigned).
+        defense_cfg: the config of a defense declared ``pipeline = "actor_pool"`` (its builder returns a
+            :class:`~puregen_dist.protocols.GenerativeDefense`); its ``device`` is replaced by the one Ray
+            assigned.
         seed: experiment seed (per-sample noise streams are seeded by (seed, id)).
         shape: (H, W, C) of one image.
         select_ids: when given, only rows with these ids are purified, the others pass through unchanged
@@ -144,12 +141,13 @@ class PurifierActor:
 
     def __init__(self, defense_cfg: Any, seed: int, shape: Shape,
                  select_ids: np.ndarray | None = None, store_uri: str | None = None) -> None:
+        load_plugins()
+        if defense_cfg.pipeline != "actor_pool":
+            raise UserInputError(f"defense {defense_cfg.name!r} runs as pipeline {defense_cfg.pipeline!r}, "
+                                 "not on a generative actor pool")
         defense_cfg = resolve_models(defense_cfg, store_uri)
-        self.defense = build_defense(with_device(defense_cfg, ray_device()))
-        if not hasattr(self.defense, "purifier"):
-            raise UserInputError(f"defense {defense_cfg.name!r} has no generative purifier; "
-                                 "run it through the CPU task pool instead")
-        self.device = torch.device(getattr(self.defense, "device", "cpu"))
+        self.defense: GenerativeDefense = build_defense(with_device(defense_cfg, ray_device()))
+        self.device = torch.device(self.defense.device)
         self.seed = int(seed)
         self.shape = tuple(shape)
         self.select = None if select_ids is None else np.unique(np.asarray(select_ids, dtype=np.int64))
@@ -184,6 +182,7 @@ class EnergyActor:
     def __init__(self, defense_cfg: Any, shape: Shape, store_uri: str | None = None) -> None:
         from puregen_dist.generative.purifiers import EBMPurifier, load_ebm
 
+        load_plugins()
         defense_cfg = resolve_models(defense_cfg, store_uri)
         device = ray_device()
         energy, _ = load_ebm(defense_cfg.ebm, device)
@@ -203,6 +202,7 @@ def data_defense_task(batch: Batch, *, defense_cfg: Any, seed: int, shape: Shape
     ``classes`` are the image set's class names (labels index into them; labels are kept as they are). Only
     defenses whose per-image result does not depend on the batch give output independent of the batching.
     """
+    load_plugins()
     column = get_column(batch, "image")
     labels = get_column(batch, "label")
     labels = labels.to_numpy() if isinstance(labels, pa.ChunkedArray) else np.asarray(labels)

@@ -1,6 +1,6 @@
-"""Generative-model references of the PureGen defenses (``defense.ebm`` / ``defense.ddpm``): a checkpoint
-directory, or the key of a model artifact in the content-addressed store (``ebm-<hex16>`` / ``ddpm-<hex16>``,
-what ``train-ebm --store`` prints).
+"""Model references of configs (the fields declared with :func:`~puregen_dist.config.identity.model_ref`, e.g.
+``defense.ebm``, ``defense.ddpm``, ``classifier.pretrained``): a checkpoint directory, or the key of a model
+artifact in the content-addressed store (``<kind>-<hex16>``, what ``train-ebm --store`` prints).
 
 Keys are resolved where the model is loaded (the driver for validation, each purifier actor for its own
 copy), so a remote store works from any node: a local store hands out ``<root>/<key>`` itself, a remote one
@@ -9,17 +9,15 @@ downloads the files once per process.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from pathlib import Path
 from typing import Any
 
 from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.identity import iter_model_refs, replace_model_refs
 from puregen_dist.pipeline.store import KEY_RE, ArtifactStore, StoreError
 
-MODEL_FIELDS = ("ebm", "ddpm")
-"""Defense config fields that reference a generative model."""
 WEIGHT_SUFFIXES = (".safetensors", ".json")
 
 
@@ -28,20 +26,15 @@ def is_artifact_key(ref: str) -> bool:
     return bool(KEY_RE.fullmatch(ref)) and not Path(ref).exists()
 
 
-def model_refs(defense_cfg: Any) -> dict[str, str]:
-    """``{field: reference}`` of the model fields set on ``defense_cfg`` (empty for non-PureGen defenses)."""
-    return {name: ref for name in MODEL_FIELDS if (ref := getattr(defense_cfg, name, None))}
-
-
-def resolve_models(defense_cfg: Any, store: ArtifactStore | str | None) -> Any:
-    """``defense_cfg`` with every model artifact key replaced by a local directory holding that model.
+def resolve_models(cfg: Any, store: ArtifactStore | str | None, section: str = "defense") -> Any:
+    """``cfg`` with every model artifact key (in any field declared as a model reference, nested sections
+    included) replaced by a local directory holding that model; ``section`` prefixes field names in errors.
 
     Raises StoreError (exit 2) naming the field and key when no store is configured, the key is not in the
     store, or the artifact is not a model of that field's kind.
     """
-    refs = model_refs(defense_cfg)
-    resolved = {name: resolve_model_ref(ref, name, store, f"defense.{name}") for name, ref in refs.items()}
-    return defense_cfg if resolved == refs else dataclasses.replace(defense_cfg, **resolved)
+    return replace_model_refs(cfg, lambda path, kind, ref: resolve_model_ref(ref, kind, store,
+                                                                              f"{section}.{path}"))
 
 
 def resolve_model_ref(ref: str, kind: str, store: ArtifactStore | str | None, field: str) -> str:
@@ -69,12 +62,12 @@ def _model_dir(store_uri: str, kind: str, key: str, field: str) -> str:
     return str(store.get_dir(key))
 
 
-def model_fingerprints(defense_cfg: Any) -> dict[str, str]:
-    """What identifies each referenced model's weights, for the purified set's key: an artifact key as it is
-    (content-addressed already), a directory as the SHA-256 of its checkpoint files (a path alone would serve a
-    stale cache after retraining in place)."""
-    return {name: ref if is_artifact_key(ref) else directory_digest(Path(ref))
-            for name, ref in model_refs(defense_cfg).items()}
+def model_fingerprints(cfg: Any) -> dict[str, str]:
+    """``{dotted field: fingerprint}`` of each model ``cfg`` references, for the content key of what it
+    computes: an artifact key as it is (content-addressed already), a directory as the SHA-256 of its
+    checkpoint files (a path alone would serve a stale cache after retraining in place)."""
+    return {path: ref if is_artifact_key(ref) else directory_digest(Path(ref))
+            for path, _, ref in iter_model_refs(cfg)}
 
 
 def directory_digest(directory: Path) -> str:

@@ -16,10 +16,13 @@ file yet (Ray appends, so a rerun into the same directory would duplicate rows).
 
 from __future__ import annotations
 
-import json
+import atexit
 import logging
 import math
 import os
+import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +35,10 @@ import pyarrow.parquet as pq
 
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import PipelineConfig
-from puregen_dist.data.io import COLUMNS, META_KEY
+from puregen_dist.config.identity import with_device
+from puregen_dist.data.io import META_KEY, check_schema, parquet_files, read_imageset, resolve_path
 from puregen_dist.defenses import build_defense
-from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task, with_device
+from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task
 from puregen_dist.pipeline.models import resolve_models
 from puregen_dist.pipeline.store import ROWS_PER_FILE, ROWS_PER_GROUP
 from puregen_dist.types import ImageSet
@@ -43,7 +47,6 @@ log = logging.getLogger(__name__)
 
 ROW_OVERHEAD_BYTES = 64
 """Bytes per row beside the image (id, label, poisoned, offsets), for sizing read blocks."""
-SCALAR_TYPES = {"id": pa.int64(), "label": pa.int64(), "poisoned": pa.bool_()}
 
 
 RayPurifyConfig = PipelineConfig
@@ -88,13 +91,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join Ray unless this process is already connected.
 
     No ``address`` and no ``RAY_ADDRESS``: a fresh local instance owned by this process
-    (``address="local"``, so a stale ``/tmp/ray/ray_current_cluster`` is ignored), no dashboard. Ray 2.59+
-    turns token authentication on for local clusters and writes a shared token to ``~/.ray/auth_token``
-    (which concurrent fresh starts can race on); a process-private local instance defaults to
-    ``RAY_AUTH_MODE=disabled`` unless the variable is already set. Otherwise it connects to the cluster
-    (``num_cpus`` is then ignored) and, when a token is available (``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), sends it (``RAY_AUTH_MODE=token``) unless
-    ``RAY_AUTH_MODE`` says otherwise.
+    (``address="local"``, so a stale ``/tmp/ray/ray_current_cluster`` is ignored), no dashboard, with token
+    authentication on (:func:`enable_local_token_auth`): Ray's GCS, raylet, workers and agents listen on all
+    network interfaces (Ray 2.60 has no reliable loopback-only option), so without a token anyone on the
+    network could submit work to it. Otherwise it connects to the cluster (``num_cpus`` is then ignored)
+    and, when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``),
+    sends it (``RAY_AUTH_MODE=token``) unless ``RAY_AUTH_MODE`` says otherwise.
     """
     import ray
 
@@ -102,8 +104,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        log.info("starting a local Ray instance (num_cpus=%s)", num_cpus)
+        enable_local_token_auth()
+        log.info("starting a local Ray instance (num_cpus=%s, token authentication %s)", num_cpus,
+                 os.environ.get("RAY_AUTH_MODE"))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
         return
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
@@ -114,6 +117,47 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(address=address)
 
 
+def enable_local_token_auth() -> None:
+    """Turn Ray's token authentication on for a local instance this process is about to start: a fresh
+    random token in a private file (mode 0600, in a 0700 directory removed at exit), exported as
+    ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN_PATH`` so that the instance and every worker it starts (which
+    inherit the environment) require it. A token the user configured (``RAY_AUTH_MODE=token`` with
+    ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) is kept; ``RAY_AUTH_MODE=disabled`` is respected with a
+    warning. A per-process file, not ``~/.ray/auth_token``, so concurrent fresh starts never race on it."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: the local Ray instance accepts work from anyone who can reach "
+                    "this machine's ports (Ray listens on all interfaces); unset it to use a private token")
+        return
+    if mode == "token" and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        return
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = _private_token_file()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _refresh_ray_auth_config()
+
+
+def _refresh_ray_auth_config() -> None:
+    """Make an already imported Ray see the new ``RAY_AUTH_*`` variables: Ray caches its C++ config and the
+    token when it is imported, and re-reads them this way itself when it turns token mode on (Ray 2.60,
+    ``ray._private.authentication.authentication_token_setup``)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _private_token_file() -> str:
+    """A new file holding 64 random hex digits, readable by this user only; removed at interpreter exit."""
+    directory = tempfile.mkdtemp(prefix="puregen-ray-auth-")  # mode 0700
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = os.path.join(directory, "token")
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path
+
+
 def _token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").is_file())
@@ -122,38 +166,11 @@ def _token_available() -> bool:
 # ------------------------------------------------------------------------------------------ inputs / outputs
 
 
-def resolve_path(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path on it) for a local path or a ``pyarrow.fs`` URI; an unusable URI is a
-    UserInputError naming it."""
-    if "://" not in str(path):
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    try:
-        return pafs.FileSystem.from_uri(str(path))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserInputError(f"{path}: unreachable or unsupported storage URI ({exc})") from None
-
-
-def list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
-    """The Parquet files at ``path`` (itself, or every ``*.parquet`` below it, hidden ones skipped),
-    sorted."""
-    try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [path]
-        if info.type != pafs.FileType.Directory:
-            raise UserInputError(f"{path}: Parquet input not found")
-        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except OSError as exc:
-        raise UserInputError(f"{path}: cannot list ({exc})") from None
-    return sorted(f.path for f in found if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
-                  and not f.base_name.startswith((".", "_")))
-
-
 def inspect_input(path: str) -> ParquetInput:
     """Validate every file's schema (footer only) against the image-set schema of :mod:`puregen_dist.data.io`;
     errors name the offending file."""
     fs, root = resolve_path(path)
-    files = list_parquet(fs, root)
+    files = parquet_files(fs, root)
     if not files:
         raise UserInputError(f"{path}: no Parquet files found")
     first: ParquetInput | None = None
@@ -181,37 +198,11 @@ def _read_footer(fs: pafs.FileSystem, file: str) -> tuple[pa.Schema, int]:
     return meta.schema.to_arrow_schema(), meta.num_rows
 
 
-def check_schema(file: str, schema: pa.Schema) -> tuple[tuple[int, int, int], tuple[str, ...]]:
-    """(shape, classes) of a file whose ``schema`` is an image set's; otherwise a UserInputError naming it."""
-    expected = ("expected image fixed_size_list<uint8>[H*W*C], id int64, label int64, poisoned bool and the "
-                "puregen_dist shape/classes metadata (files written by write_imageset)")
-    missing = [c for c in COLUMNS if c not in schema.names]
-    raw = (schema.metadata or {}).get(META_KEY)
-    if missing or raw is None:
-        raise UserInputError(f"{file}: not a puregen-dist image set (missing columns {missing} or metadata); "
-                             f"{expected}")
-    try:
-        info = json.loads(raw)
-        shape = tuple(int(v) for v in info["shape"])
-        classes = tuple(str(c) for c in info["classes"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(f"{file}: unreadable puregen_dist metadata ({exc}); {expected}") from None
-    image = schema.field("image").type
-    wrong = [f"{name} is {schema.field(name).type}" for name, t in SCALAR_TYPES.items()
-             if schema.field(name).type != t]
-    if not (pa.types.is_fixed_size_list(image) and image.value_type == pa.uint8()
-            and len(shape) == 3 and image.list_size == math.prod(shape)):
-        wrong.insert(0, f"image is {image} for shape {list(shape)}")
-    if wrong:
-        raise UserInputError(f"{file}: wrong schema ({'; '.join(wrong)}); {expected}")
-    return shape, classes  # type: ignore[return-value]
-
-
 def prepare_output(output_dir: str) -> tuple[pafs.FileSystem, str]:
     """Create ``output_dir``; refuse one that already holds Parquet files (Ray would append duplicates)."""
     fs, root = resolve_path(output_dir)
     try:
-        if fs.get_file_info(root).type == pafs.FileType.Directory and list_parquet(fs, root):
+        if fs.get_file_info(root).type == pafs.FileType.Directory and parquet_files(fs, root):
             raise UserInputError(f"{output_dir}: output directory already holds Parquet files; "
                                  "use a fresh directory")
         fs.create_dir(root, recursive=True)
@@ -223,21 +214,17 @@ def prepare_output(output_dir: str) -> tuple[pafs.FileSystem, str]:
 # ------------------------------------------------------------------------------------------ defense
 
 
-def defense_kind(defense_cfg: Any, source: ParquetInput) -> str:
-    """Build the defense once on the driver, on CPU, so a missing checkpoint or a shape mismatch is a clear
-    error before any Ray work; returns "generative", "filter" (PureGen-Filt) or "data" (CPU defense)."""
+def validate_defense(defense_cfg: Any, source: ParquetInput) -> None:
+    """Check the defense against the data on the driver, before any Ray work: a defense that makes no
+    purified set (``pipeline: none``) is refused; the others are built once on CPU (a missing checkpoint or a
+    model/data shape mismatch is a clear error) and asked to ``validate`` a probe of the data's shape."""
+    if defense_cfg.pipeline == "none":
+        raise UserInputError(f"defense {defense_cfg.name!r} makes no purified set (it acts during training or "
+                             "not at all); purify needs a data defense")
     defense = build_defense(with_device(defense_cfg, "cpu"))
-    if hasattr(defense, "validate"):
-        probe = ImageSet(np.zeros((1, *source.shape), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                         source.classes or ("0",))
-        defense.validate(probe)
-    if getattr(defense, "filter_by_energy", False):
-        return "filter"
-    if hasattr(defense, "purifier"):
-        return "generative"
-    if hasattr(defense, "apply"):
-        return "data"
-    raise UserInputError(f"defense {defense_cfg.name!r} is not a data defense (it has no apply())")
+    probe = ImageSet(np.zeros((1, *source.shape), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                     source.classes or ("0",))
+    defense.validate(probe)
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -253,17 +240,18 @@ def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: 
     """
     ray_cfg = ray_cfg or RayPurifyConfig()
     source = inspect_input(input_path)
-    kind = defense_kind(resolve_models(defense_cfg, store_uri), source)
+    validate_defense(resolve_models(defense_cfg, store_uri), source)
+    kind = defense_cfg.pipeline
     sink_fs, sink = prepare_output(output_dir)
     ensure_ray()
-    if kind != "data":
+    if kind == "actor_pool":
         warn_if_starved(ray_cfg)
-    log.info("purifying %d images (%d file(s), %s) with %s through Ray Data", source.rows, len(source.files),
-             kind, defense_cfg.name)
+    log.info("purifying %d images (%d file(s)) with %s on a Ray Data %s", source.rows, len(source.files),
+             defense_cfg.name, kind.replace("_", " "))
     start = time.perf_counter()
-    select = top_energy_ids(defense_cfg, source, ray_cfg, store_uri) if kind == "filter" else None
+    select = top_energy_ids(defense_cfg, source, ray_cfg, store_uri) if defense_cfg.rank_by_energy else None
     dataset = read_dataset(source, ray_cfg)
-    if kind == "data":
+    if kind == "task_pool":
         dataset, workers = map_data_defense(dataset, defense_cfg, seed, source, ray_cfg), ray_cfg.cpu_tasks
     else:
         dataset = map_purifier(dataset, defense_cfg, seed, source, ray_cfg, select, store_uri)
@@ -372,7 +360,7 @@ def top_energy_ids(defense_cfg: Any, source: ParquetInput, ray_cfg: RayPurifyCon
 
 def check_output_rows(fs: pafs.FileSystem, root: str, expected: int) -> None:
     """The written files hold ``expected`` rows in all (footers only), else RuntimeError."""
-    written = sum(_read_footer(fs, f)[1] for f in list_parquet(fs, root))
+    written = sum(_read_footer(fs, f)[1] for f in parquet_files(fs, root))
     if written != expected:
         raise RuntimeError(f"{root}: wrote {written} rows for {expected} input rows")
 
@@ -382,39 +370,10 @@ def check_output_rows(fs: pafs.FileSystem, root: str, expected: int) -> None:
 
 def read_purified(output_dir: str, shape: tuple[int, int, int] | None = None,
                   classes: tuple[str, ...] | None = None) -> tuple[ImageSet, np.ndarray]:
-    """(ImageSet sorted by id, poisoned flags (N,) bool) from every Parquet file in ``output_dir``.
+    """(ImageSet sorted by id, poisoned flags (N,) bool) from every Parquet file in ``output_dir``
+    (:func:`~puregen_dist.data.io.read_imageset`).
 
-    ``shape`` / ``classes`` default to the files' metadata (needed only for files without it). Loads the whole
+    ``shape`` / ``classes`` override the files' metadata (needed only for files without it). Loads the whole
     set into memory; duplicate ids are an error.
     """
-    fs, root = resolve_path(output_dir)
-    files = list_parquet(fs, root)
-    if not files:
-        raise UserInputError(f"{output_dir}: no Parquet files found")
-    tables = [_read_table(fs, f) for f in files]
-    info = json.loads((tables[0].schema.metadata or {}).get(META_KEY, b"{}"))
-    shape = tuple(shape or info.get("shape") or ())
-    classes = tuple(classes or info.get("classes") or ())
-    if len(shape) != 3 or not classes:
-        raise UserInputError(f"{output_dir}: no shape/classes metadata; pass shape and classes")
-    table = pa.concat_tables([t.select(list(COLUMNS)).replace_schema_metadata(None) for t in tables])
-    table = table.sort_by("id")
-    ids = table.column("id").to_numpy().astype(np.int64)
-    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
-        dup = ids[1:][ids[1:] == ids[:-1]]
-        raise UserInputError(f"{output_dir}: {len(dup)} duplicate id(s), e.g. {dup[:5].tolist()}")
-    images = table.column("image").combine_chunks().flatten().to_numpy().reshape(-1, *shape)
-    labels = table.column("label").to_numpy().astype(np.int64)
-    data = ImageSet(np.ascontiguousarray(images, dtype=np.uint8), labels, ids, classes)
-    return data, table.column("poisoned").to_numpy(zero_copy_only=False).astype(bool)
-
-
-def _read_table(fs: pafs.FileSystem, file: str) -> pa.Table:
-    try:
-        table = pq.read_table(file, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserInputError(f"{file}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
-    if missing:
-        raise UserInputError(f"{file}: missing columns {missing}")
-    return table
+    return read_imageset(output_dir, shape=shape, classes=classes)

@@ -18,29 +18,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PurifyJob, TaskResources
-from puregen_dist.config.loading import to_dict
-from puregen_dist.pipeline.actors import ray_device, with_device
-from puregen_dist.pipeline.models import model_fingerprints
+from puregen_dist.config.generative import ModelJob, PurifyJob, TaskResources
+from puregen_dist.config.identity import with_device
+from puregen_dist.config.loading import key_dict
+from puregen_dist.pipeline.actors import ray_device
+from puregen_dist.pipeline.models import model_fingerprints, resolve_models
 from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
+from puregen_dist.plugins import load_plugins
+from puregen_dist.registry import MODELS
 from puregen_dist.types import TargetSpec
 
 log = logging.getLogger(__name__)
-
-ModelJob = Union[EBMJob, DDPMJob, ClassifierJob]
-MODEL_KINDS = {EBMJob: "ebm", DDPMJob: "ddpm", ClassifierJob: "classifier"}
-EXECUTION_ONLY = ("batch_size", "device")
-"""Defense fields that change how, not what, is computed: left out of purified-set keys."""
-MODEL_JOB_EXCLUDED = ("name", "output", "store", "resources", "tracking")
-"""Model-job fields that do not change the trained weights: left out of model keys (as are the training
-section's :data:`EXECUTION_FIELDS`)."""
-EXECUTION_FIELDS = ("device", "checkpoint_every", "threads", "eval_batch_size")
 
 
 @dataclass
@@ -112,12 +106,9 @@ def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[
 
 
 def model_artifact(job: ModelJob) -> tuple[str, str, dict[str, Any]]:
-    """(kind "ebm" | "ddpm" | "classifier", key, keyed config) of the model ``job`` trains."""
-    kind = MODEL_KINDS[type(job)]
-    config = {k: v for k, v in to_dict(job).items() if k not in MODEL_JOB_EXCLUDED}
-    section = "classifier" if kind == "classifier" else "train"
-    config[section] = {k: v for k, v in config[section].items() if k not in EXECUTION_FIELDS}
-    return kind, artifact_key(kind, config), config
+    """(model kind, key, keyed config) of the model ``job`` trains: the job without its execution-only fields."""
+    config = key_dict(job)
+    return job.model_kind, artifact_key(job.model_kind, config), config
 
 
 def model_stage(job: ModelJob, store: ArtifactStore, *, tracking_dir: str | Path,
@@ -138,24 +129,21 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
     same node resumes from its last epoch; the directory is removed once the artifact is committed.
     """
     from puregen_dist.data.datasets import load_data
-    from puregen_dist.jobs import train_classifier_job, train_ddpm_job, train_ebm_job
     from puregen_dist.tracking import open_tracker
 
+    load_plugins()
+    trainer = MODELS.get(job.model_kind).builder
     store = ArtifactStore(store_uri)
     kind, key, config = model_artifact(job)
     work = Path(tempfile.gettempdir()) / "puregen-work" / key
-    section = "classifier" if kind == "classifier" else "train"
-    job = dataclasses.replace(job, output=str(work),
-                              **{section: _on_assigned_device(getattr(job, section))})
-    trainers = {"ebm": lambda tracker, data: train_ebm_job(job, tracker, data[0]),
-                "ddpm": lambda tracker, data: train_ddpm_job(job, tracker, data),
-                "classifier": lambda tracker, data: train_classifier_job(job, tracker, data)}
+    # device "auto" becomes the device Ray assigned the task (CUDA only with a GPU assignment)
+    job = with_device(dataclasses.replace(job, output=str(work)), ray_device(), only_auto=True)
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         start = time.perf_counter()
         data = load_data(job.data)
         with open_tracker(job.tracking, tracking_dir, default_run_name=job.name) as tracker:
-            path = trainers[kind](tracker, data)
+            path = trainer(job, tracker, data)
         store.stage_dir(staged, path)
         return {"timings": {"train_s": time.perf_counter() - start}}
 
@@ -164,17 +152,14 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
     return result
 
 
-def _on_assigned_device(train_cfg: Any) -> Any:
-    """``device: auto`` becomes the device Ray assigned the task (CUDA only with a GPU assignment)."""
-    return with_device(train_cfg, ray_device()) if train_cfg.device == "auto" else train_cfg
-
-
 # ------------------------------------------------------------------------------------------ poison sets
 
 
 def poison_artifact(job: PurifyJob) -> tuple[str, dict[str, Any]]:
     """(key, keyed config) of the poisoned training set of (data, attack, seed)."""
-    config = {"data": to_dict(job.data), "attack": to_dict(job.attack), "seed": job.seed}
+    config = {"data": key_dict(job.data), "attack": key_dict(job.attack), "seed": job.seed}
+    if models := model_fingerprints(job.attack):  # attacks that use trained models (surrogates)
+        config["models"] = models
     return artifact_key("poison", config), config
 
 
@@ -190,12 +175,14 @@ def build_poison_artifact(job: PurifyJob, store_uri: str) -> tuple[dict[str, Any
     from puregen_dist.attacks import build_attack
     from puregen_dist.data.datasets import load_data
 
+    load_plugins()
     store = ArtifactStore(store_uri)
     key, config = poison_artifact(job)
+    attack_cfg = resolve_models(job.attack, store, "attack")
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         train, _ = load_data(job.data)
-        poison = build_attack(job.attack).craft(train, seed=job.seed)
+        poison = build_attack(attack_cfg).craft(train, seed=job.seed)
         rows = store.stage_imageset(staged, poison.materialize(), poisoned_ids=poison.poison_ids)
         stage_target(store, staged, poison.target, poison.eps)
         return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))}}
@@ -240,8 +227,7 @@ def read_target(store: ArtifactStore, poison_key: str) -> TargetSpec:
 
 def purified_artifact(job: PurifyJob, poison_key: str) -> tuple[str, dict[str, Any]]:
     """(key, keyed config) of the purified set of (poison set, defense, models, seed)."""
-    defense = {k: v for k, v in to_dict(job.defense).items() if k not in EXECUTION_ONLY}
-    config = {"defense": defense, "seed": job.seed, "models": model_fingerprints(job.defense)}
+    config = {"defense": key_dict(job.defense), "seed": job.seed, "models": model_fingerprints(job.defense)}
     return artifact_key("purified", config, inputs=[poison_key]), config
 
 

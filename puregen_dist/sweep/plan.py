@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from puregen_dist.config.generative import PurifyJob
-from puregen_dist.pipeline.stages import ModelJob, model_artifact, poison_artifact, purified_artifact
+from puregen_dist.config.generative import ModelJob, PurifyJob
+from puregen_dist.config.identity import iter_model_refs
+from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.pipeline.stages import model_artifact, poison_artifact, purified_artifact
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.sweep.spec import Cell, Sweep
 
@@ -93,15 +95,21 @@ def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
         poisons.setdefault(poison_key, ArtifactPlan("poison", poison_key, store.exists(poison_key), job,
                                                     f"{cell.col} seed={cell.config.seed}{_target(cell)}"))
         train_key = poison_key
-        if cell.config.defense.name != "none":
+        if cell.config.defense.pipeline != "none":
             train_key, _ = purified_artifact(job, poison_key)
             purified.setdefault(train_key, ArtifactPlan("purified", train_key, store.exists(train_key), job,
                                                         f"{cell.row} on {poison_key}"))
-        used = {name: ref for name in ("ebm", "ddpm") if (ref := getattr(cell.config.defense, name, None))}
-        if cell.config.classifier.pretrained:
-            used["classifier"] = cell.config.classifier.pretrained
-        trials.append(TrialPlan(cell, poison_key, train_key, used))
+        trials.append(TrialPlan(cell, poison_key, train_key, used_models(cell.config)))
     return SweepPlan(sweep, list(models.values()), list(poisons.values()), list(purified.values()), trials)
+
+
+def used_models(cfg: ExperimentConfig) -> dict[str, str]:
+    """``{name: model reference}`` of the models a cell's attack, defense and classifier reference, named by
+    model kind (by dotted field where two references share a kind): the trial's ``artifact.<name>`` tags."""
+    refs = [(f"{section}.{path}", kind, ref) for section in ("attack", "defense", "classifier")
+            for path, kind, ref in iter_model_refs(getattr(cfg, section))]
+    kinds = [kind for _, kind, _ in refs]
+    return {(kind if kinds.count(kind) == 1 else path): ref for path, kind, ref in refs}
 
 
 def _with_store(job: ModelJob, store: ArtifactStore) -> ModelJob:

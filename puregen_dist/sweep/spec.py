@@ -28,23 +28,22 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from puregen_dist.config.errors import ConfigError, FieldError, UserInputError, check
-from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PipelineConfig
-from puregen_dist.config.loading import build, deep_merge, load_yaml, parse_overrides, to_dict
+from puregen_dist.config.generative import ModelJob, PipelineConfig
+from puregen_dist.config.identity import model_fields, replace_model_refs
+from puregen_dist.config.loading import build, deep_merge, key_dict, load_yaml, parse_overrides, to_dict
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.pipeline.stages import model_artifact
 from puregen_dist.pipeline.store import artifact_key
+from puregen_dist.registry import MODELS, UnknownNameError
 
 SWEEP_KEYS = ("name", "base", "models", "space", "settings")
 AXIS_KINDS = ("grid", "range", "choice")
 MODEL_PREFIX = "model:"
-MODEL_FIELDS = ("ebm", "ddpm")
-LABEL_EXCLUDED = ("batch_size", "device", "target_class")
-"""Defense/attack fields never shown in row/column labels (execution-only, or aggregated over)."""
-ModelJob = Union[EBMJob, DDPMJob, ClassifierJob]
-MODEL_JOBS: dict[str, type] = {"ebm": EBMJob, "ddpm": DDPMJob, "classifier": ClassifierJob}
+AGGREGATED = "target_class"
+"""The attack field a sweep aggregates over (``settings.targets``): never part of a column label."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,15 +188,17 @@ def _flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 def _models(specs: Mapping[str, Any], source: str) -> dict[str, ModelJob]:
-    """``models:`` entries as EBMJob / DDPMJob (``kind: ebm | ddpm``), named after their entry."""
+    """``models:`` entries as the job configs of their ``kind`` (a model kind registered in ``MODELS``: ebm,
+    ddpm, classifier, ...), named after their entry."""
     models = {}
     for name, spec in specs.items():
         spec = _mapping(spec, source, f"models.{name}")
         kind = spec.pop("kind", None)
-        if kind not in MODEL_JOBS:
-            raise ConfigError(f"{source}: models.{name}.kind: expected one of {', '.join(MODEL_JOBS)}, "
-                              f"got {kind!r}")
-        job_cls = MODEL_JOBS[kind]
+        try:
+            job_cls = MODELS.get(kind).config_cls
+        except UnknownNameError:
+            kinds = ", ".join(MODELS.in_registration_order())
+            raise ConfigError(f"{source}: models.{name}.kind: expected one of {kinds}, got {kind!r}") from None
         models[name] = build(job_cls, {"name": name, **spec}, source=source, path=f"models.{name}")
     return models
 
@@ -294,32 +295,26 @@ def _build_cell(raw: Mapping[str, Any], assigned: Mapping[str, Any], models: Map
                 source: str) -> ExperimentConfig:
     """The ExperimentConfig of a cell with ``model:<name>`` references replaced by model artifact keys."""
     where = f"{source}: cell {_describe(assigned)}"
-    data = _resolve_models(raw, models, where)
     try:
-        return build(ExperimentConfig, data, source=where)
+        cfg = build(ExperimentConfig, raw, source=where)
     except (ConfigError, FieldError) as exc:
         raise ConfigError(str(exc)) from None
+    return replace_model_refs(cfg, lambda path, kind, ref: _model_key(path, kind, ref, models, where))
 
 
-def _resolve_models(raw: Mapping[str, Any], models: Mapping[str, ModelJob], where: str) -> dict[str, Any]:
-    """``raw`` with ``model:<name>`` references (defense.ebm, defense.ddpm, classifier.pretrained) replaced
-    by the artifact keys of those ``models:`` entries."""
-    out = dict(raw)
-    for section, name, kind in (("defense", "ebm", "ebm"), ("defense", "ddpm", "ddpm"),
-                                ("classifier", "pretrained", "classifier")):
-        block = out.get(section)
-        ref = block.get(name) if isinstance(block, Mapping) else None
-        if not (isinstance(ref, str) and ref.startswith(MODEL_PREFIX)):
-            continue
-        model = ref[len(MODEL_PREFIX):]
-        if model not in models:
-            raise ConfigError(f"{where}: {section}.{name}: {ref!r} names no entry of `models:` "
-                              f"(defined: {', '.join(sorted(models)) or 'none'})")
-        found, key, _ = model_artifact(models[model])
-        if found != kind:
-            raise ConfigError(f"{where}: {section}.{name}: {ref!r} is a {found} model, expected {kind}")
-        out[section] = {**block, name: key}
-    return out
+def _model_key(path: str, kind: str, ref: str, models: Mapping[str, ModelJob], where: str) -> str:
+    """The artifact key of a ``model:<name>`` reference at ``path`` (a field referencing ``kind`` models);
+    other references (directories, keys) as they are."""
+    if not ref.startswith(MODEL_PREFIX):
+        return ref
+    model = ref[len(MODEL_PREFIX):]
+    if model not in models:
+        raise ConfigError(f"{where}: {path}: {ref!r} names no entry of `models:` "
+                          f"(defined: {', '.join(sorted(models)) or 'none'})")
+    found, key, _ = model_artifact(models[model])
+    if found != kind:
+        raise ConfigError(f"{where}: {path}: {ref!r} is a {found} model, expected {kind}")
+    return key
 
 
 def _describe(assigned: Mapping[str, Any]) -> str:
@@ -347,9 +342,10 @@ def _label(cells: list[tuple[str, Built]]) -> tuple[Cell, ...]:
 
 
 def _label_fields(cfg: Any, written: Any) -> dict[str, Any]:
-    """Flattened fields of a defense/attack config for labelling; model keys shown by model name."""
-    fields = {k: v for k, v in flatten_dict(to_dict(cfg)).items() if k.split(".")[-1] not in LABEL_EXCLUDED}
-    for name in MODEL_FIELDS:
+    """Flattened keyed fields (no execution-only ones, no target class) of a defense/attack config for
+    labelling; model references shown as written (``model:<name>`` by its name)."""
+    fields = {k: v for k, v in flatten_dict(key_dict(cfg)).items() if k != AGGREGATED}
+    for name in model_fields(cfg):
         ref = written.get(name) if isinstance(written, Mapping) else None
         if isinstance(ref, str) and name in fields:
             fields[name] = ref.removeprefix(MODEL_PREFIX)
@@ -411,9 +407,5 @@ def flatten_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out[name] = value
     return out
 
-
-def is_sweep_file(data: Mapping[str, Any]) -> bool:
-    """Whether parsed YAML looks like a sweep file (has ``space`` or ``base``)."""
-    return "space" in data or "base" in data
 
 

@@ -163,7 +163,7 @@ def test_puregen_filt_equals_in_process(ray_local, workdir, tmp_path):
                             device="cpu")
     out, poisoned = run(workdir, tmp_path, cfg, "filt", actors=1, batch_size=32)
     assert_complete(out, poisoned, workdir["data"])
-    expected = PureGenDefense(cfg, filter_by_energy=True).apply(workdir["data"], seed=SEED)
+    expected = PureGenDefense(cfg).apply(workdir["data"], seed=SEED)  # the config class says: rank by energy
     np.testing.assert_array_equal(out.images, expected.images)
     assert (out.images != workdir["data"].images).any(axis=(1, 2, 3)).sum() == 30
 

@@ -1,0 +1,115 @@
+"""What a config class says about itself, declared on the class: which of its fields reference trained models
+(and of which model kind), which fields are execution-only (how, not what, is computed: left out of content
+keys), and, for defenses, how the pipeline runs it.
+
+A new defense, attack or model job declares these facts once, with :func:`model_ref`, :func:`execution_only`
+and the ``pipeline`` class variable of :class:`~puregen_dist.config.schema.DefenseConfig`; the planner, the
+stages, the actors, the sweep labels and the model resolver all read them through the functions below::
+
+    @dataclass(frozen=True, kw_only=True)
+    class MyDefenseConfig(DefenseConfig):
+        pipeline: ClassVar[PipelineKind] = "actor_pool"
+        name: str = "my_defense"
+        denoiser: str | None = model_ref("denoiser")     # a checkpoint directory, artifact key or model:<name>
+        batch_size: int = execution_only(128)            # not part of the purified set's key
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+EXECUTION_ONLY = "puregen_dist.execution_only"
+"""Field metadata flag: the field changes how, not what, is computed (device, batch size, output paths)."""
+MODEL_KIND = "puregen_dist.model_kind"
+"""Field metadata: the model kind (``ebm``, ``ddpm``, ``classifier``, ...) the field references."""
+
+PipelineKind = Literal["actor_pool", "task_pool", "none"]
+"""How the pipeline runs a data defense: ``actor_pool`` (a stateful Ray Data actor pool that loads generative
+models once per actor and calls ``defense.purifier``), ``task_pool`` (stateless CPU tasks calling
+``defense.apply`` per batch), ``none`` (no purified set: the classifier trains on the poison set, e.g. no
+defense or a training-time defense)."""
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def execution_only(default: Any = _MISSING, *, default_factory: Any = _MISSING) -> Any:
+    """A dataclass field that is left out of content keys (:func:`key_fields`)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={EXECUTION_ONLY: True})
+
+
+def model_ref(kind: str, default: str | None = None) -> Any:
+    """A dataclass field (``str | None``) referencing a trained model of ``kind``: a checkpoint directory, the
+    key of a model artifact (``<kind>-<hex16>``), or in a sweep file ``model:<name>``."""
+    return dataclasses.field(default=default, metadata={MODEL_KIND: kind})
+
+
+def is_execution_only(field: dataclasses.Field) -> bool:
+    """Whether ``field`` was declared with :func:`execution_only`."""
+    return bool(field.metadata.get(EXECUTION_ONLY, False))
+
+
+def model_kind_of(field: dataclasses.Field) -> str | None:
+    """The model kind a field declared with :func:`model_ref` references, else None."""
+    return field.metadata.get(MODEL_KIND)
+
+
+def config_fields(cfg: Any) -> tuple[dataclasses.Field, ...]:
+    """The init fields of config instance or class ``cfg`` (empty for non-dataclasses)."""
+    return tuple(f for f in dataclasses.fields(cfg) if f.init) if dataclasses.is_dataclass(cfg) else ()
+
+
+def model_fields(cfg: Any) -> dict[str, str]:
+    """``{field name: model kind}`` of the model-reference fields declared on ``cfg``'s class."""
+    return {f.name: kind for f in config_fields(cfg) if (kind := model_kind_of(f)) is not None}
+
+
+def model_refs(cfg: Any) -> dict[str, str]:
+    """``{field name: reference}`` of the model-reference fields set on ``cfg`` (this level only)."""
+    return {name: ref for name in model_fields(cfg) if (ref := getattr(cfg, name))}
+
+
+def iter_model_refs(cfg: Any, path: str = "") -> Iterator[tuple[str, str, str]]:
+    """``(dotted path, kind, reference)`` of every model reference set in ``cfg`` and its nested sections."""
+    for f in config_fields(cfg):
+        value = getattr(cfg, f.name)
+        dotted = f"{path}.{f.name}" if path else f.name
+        if (kind := model_kind_of(f)) is not None:
+            if value:
+                yield dotted, kind, value
+        elif dataclasses.is_dataclass(value):
+            yield from iter_model_refs(value, dotted)
+
+
+def replace_model_refs(cfg: Any, resolve: Callable[[str, str, str], str], path: str = "") -> Any:
+    """``cfg`` with every model reference ``ref`` (at dotted ``path`` with ``kind``, nested sections too)
+    replaced by ``resolve(path, kind, ref)``; unchanged configs are returned as they are."""
+    changes = {}
+    for f in config_fields(cfg):
+        value = getattr(cfg, f.name)
+        dotted = f"{path}.{f.name}" if path else f.name
+        if (kind := model_kind_of(f)) is not None:
+            new = resolve(dotted, kind, value) if value else value
+        elif dataclasses.is_dataclass(value):
+            new = replace_model_refs(value, resolve, dotted)
+        else:
+            continue
+        if new is not value:
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def with_device(cfg: Any, device: str, *, only_auto: bool = False) -> Any:
+    """``cfg`` with every ``device`` field (nested sections too) set to ``device``; ``only_auto`` changes only
+    fields whose value is ``"auto"``. Configs without such fields are returned unchanged."""
+    changes = {}
+    for f in config_fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "device" and isinstance(value, str) and (value == "auto" or not only_auto):
+            changes[f.name] = device
+        elif dataclasses.is_dataclass(value):
+            new = with_device(value, device, only_auto=only_auto)
+            if new is not value:
+                changes[f.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
