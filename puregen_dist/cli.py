@@ -11,14 +11,19 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import ClassifierJob, DDPMJob, DiagnoseJob, EBMJob, PurifyJob
 from puregen_dist.config.loading import load_config, load_yaml, to_yaml
 from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.plugins import load_plugins
+
+if TYPE_CHECKING:
+    from puregen_dist.console import ProgressFactory
 
 log = logging.getLogger("puregen_dist")
 
@@ -27,76 +32,85 @@ EXIT_USER_ERROR = 2
 
 def run_cmd(args: argparse.Namespace) -> int:
     """Run one experiment in-process and print a one-line summary."""
+    from puregen_dist.console import epoch_progress
     from puregen_dist.experiment import execute, prepare_experiment, summary_line
     from puregen_dist.tracking import open_tracker
 
     cfg = load_config(ExperimentConfig, args.config, args.set)
     _set_threads(cfg.classifier.threads)
     prepared = prepare_experiment(cfg)  # all validation happens here: nothing has been written yet
-    with open_tracker(cfg.tracking, cfg.output_dir, default_run_name=cfg.name) as tracker:
-        metrics = execute(prepared, tracker)
+    with open_tracker(cfg.tracking, cfg.output_dir, default_run_name=cfg.name) as tracker, \
+            epoch_progress(tracker, f"training {cfg.classifier.name}", cfg.classifier.epochs,
+                           enabled=not args.quiet) as tracked:
+        metrics = execute(prepared, tracked)
     print(summary_line(cfg, metrics))
     _print_browse(tracker)
     return 0
 
 
-def train_ebm_cmd(args: argparse.Namespace) -> int:
-    """Train (or resume) an EBM; prints the checkpoint directory."""
-    from puregen_dist.jobs import train_ebm_job
+def train_model_cmd(kind: str) -> Callable[[argparse.Namespace], int]:
+    """The ``train-<kind>`` command of a model kind registered in ``MODELS``: train (or resume) the model,
+    print its checkpoint directory (or, with a store, its artifact key)."""
 
-    return _train_model(EBMJob, args, lambda job, tracker, data: train_ebm_job(job, tracker, data[0]), "EBM")
+    def command(args: argparse.Namespace) -> int:
+        return _train_model(kind, args)
 
-
-def train_ddpm_cmd(args: argparse.Namespace) -> int:
-    """Train (or resume) a DDPM; prints the checkpoint directory."""
-    from puregen_dist.jobs import train_ddpm_job
-
-    return _train_model(DDPMJob, args, train_ddpm_job, "DDPM")
+    command.__doc__ = f"Train (or resume) a {kind} model; prints the checkpoint directory or artifact key."
+    return command
 
 
-def train_classifier_cmd(args: argparse.Namespace) -> int:
-    """Pretrain a classifier on clean data (for transfer); prints the checkpoint directory."""
-    from puregen_dist.jobs import train_classifier_job
-
-    return _train_model(ClassifierJob, args, train_classifier_job, "classifier")
-
-
-def _train_model(job_cls: type, args: argparse.Namespace, train: Callable[..., Path], label: str) -> int:
+def _train_model(kind: str, args: argparse.Namespace) -> int:
     """Load the job and its data (errors before anything is written), then train: in-process into ``output``,
     or, with a store (``--store`` / ``store:``), as a Ray task into the artifact store (skipped when cached)."""
+    from puregen_dist.console import epoch_progress
     from puregen_dist.data.datasets import load_data
+    from puregen_dist.registry import MODELS
     from puregen_dist.tracking import open_tracker
 
+    entry = MODELS.get(kind)
     overrides = [*args.set, *([f"store={args.store}"] if args.store else [])]
-    job = load_config(job_cls, args.config, overrides)
+    job = load_config(entry.config_cls, args.config, overrides)
     data = load_data(job.data)
     if job.store:
-        return _train_into_store(job, label, args.address)
-    with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker:
-        path = train(job, tracker, data)
-    print(f"{label} checkpoint: {path}")
+        return _train_into_store(job, args.address)
+    with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker, \
+            epoch_progress(tracker, f"training {kind}", None, enabled=not args.quiet) as tracked:
+        path = entry.builder(job, tracked, data)
+    print(f"{kind} checkpoint: {path}")
     return 0
 
 
-def _train_into_store(job: Any, label: str, address: str | None) -> int:
+def _train_into_store(job: Any, address: str | None) -> int:
     from puregen_dist.pipeline.stages import model_stage
     from puregen_dist.pipeline.store import ArtifactStore
 
     store = ArtifactStore(job.store)
     result = model_stage(job, store, tracking_dir=_parent(job.output), address=address)
     state = "trained" if result.built else "cached (already in the store)"
-    print(f"{label} artifact {result.key} {state} in {store.uri}")
-    kind = result.manifest["kind"]
-    field = "classifier.pretrained" if kind == "classifier" else f"defense.{kind}"
-    print(f"use it as {field}: {result.key}  (with store: {store.uri})")
+    print(f"{job.model_kind} artifact {result.key} {state} in {store.uri}")
+    print(f"use it as {reference_fields(job.model_kind)}: {result.key}  (with store: {store.uri})")
     return 0
+
+
+def reference_fields(kind: str) -> str:
+    """The config fields that reference models of ``kind`` (``defense.ebm``, ``classifier.pretrained``, ...),
+    read from the declarations of every registered attack and defense config and of the classifier section."""
+    from puregen_dist.config.identity import model_fields
+    from puregen_dist.config.schema import ClassifierConfig
+    from puregen_dist.registry import ATTACKS, DEFENSES
+
+    sections = [("classifier", ClassifierConfig)]
+    sections += [(family, registry.get(name).config_cls) for family, registry in
+                 (("attack", ATTACKS), ("defense", DEFENSES)) for name in registry.names()]
+    fields = {f"{section}.{name}" for section, cls in sections for name, found in model_fields(cls).items()
+              if found == kind}
+    return " / ".join(sorted(fields)) or f"a {kind} model reference"
 
 
 def purify_cmd(args: argparse.Namespace) -> int:
     """Poison (optionally) and purify a training set: through Ray Data into the artifact store (default), or
     in-process into ``output`` (``--no-ray``); reports throughput."""
     from puregen_dist.jobs import prepare_purify
-
     from puregen_dist.pipeline.models import resolve_models
 
     overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
@@ -160,8 +174,24 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run(sweep))
         return 0
-    outcome = run_sweep(sweep)
+    with _sweep_console(sweep.cells[0].config.output_dir, quiet=args.quiet) as progress:
+        outcome = run_sweep(sweep, progress=progress)
     return 0 if not outcome.trials_failed else 1
+
+
+@contextmanager
+def _sweep_console(output_dir: str, *, quiet: bool) -> Iterator[ProgressFactory]:
+    """The terminal of a sweep: one progress bar (or plain line) per stage unless ``quiet``, warnings and
+    errors; everything else (INFO logs, Ray's and MLflow's, Ray Data's operator progress) goes to a log file
+    under ``output_dir/logs``, named once on stderr."""
+    from puregen_dist.console import log_file, logs_to_file, progress_factory
+    from puregen_dist.sweep.progress import configure_ray_loggers, quiet_ray_output
+
+    path = log_file(output_dir, "sweep")
+    with logs_to_file(path, configure_ray_loggers()), quiet_ray_output():
+        if not quiet:
+            print(f"logs: {path}", file=sys.stderr)
+        yield progress_factory(enabled=not quiet)
 
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
@@ -252,9 +282,9 @@ def guess_command(data: dict[str, Any]) -> str:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (run_cmd, "run one experiment in-process (data -> poison -> defense -> train -> evaluate -> MLflow)"),
-    "train-ebm": (train_ebm_cmd, "train (or resume) a PureGen energy-based model (--store: as a Ray task)"),
-    "train-ddpm": (train_ddpm_cmd, "train (or resume) a PureGen DDPM (t < 250) (--store: as a Ray task)"),
-    "train-classifier": (train_classifier_cmd, "pretrain a classifier on clean data for transfer "
+    "train-ebm": (train_model_cmd("ebm"), "train (or resume) a PureGen energy-based model (--store: as a Ray task)"),
+    "train-ddpm": (train_model_cmd("ddpm"), "train (or resume) a PureGen DDPM (t < 250) (--store: as a Ray task)"),
+    "train-classifier": (train_model_cmd("classifier"), "pretrain a classifier on clean data for transfer "
                                                "(--store: as a Ray task)"),
     "purify": (purify_cmd, "poison and purify a training set through Ray Data into the store (--no-ray: "
                            "in-process into a Parquet file)"),
@@ -326,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr, force=True)  # force: the current stderr, also on repeated calls
     handler, _ = COMMANDS[args.command]
     try:
+        load_plugins()
         return handler(args)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

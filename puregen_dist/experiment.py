@@ -39,6 +39,7 @@ from puregen_dist.data.transforms import image_grid
 from puregen_dist.defenses import build_defense
 from puregen_dist.protocols import Tracker
 from puregen_dist.registry import UnknownNameError
+from puregen_dist.tracking.names import Metric, Tag, definition_tag, success_key
 from puregen_dist.types import ImageSet, TargetSpec
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,11 @@ class RunMetrics:
 
     def as_dict(self) -> dict[str, float]:
         """Flat final metrics, as logged."""
-        out = {"nat_acc": self.nat_acc, **self.costs}
+        out = {Metric.NAT_ACC: self.nat_acc, **self.costs}
         for m, ps in self.poison_success.items():
             out[success_key(m)] = ps.rate
             out.update({f"{success_key(m)}_src{c}": r for c, r in ps.per_source_class.items()})
         return out
-
-
-def success_key(magnification: float) -> str:
-    """Metric name of poison success at ``magnification``: 1 -> ``poison_success_m1``, 1.5 -> ``..._m1p5``."""
-    return f"poison_success_m{magnification:g}".replace(".", "p")
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> Prepared:
@@ -178,9 +174,9 @@ def log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
     tracker.log_params(flatten(cfg))
     tracker.set_tags({
         "puregen_dist.version": __version__,
-        "metric.nat_acc": NAT_ACC_DEFINITION,
-        "metric.poison_success": POISON_SUCCESS_DEFINITION,
-        "attack": cfg.attack.name, "defense": cfg.defense.name, "classifier": cfg.classifier.name,
+        definition_tag(Metric.NAT_ACC): NAT_ACC_DEFINITION,
+        definition_tag(Metric.POISON_SUCCESS): POISON_SUCCESS_DEFINITION,
+        "attack": cfg.attack.name, "defense": cfg.defense.name, Tag.CLASSIFIER: cfg.classifier.name,
         "dataset": cfg.data.dataset,
     })
     with tempfile.TemporaryDirectory() as tmp:

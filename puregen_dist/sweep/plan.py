@@ -17,6 +17,7 @@ from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.pipeline.stages import model_artifact, poison_artifact, purified_artifact
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.sweep.spec import Cell, Sweep
+from puregen_dist.tracking.names import artifact_tag
 
 
 @dataclass
@@ -42,8 +43,8 @@ class TrialPlan:
 
     def tags(self) -> dict[str, str]:
         """Artifact keys as MLflow tags."""
-        tags = {"artifact.poison": self.poison_key, "artifact.train": self.train_key}
-        tags.update({f"artifact.{name}": key for name, key in self.model_keys.items()})
+        tags = {artifact_tag("poison"): self.poison_key, artifact_tag("train"): self.train_key}
+        tags.update({artifact_tag(name): key for name, key in self.model_keys.items()})
         return tags
 
 

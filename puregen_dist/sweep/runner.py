@@ -23,17 +23,22 @@ from typing import Any
 import yaml
 
 from puregen_dist.config.errors import UserInputError
+from puregen_dist.console import Progress, ProgressFactory, no_progress
 from puregen_dist.pipeline.purify import ensure_ray, resolve_path
 from puregen_dist.pipeline.stages import (StageResult, build_model_artifact, build_poison_artifact,
                                           purify_stage, submit_task, task_result)
 from puregen_dist.pipeline.store import ArtifactStore, artifact_key
 from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
 from puregen_dist.sweep.spec import Sweep
-from puregen_dist.sweep.trial import finished_cells, run_trial, trial_spec
+from puregen_dist.sweep.trial import run_trial, trial_spec
+from puregen_dist.tracking.names import Tag
+from puregen_dist.tracking.reader import finished_cells
 
 log = logging.getLogger(__name__)
 
 Trainable = Callable[[dict[str, Any]], None]
+TICK_S = 5.0
+"""Seconds between two looks at running Ray tasks (progress clocks, periodic progress lines)."""
 
 
 @dataclass
@@ -63,19 +68,14 @@ def dry_run(sweep: Sweep) -> str:
     and the MLflow database (an absent store directory is created empty)."""
     store = ArtifactStore(sweep.settings.store)
     plan = plan_sweep(sweep, store)
-    return format_plan(plan, _finished_if_db_exists(tracking_uri_of(sweep), sweep.name))
+    return format_plan(plan, finished_cells(tracking_uri_of(sweep), sweep.name))  # never creates the database
 
 
-def _finished_if_db_exists(uri: str, experiment: str) -> set[str]:
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return set()
-    return finished_cells(uri, experiment)
-
-
-def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callable[[str], None] = print
-              ) -> SweepOutcome:
+def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callable[[str], None] = print,
+              progress: ProgressFactory = no_progress) -> SweepOutcome:
     """Run a whole sweep (see the module docstring). ``trainable`` replaces :func:`run_trial` (tests wrap it
-    to inject failures)."""
+    to inject failures); ``echo`` prints the plan and the report, ``progress`` shows each stage (details go to
+    the log)."""
     from puregen_dist.tracking.mlflow_tracker import MLflowTracker, ensure_experiment
 
     store = ArtifactStore(sweep.settings.store)
@@ -89,11 +89,11 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
     try:
         _log_parent(parent, sweep, plan, finished)
         ensure_ray(sweep.settings.address)
-        build_stages(plan, store, uri, echo)
+        build_stages(plan, store, uri, progress)
         pending = [t for t in plan.trials if t.cell.cell_id not in finished]
         specs = [trial_spec(t, sweep=sweep.name, store_uri=store.uri, tracking_uri=uri,
                             parent_run_id=parent.run_id) for t in pending]
-        failed = run_trials(sweep, plan, specs, trainable or run_trial, echo) if specs else []
+        failed = run_trials(sweep, plan, specs, trainable or run_trial, echo, progress) if specs else []
         report_dir, markdown = _report(sweep, uri, parent, echo)
     except BaseException:
         parent.close("FAILED")
@@ -108,8 +108,8 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
 
 
 def _parent_tags(sweep: Sweep, plan: SweepPlan) -> dict[str, str]:
-    return {"sweep": sweep.name, "sweep_file": sweep.source, "role": "sweep", "git_revision": git_revision(),
-            "cells": str(len(plan.trials))}
+    return {Tag.SWEEP: sweep.name, "sweep_file": sweep.source, Tag.ROLE: "sweep",
+            "git_revision": git_revision(), "cells": str(len(plan.trials))}
 
 
 def _log_parent(parent: Any, sweep: Sweep, plan: SweepPlan, finished: set[str]) -> None:
@@ -146,10 +146,12 @@ def git_revision() -> str:
 # ------------------------------------------------------------------------------------------ stages
 
 
-def build_stages(plan: SweepPlan, store: ArtifactStore, tracking_uri: str, echo: Callable[[str], None]) -> None:
+def build_stages(plan: SweepPlan, store: ArtifactStore, tracking_uri: str,
+                 progress: ProgressFactory = no_progress) -> None:
     """Materialise the missing artifacts: models and poison sets as concurrent Ray tasks (resources from their
-    configs), then purified sets one after another through Ray Data actor pools. Model training runs log to
-    the sweep's MLflow database (their experiments are created here first: no creation race)."""
+    configs), then purified sets one after another through Ray Data actor pools; one ``progress`` bar per
+    stage. Model training runs log to the sweep's MLflow database (their experiments are created here first:
+    no creation race)."""
     from puregen_dist.tracking.mlflow_tracker import ensure_experiment
 
     output_dir = str(Path(plan.sweep.cells[0].config.output_dir).absolute())
@@ -158,45 +160,90 @@ def build_stages(plan: SweepPlan, store: ArtifactStore, tracking_uri: str, echo:
     for artifact in models:
         if artifact.job.tracking.enabled:
             ensure_experiment(tracking_uri, artifact.job.tracking.experiment)
-    _run_tasks(models, echo, lambda a: (build_model_artifact, a.job.resources, (a.job, store.uri, output_dir)))
-    _run_tasks([a for a in plan.poisons if not a.cached], echo,
-               lambda a: (build_poison_artifact, a.job.pipeline.craft, (a.job, store.uri)))
-    for artifact in plan.purified:
-        if artifact.cached:
-            continue
-        start = time.perf_counter()
-        echo(f"purifying {artifact.label} through Ray Data ...")
-        poison_key = next(t.poison_key for t in plan.trials if t.train_key == artifact.key)
-        result: StageResult = purify_stage(artifact.job, poison_key, store)
-        echo(f"  {result.key} {'built' if result.built else 'cached'} in {time.perf_counter() - start:.1f}s")
+    if models:
+        _run_tasks(models, progress("models", len(models), "trained"),
+                   lambda a: (build_model_artifact, a.job.resources, (a.job, store.uri, output_dir)))
+    poisons = [a for a in plan.poisons if not a.cached]
+    if poisons:
+        _run_tasks(poisons, progress("poison sets", len(poisons), "crafted"),
+                   lambda a: (build_poison_artifact, a.job.pipeline.craft, (a.job, store.uri)))
+    todo = [a for a in plan.purified if not a.cached]
+    if todo:
+        _purify_all(plan, todo, store, progress)
 
 
-def _run_tasks(artifacts: list[ArtifactPlan], echo: Callable[[str], None],
+def _run_tasks(artifacts: list[ArtifactPlan], bar: Progress,
                task_of: Callable[[ArtifactPlan], tuple[Callable[..., Any], Any, tuple]]) -> None:
-    """Submit one Ray task per artifact (all at once), then wait for all; a task's UserInputError is
-    re-raised as itself."""
+    """Submit one Ray task per artifact (all at once), then wait for all, moving ``bar`` as they finish; a
+    task's UserInputError is re-raised as itself."""
     import ray
 
-    futures = {}
-    for artifact in artifacts:
-        fn, resources, args = task_of(artifact)
-        futures[submit_task(fn, resources, *args)] = artifact
-        echo(f"building {artifact.stage} {artifact.key} ({artifact.label}) as a Ray task")
-    start, pending = time.perf_counter(), list(futures)
-    while pending:  # report in completion order
-        done, pending = ray.wait(pending, num_returns=1)
-        task_result(done[0])
-        echo(f"  {futures[done[0]].key} ready ({time.perf_counter() - start:.1f}s)")
+    with bar:
+        futures = {}
+        for artifact in artifacts:
+            fn, resources, args = task_of(artifact)
+            futures[submit_task(fn, resources, *args)] = artifact
+            log.info("building %s %s (%s) as a Ray task", artifact.stage, artifact.key, artifact.label)
+        start, pending = time.perf_counter(), list(futures)
+        while pending:  # report in completion order; wake up now and then to keep the bar's clock going
+            done, pending = ray.wait(pending, num_returns=1, timeout=TICK_S)
+            for ref in done:
+                task_result(ref)
+                log.info("%s ready (%.1fs)", futures[ref].key, time.perf_counter() - start)
+                bar.update(len(futures) - len(pending), f"last: {futures[ref].label}" if pending else "")
+            bar.tick()
+
+
+def _purify_all(plan: SweepPlan, todo: list[ArtifactPlan], store: ArtifactStore,
+                progress: ProgressFactory) -> None:
+    """The purified sets ``todo``, one after another through Ray Data; the bar counts rows written (live when
+    Ray Data reports them, else per finished set)."""
+    from puregen_dist.sweep.progress import report_rows
+
+    poison_of = {a.key: next(t.poison_key for t in plan.trials if t.train_key == a.key) for a in todo}
+    rows = {a.key: int(store.manifest(poison_of[a.key]).get("rows", 0)) for a in todo}
+    with progress("purified sets", sum(rows.values()), "rows") as bar:
+        written = 0
+        for index, artifact in enumerate(todo):
+            start, detail = time.perf_counter(), f"set {index + 1}/{len(todo)}: {artifact.label}"
+            log.info("purifying %s through Ray Data", artifact.label)
+            with report_rows(_RowsOfSet(bar, written, rows[artifact.key], detail)):
+                result: StageResult = purify_stage(artifact.job, poison_of[artifact.key], store)
+            written += rows[artifact.key]
+            bar.update(written, detail if index + 1 < len(todo) else f"{len(todo)} sets")
+            log.info("%s %s in %.1fs", result.key, "built" if result.built else "cached",
+                     time.perf_counter() - start)
+
+
+@dataclass
+class _RowsOfSet:
+    """Rows of one purified set as a position of the stage's bar (never beyond the set, never backwards: a
+    PureGen-Filt set streams every row twice)."""
+
+    bar: Progress
+    offset: int
+    rows: int
+    detail: str
+
+    def __call__(self, rows: int) -> None:
+        position = self.offset + min(rows, self.rows)
+        if position > self.bar.done:
+            self.bar.update(position, self.detail)
+        else:
+            self.bar.tick()
 
 
 # ------------------------------------------------------------------------------------------ trials
 
 
 def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], trainable: Trainable,
-               echo: Callable[[str], None]) -> list[str]:
+               echo: Callable[[str], None], progress: ProgressFactory = no_progress) -> list[str]:
     """Run the pending cells as Ray Tune trials (FIFO, every cell to completion, ``max_failures`` retries);
-    returns the cell ids whose trial finally failed. An interrupted run of the same pending set is restored."""
+    returns the cell ids whose trial finally failed. An interrupted run of the same pending set is restored
+    (without a progress bar)."""
     from ray import tune
+
+    from puregen_dist.sweep.progress import TrialProgress
 
     settings = sweep.settings
     # Trials run in the job's working directory, not in their trial directory, so that relative paths in the
@@ -207,6 +254,8 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
     name = f"{sweep.name}-{artifact_key('trials', {'cells': [s['cell_id'] for s in specs]})[7:]}"
     wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus})
     path = f"{storage.rstrip('/')}/{name}"
+    bar = progress("trials", len(specs), "finished")
+    epochs = sum(int(spec["config"]["classifier"]["epochs"]) for spec in specs)
     if tune.Tuner.can_restore(path):
         echo(f"restoring the interrupted Tune experiment {path}")
         tuner = tune.Tuner.restore(path, wrapped, resume_unfinished=True, restart_errored=True)
@@ -216,10 +265,12 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or None,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      callbacks=[TrialProgress(bar, epochs)],
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
-    echo(f"running {len(specs)} trial(s) with Ray Tune ({settings.trial_cpus} CPU, {settings.trial_gpus} GPU "
-         f"each; storage {path})")
-    results = tuner.fit()
+    log.info("running %d trial(s) with Ray Tune (%s CPU, %s GPU each; storage %s)", len(specs),
+             settings.trial_cpus, settings.trial_gpus, path)
+    with bar:
+        results = tuner.fit()
     failed = [r.config["trial"]["cell_id"] for r in results if r.error is not None]
     for result in results:
         if result.error is not None:

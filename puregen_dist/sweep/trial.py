@@ -18,11 +18,14 @@ from puregen_dist.config.loading import build, to_dict
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.data.datasets import load_data
 from puregen_dist.experiment import RunMetrics, log_samples, log_setup, train_and_evaluate
-from puregen_dist.pipeline.models import resolve_model_ref
+from puregen_dist.pipeline.models import resolve_models
 from puregen_dist.pipeline.stages import read_target
 from puregen_dist.pipeline.store import ArtifactStore
+from puregen_dist.plugins import load_plugins
 from puregen_dist.protocols import Tracker
 from puregen_dist.sweep.plan import TrialPlan
+from puregen_dist.tracking.names import AttackKind, Metric, Tag, definition_tag
+from puregen_dist.tracking.reader import finished_cells  # re-exported: resume's view of MLflow
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,13 @@ def trial_spec(trial: TrialPlan, *, sweep: str, store_uri: str, tracking_uri: st
 
 def cell_tags(spec: Mapping[str, Any], cfg: ExperimentConfig, attack_kind: str) -> dict[str, str]:
     """Tags of a child run: what the report groups by, the metric definitions, the artifact keys."""
-    tags = {"sweep": spec["sweep"], "cell_id": spec["cell_id"], "cell_index": str(spec["index"]),
-            "row": spec["row"], "col": spec["col"], "attack.kind": attack_kind, "seed": str(cfg.seed),
-            "classifier": cfg.classifier.name, "metric.nat_acc": NAT_ACC_DEFINITION,
-            "metric.poison_success": POISON_SUCCESS_DEFINITION, **spec["artifact_tags"]}
+    tags = {Tag.SWEEP: spec["sweep"], Tag.CELL_ID: spec["cell_id"], Tag.CELL_INDEX: str(spec["index"]),
+            Tag.ROW: spec["row"], Tag.COL: spec["col"], Tag.ATTACK_KIND: attack_kind, Tag.SEED: str(cfg.seed),
+            Tag.CLASSIFIER: cfg.classifier.name, definition_tag(Metric.NAT_ACC): NAT_ACC_DEFINITION,
+            definition_tag(Metric.POISON_SUCCESS): POISON_SUCCESS_DEFINITION, **spec["artifact_tags"]}
     target = getattr(cfg.attack, "target_class", None)
-    if attack_kind == "triggered" and target is not None:
-        tags["target_class"] = str(target)
+    if attack_kind == AttackKind.TRIGGERED and target is not None:
+        tags[Tag.TARGET_CLASS] = str(target)
     return tags
 
 
@@ -58,9 +61,7 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     artifact manifests (crafting and purification time)."""
     cfg = build(ExperimentConfig, spec["config"], source=f"cell {spec['cell_id']}")
     store = ArtifactStore(spec["store"])
-    if cfg.classifier.pretrained:  # a classifier artifact key -> its directory
-        pretrained = resolve_model_ref(cfg.classifier.pretrained, "classifier", store, "classifier.pretrained")
-        cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, pretrained=pretrained))
+    cfg = resolve_trial_models(cfg, store)
     poison_key, train_key = spec["poison_key"], spec["train_key"]
     target = read_target(store, poison_key)
     log_setup(cfg, tracker)
@@ -71,6 +72,16 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     log_samples(tracker, poisoned.ids[flags], poisoned, train)
     return train_and_evaluate(cfg, train, test, target, tracker, report=report,
                               costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())))
+
+
+def resolve_trial_models(cfg: ExperimentConfig, store: ArtifactStore) -> ExperimentConfig:
+    """``cfg`` with the model artifact keys the trial itself loads replaced by local directories: the
+    classifier's (a pretrained network) and, for a defense with no purified set (one that acts during
+    training), the defense's. Purified sets were made before the trial: their models are not fetched."""
+    sections = {"classifier": resolve_models(cfg.classifier, store, "classifier")}
+    if cfg.defense.pipeline == "none":
+        sections["defense"] = resolve_models(cfg.defense, store, "defense")
+    return dataclasses.replace(cfg, **sections)
 
 
 def _costs(store: ArtifactStore, poison_key: str, train_key: str, images: int, poisons: int) -> dict[str, float]:
@@ -97,6 +108,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from puregen_dist.tracking.mlflow_tracker import MLflowTracker
 
     spec = config["trial"]
+    load_plugins()  # a Tune worker is an entry point: register built-ins and $PUREGEN_DIST_PLUGINS
     cfg = build(ExperimentConfig, spec["config"], source=f"cell {spec['cell_id']}")
     if cfg.classifier.threads:
         import torch
@@ -107,7 +119,7 @@ def run_trial(config: dict[str, Any]) -> None:
         return
     tracker = MLflowTracker(spec["tracking_uri"], cfg.tracking.experiment,
                             run_name=f"{spec['row']} | {spec['col']} | {cfg.classifier.name} | seed {cfg.seed}",
-                            parent_run_id=spec["parent_run_id"], tags={"cell_id": spec["cell_id"]})
+                            parent_run_id=spec["parent_run_id"], tags={Tag.CELL_ID: spec["cell_id"]})
     try:
         metrics = execute_trial(spec, tracker, report=lambda m, step: tune.report({**m, "epoch": step}))
     except BaseException as exc:
@@ -117,16 +129,3 @@ def run_trial(config: dict[str, Any]) -> None:
         raise
     tracker.close(FINISHED)
     tune.report({**metrics.as_dict(), "epoch": cfg.classifier.epochs, "done": 1.0})
-
-
-def finished_cells(tracking_uri: str, experiment: str) -> set[str]:
-    """``cell_id`` tags of the FINISHED runs of ``experiment`` (empty when it does not exist yet)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return set()
-    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                              max_results=50000)
-    return {run.data.tags["cell_id"] for run in runs if "cell_id" in run.data.tags}

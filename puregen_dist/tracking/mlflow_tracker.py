@@ -1,4 +1,4 @@
-"""MLflow behind the Tracker protocol; the only module that imports mlflow.
+"""MLflow behind the Tracker protocol: the writer (``tracking/reader.py`` is the reader).
 
 Default backend: a sqlite database at an absolute path in the output directory (never the deprecated file
 store). ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` override it (e.g. ``http://mlflow:5000`` on clusters).

@@ -140,13 +140,20 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
     small = ["base.data.train_per_class=16", "models.ebm.data.train_per_class=8",
              "models.ddpm.data.train_per_class=8", "models.ebm.train.epochs=1", "models.ebm.train.bank_size=64",
              "models.ddpm.train.epochs=1", "base.classifier.epochs=1", "settings.seeds=[0]"]
-    assert main(["-q", "quickstart", *[arg for s in small for arg in ("--set", s)]]) == 0
-    out = capsys.readouterr().out
+    assert main(["quickstart", *[arg for s in small for arg in ("--set", s)]]) == 0
+    out, err = capsys.readouterr()
     for row in ("none", "jpeg", "puregen_ebm", "puregen_ddpm"):
         assert f"| {row} | " in out
     assert "models: 2 (2 to build, 0 cached)" in out and "trials: 4 (4 to run" in out
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'outputs' / 'quickstart' / 'mlflow.db'}" in out
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'quickstart' / 'mlflow.db'}"
+    assert out.splitlines()[-1] == f"browse: mlflow ui --backend-store-uri {uri}"
     assert (tmp_path / "outputs" / "quickstart" / "report" / "report_heatmap.png").is_file()
+    # one progress line per stage start/end (plain lines: stderr is not a terminal), Ray's logs in the file
+    assert "models: 2/2 trained" in err and "purified sets: 480/480 rows" in err
+    assert "trials: 4/4 finished, 4/4 epochs" in err
+    assert len(out.splitlines()) + len(err.splitlines()) <= 100  # about two screens
+    (log_file,) = (tmp_path / "outputs" / "quickstart" / "logs").glob("sweep-*.log")
+    assert "Execution plan of Dataset" not in err and "Execution plan of Dataset" in log_file.read_text()
 
 
 def test_relative_data_root_resolves_inside_trials(tmp_path, monkeypatch):

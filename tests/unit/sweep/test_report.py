@@ -1,4 +1,7 @@
-"""The sweep results table: golden aggregation numbers, MLflow fetching (sqlite), the written report files."""
+"""The sweep results table: golden aggregation numbers, MLflow fetching (sqlite), the written report files.
+
+The report consumes MLflow's ``search_runs`` DataFrame; the golden runs below go through the reader's
+:func:`~puregen_dist.tracking.reader.runs_frame` so that the report is tested on exactly that format."""
 
 from __future__ import annotations
 
@@ -6,24 +9,30 @@ import ast
 import csv
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.sweep import report
 from puregen_dist.sweep.report import (
     CSV_COLUMNS,
-    RunRecord,
     build_table,
     fetch_runs,
+    latest_per_cell,
     steps_plot_png,
     to_csv_rows,
     to_markdown,
     write_report,
 )
+from puregen_dist.tracking.reader import runs_frame
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PARENT = "a" * 32
 
 # (defense, target class) -> poison success m=1 per seed (seeds 0, 1)
 POISON_M1 = {("puregen_ebm", 0): [0.1, 0.0], ("puregen_ebm", 1): [0.2, 0.3],
@@ -32,15 +41,28 @@ POISON_M3 = {("puregen_ebm", 0): [0.2, 0.2], ("puregen_ebm", 1): [0.4, 0.4],
              ("none", 0): [1.0, 1.0], ("none", 1): [0.9, 0.7]}
 NAT_ACC = {"none": [0.95, 0.94, 0.96, 0.91], "puregen_ebm": [0.90, 0.92, 0.91, 0.89]}
 TARGET_SUCCESS = {"none": [1, 1, 0, 1, 1], "puregen_ebm": [0, 0, 0, 1, 0]}
+STATS = {"poison_m1": ("_mean", "_std", "_max_over_targets", "_n", "_n_targets"),
+         "poison_m3": ("_mean", "_std", "_max_over_targets", "_n", "_n_targets"),
+         "target_success": ("_rate", "_successes", "_n", "_ci_low", "_ci_high")}
+
+
+def _absent(cell: pd.Series, group: str) -> bool:
+    """No statistic of ``group`` (``poison_m1``, ``poison_m3``, ``target_success``) applies to ``cell``."""
+    return all(pd.isna(cell[group + suffix]) for suffix in STATS[group])
 
 
 def _record(row: str, col: str, kind: str, seed: int, target: int | None, metrics: dict[str, float],
-            **params: str) -> RunRecord:
+            **params: str) -> SimpleNamespace:
+    """A sweep child run shaped like ``mlflow.entities.Run`` (what :func:`runs_frame` reads)."""
     cell = f"cell-{row}-{col}-{seed}-{target}"
-    return RunRecord(row, col, kind, seed, target, metrics, dict(params), cell, f"run-{cell}", 0)
+    tags = {"mlflow.parentRunId": PARENT, "cell_id": cell, "row": row, "col": col, "attack.kind": kind,
+            "seed": str(seed), **({"target_class": str(target)} if target is not None else {})}
+    info = SimpleNamespace(run_id=f"run-{cell}", experiment_id="1", status="FINISHED", artifact_uri="",
+                           start_time=0, end_time=1)
+    return SimpleNamespace(info=info, data=SimpleNamespace(metrics=metrics, params=dict(params), tags=tags))
 
 
-def golden_runs() -> list[RunRecord]:
+def golden_runs() -> pd.DataFrame:
     """puregen_ebm first on purpose (``none`` must still be the first row); a triggered attack
     (2 target classes × 2 seeds), a triggerless attack (5 runs) and a clean column (1 run)."""
     runs = []
@@ -55,7 +77,7 @@ def golden_runs() -> list[RunRecord]:
             runs.append(_record(row, "bullseye", "triggerless", i, None,
                                 {"target_success": float(hit), "nat_acc": 0.9}))
         runs.append(_record(row, "clean", "none", 0, None, {"nat_acc": 0.97}))
-    return runs
+    return runs_frame(runs)
 
 
 def _wilson_by_hand(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -72,52 +94,54 @@ def test_rows_none_first_and_clean_columns_first():
     table = build_table(golden_runs())
     assert table.rows == ["none", "puregen_ebm"]
     assert table.cols == ["clean", "badnets", "bullseye"]
-    assert len(table.cells) == 6
+    assert len(table.stats) == 6
 
 
 @pytest.mark.parametrize("row", ["none", "puregen_ebm"])
 def test_triggered_cell_golden_numbers(row):
     cell = build_table(golden_runs()).cell(row, "badnets")
-    for summary, by_target in ((cell.poison_m1, POISON_M1), (cell.poison_m3, POISON_M3)):
+    for p, by_target in (("poison_m1", POISON_M1), ("poison_m3", POISON_M3)):
         values = by_target[row, 0] + by_target[row, 1]
-        assert summary.mean == pytest.approx(statistics.fmean(values))
-        assert summary.std == pytest.approx(statistics.stdev(values))  # ddof=1
+        assert cell[f"{p}_mean"] == pytest.approx(statistics.fmean(values))
+        assert cell[f"{p}_std"] == pytest.approx(statistics.stdev(values))  # ddof=1
         best = max(statistics.fmean(by_target[row, t]) for t in (0, 1))
-        assert summary.max_over_targets == pytest.approx(best)
-        assert (summary.n, summary.n_targets) == (4, 2)
-    assert cell.nat_acc.mean == pytest.approx(statistics.fmean(NAT_ACC[row]))
-    assert cell.nat_acc.std == pytest.approx(statistics.stdev(NAT_ACC[row]))
-    assert cell.n_runs == 4 and cell.triggerless is None
+        assert cell[f"{p}_max_over_targets"] == pytest.approx(best)
+        assert (cell[f"{p}_n"], cell[f"{p}_n_targets"]) == (4, 2)
+    assert cell["nat_acc_mean"] == pytest.approx(statistics.fmean(NAT_ACC[row]))
+    assert cell["nat_acc_std"] == pytest.approx(statistics.stdev(NAT_ACC[row]))
+    assert cell["n_runs"] == 4 and _absent(cell, "target_success")
 
 
 @pytest.mark.parametrize("row", ["none", "puregen_ebm"])
 def test_triggerless_cell_is_a_rate_with_a_wilson_interval(row):
     cell = build_table(golden_runs()).cell(row, "bullseye")
     hits = TARGET_SUCCESS[row]
-    tl = cell.triggerless
-    assert (tl.successes, tl.n) == (sum(hits), 5)
-    assert tl.rate == pytest.approx(sum(hits) / 5)
-    assert (tl.ci_low, tl.ci_high) == pytest.approx(_wilson_by_hand(sum(hits), 5))
-    assert cell.poison_m1 is None and cell.nat_acc.std == 0.0 and cell.nat_acc.mean == pytest.approx(0.9)
+    assert (cell["target_success_successes"], cell["target_success_n"]) == (sum(hits), 5)
+    assert cell["target_success_rate"] == pytest.approx(sum(hits) / 5)
+    assert (cell["target_success_ci_low"], cell["target_success_ci_high"]) == pytest.approx(
+        _wilson_by_hand(sum(hits), 5))
+    assert _absent(cell, "poison_m1") and cell["nat_acc_std"] == 0.0
+    assert cell["nat_acc_mean"] == pytest.approx(0.9)
 
 
 def test_wilson_literal_values():
-    tl = build_table(golden_runs()).cell("none", "bullseye").triggerless
-    assert (tl.ci_low, tl.ci_high) == pytest.approx((0.3755, 0.9638), abs=1e-4)
+    cell = build_table(golden_runs()).cell("none", "bullseye")
+    assert (cell["target_success_ci_low"], cell["target_success_ci_high"]) == pytest.approx((0.3755, 0.9638),
+                                                                                            abs=1e-4)
 
 
 def test_single_run_has_zero_std_and_no_attack_cell_has_only_accuracy():
     cell = build_table(golden_runs()).cell("none", "clean")
-    assert (cell.nat_acc.mean, cell.nat_acc.std, cell.nat_acc.n) == (0.97, 0.0, 1)
-    assert cell.poison_m1 is None and cell.poison_m3 is None and cell.triggerless is None
+    assert (cell["nat_acc_mean"], cell["nat_acc_std"], cell["nat_acc_n"]) == (0.97, 0.0, 1)
+    assert _absent(cell, "poison_m1") and _absent(cell, "poison_m3") and _absent(cell, "target_success")
 
 
 def test_mixed_attack_kinds_in_a_column_and_no_runs_are_errors():
-    runs = golden_runs() + [_record("none", "badnets", "triggerless", 9, None, {"target_success": 1.0})]
+    extra = runs_frame([_record("none", "badnets", "triggerless", 9, None, {"target_success": 1.0})])
     with pytest.raises(ValueError, match="badnets"):
-        build_table(runs)
+        build_table(pd.concat([golden_runs(), extra], ignore_index=True))
     with pytest.raises(ValueError):
-        build_table([])
+        build_table(runs_frame([]))
 
 
 # ------------------------------------------------------------------------------------------- renderers
@@ -160,7 +184,7 @@ def test_csv_rows_long_format(tmp_path):
 # ---------------------------------------------------------------------------------------------- files
 
 
-def steps_runs(steps: tuple[int, ...]) -> list[RunRecord]:
+def steps_runs(steps: tuple[int, ...]) -> pd.DataFrame:
     runs = [_record("none", "badnets", "triggered", 0, 0, {"poison_success_m1": 0.9, "nat_acc": 0.95},
                     **{"defense.name": "none"})]
     for s in steps:
@@ -168,7 +192,7 @@ def steps_runs(steps: tuple[int, ...]) -> list[RunRecord]:
             runs.append(_record(f"puregen_ebm (langevin.steps={s})", "badnets", "triggered", seed, 0,
                                 {"poison_success_m1": 1.0 / s, "nat_acc": 0.9},
                                 **{"defense.name": "puregen_ebm", "defense.langevin.steps": str(s)}))
-    return runs
+    return runs_frame(runs)
 
 
 def test_write_report_with_varied_langevin_steps(tmp_path):
@@ -200,6 +224,19 @@ def test_mlflow_is_imported_lazily():
     modules = [alias.name for node in top_level if isinstance(node, ast.Import) for alias in node.names]
     modules += [node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)]
     assert modules and not [m for m in modules if m.split(".")[0] in {"mlflow", "ray"}]
+
+
+def test_report_imports_with_mlflow_and_ray_blocked():
+    """Stronger than the AST check: nothing the report imports (the reader included) imports MLflow or Ray."""
+    blocker = ("import importlib.abc, sys\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in {'ray', 'mlflow'}:\n"
+               "            raise ImportError(f'layering violation: {name} imported')\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "import puregen_dist.sweep.report\n")
+    proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # --------------------------------------------------------------------------------------------- MLflow
@@ -246,22 +283,42 @@ def sweep_db(tmp_path_factory):
     return uri, parents, ids
 
 
+def _prefixed(line: pd.Series, prefix: str) -> dict[str, object]:
+    """The non-missing ``<prefix>.*`` columns of one run, without the prefix."""
+    return {k.removeprefix(prefix): v for k, v in line.items() if k.startswith(prefix) and not pd.isna(v)}
+
+
 def test_fetch_runs_latest_per_cell_finished_children_only(sweep_db):
     uri, _, ids = sweep_db
     records = fetch_runs(uri, "sweep-x")
-    assert [r.run_id for r in records] == [ids["c2"], ids["new1"], ids["c4"]]
-    new1 = records[1]
-    assert (new1.cell_id, new1.row, new1.col, new1.attack_kind) == ("cell-1", "jpeg", "badnets", "triggered")
-    assert (new1.seed, new1.target_class, new1.start_time) == (3, 7, 3000)
-    assert new1.metrics == {"nat_acc": 0.8, "poison_success_m1": 0.25}  # latest value of the history
-    assert new1.params == {"defense.name": "jpeg", "seed": "3"}
+    assert records["run_id"].tolist() == [ids["c2"], ids["new1"], ids["c4"]]
+    new1 = records.iloc[1]
+    assert (new1["tags.cell_id"], new1["tags.row"], new1["tags.col"], new1["tags.attack.kind"]) == (
+        "cell-1", "jpeg", "badnets", "triggered")
+    assert (int(new1["tags.seed"]), int(new1["tags.target_class"])) == (3, 7)
+    assert new1["start_time"] == pd.Timestamp(3000, unit="ms", tz="UTC")
+    # latest value of the history
+    assert _prefixed(new1, "metrics.") == {"nat_acc": 0.8, "poison_success_m1": 0.25}
+    assert _prefixed(new1, "params.") == {"defense.name": "jpeg", "seed": "3"}
 
 
 def test_fetch_runs_of_one_parent(sweep_db):
     uri, parents, ids = sweep_db
     records = fetch_runs(uri, "sweep-x", parents["A"])
-    assert [r.run_id for r in records] == [ids["old1"], ids["c2"]]
-    assert records[0].metrics["nat_acc"] == 0.5
+    assert records["run_id"].tolist() == [ids["old1"], ids["c2"]]
+    assert records.iloc[0]["metrics.nat_acc"] == 0.5
+
+
+def test_latest_per_cell_drops_runs_that_are_not_sweep_children():
+    runs = golden_runs()
+    not_child = runs.iloc[[0, 1]].copy()
+    not_child["tags.mlflow.parentRunId"] = None  # e.g. the parent run itself
+    not_child.loc[not_child.index[1], "tags.mlflow.parentRunId"] = PARENT
+    not_child["tags.row"] = ["x", ""]  # a child without a row label
+    mixed = pd.concat([runs, not_child.assign(run_id=["z1", "z2"])], ignore_index=True)
+    assert latest_per_cell(mixed)["run_id"].tolist() == latest_per_cell(runs)["run_id"].tolist()
+    assert len(latest_per_cell(runs)) == len(runs)  # every golden run is its own cell
+    assert latest_per_cell(runs_frame([])).empty
 
 
 def test_fetch_runs_user_errors(sweep_db, tmp_path):

@@ -1,0 +1,165 @@
+"""The one reader of a sweep's MLflow runs: what resume (:func:`finished_cells`) and the report
+(:func:`read_runs`) see.
+
+Runs come back page by page (every page, following MLflow's ``page_token``) as a pandas DataFrame with
+MLflow's own ``search_runs`` columns: ``run_id``, ``experiment_id``, ``status``, ``artifact_uri``,
+``start_time`` and ``end_time`` (UTC timestamps), then ``metrics.<name>`` (the latest value; NaN where a run
+lacks it), ``params.<name>`` and ``tags.<name>`` (strings; NaN where a run lacks them). Tag, metric and
+param names are in :mod:`puregen_dist.tracking.names`.
+
+MLflow is imported in function bodies only: importing this module imports neither MLflow nor Ray.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.tracking.names import Tag, metric_column, param_column, tag_column
+
+PAGE_SIZE = 1000
+"""Runs per ``search_runs`` request."""
+FINISHED = "FINISHED"
+INFO_COLUMNS = ("run_id", "experiment_id", "status", "artifact_uri", "start_time", "end_time")
+"""The run-info columns of :func:`runs_frame`, first and in this order (as in ``mlflow.search_runs``)."""
+_RUN_ID = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it is an MLflow run id (32 hex digits), so that it can be pasted into a filter string.
+
+    Raises:
+        UserInputError: anything else (quotes, spaces, a run name, a truncated id, ...).
+    """
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise UserInputError(f"{run_id!r} is not an MLflow run id (32 hexadecimal digits, e.g. the parent "
+                             "run id printed by `puregen-dist sweep` or shown by `mlflow ui`)")
+    return run_id
+
+
+def runs_filter(*, parent_run_id: str | None = None, finished_only: bool = True) -> str:
+    """The MLflow filter string: status FINISHED (when ``finished_only``) and child of ``parent_run_id``
+    (when given; validated by :func:`check_run_id`)."""
+    clauses = [f"attributes.status = '{FINISHED}'"] if finished_only else []
+    if parent_run_id is not None:
+        clauses.append(f"tags.`{Tag.PARENT_RUN_ID}` = '{check_run_id(parent_run_id)}'")
+    return " AND ".join(clauses)
+
+
+def read_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None,
+              finished_only: bool = True, page_size: int | None = None) -> pd.DataFrame:
+    """Every run of ``experiment`` (optionally only the children of one parent run, only FINISHED ones),
+    oldest first, as a DataFrame of MLflow's ``search_runs`` columns (see the module docstring).
+
+    Args:
+        tracking_uri: MLflow tracking URI (e.g. ``sqlite:////abs/out/mlflow.db``).
+        experiment: experiment name (a sweep's name).
+        parent_run_id: only runs tagged ``mlflow.parentRunId`` = this run id (32 hex digits).
+        finished_only: only runs whose status is FINISHED.
+        page_size: runs per request (default :data:`PAGE_SIZE`); every page is read.
+
+    Raises:
+        UserInputError: ``parent_run_id`` is not a run id, no database at a ``sqlite:///`` URI (none is
+            created), or no active experiment named ``experiment`` (the message lists the existing ones).
+    """
+    from mlflow.tracking import MlflowClient
+
+    filter_string = runs_filter(parent_run_id=parent_run_id, finished_only=finished_only)
+    missing = missing_database(tracking_uri)
+    if missing is not None:
+        raise UserInputError(f"no MLflow database at {missing} (tracking URI {tracking_uri})")
+    client = MlflowClient(tracking_uri)
+    experiment_id = _active_experiment_id(client, experiment, tracking_uri)
+    return runs_frame(iter_runs(client, experiment_id, filter_string, page_size=page_size or PAGE_SIZE))
+
+
+def finished_cells(tracking_uri: str, experiment: str) -> set[str]:
+    """``cell_id`` tags of the FINISHED runs of ``experiment``: the sweep cells that resume skips.
+
+    Empty when the experiment does not exist, or when a ``sqlite:///`` database does not exist (none is
+    created).
+    """
+    from mlflow.tracking import MlflowClient
+
+    if missing_database(tracking_uri) is not None:
+        return set()
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return set()
+    runs = iter_runs(client, found.experiment_id, runs_filter(), page_size=PAGE_SIZE)
+    return {run.data.tags[Tag.CELL_ID] for run in runs if Tag.CELL_ID in run.data.tags}
+
+
+def iter_runs(client: Any, experiment_id: str, filter_string: str = "", *,
+              page_size: int = PAGE_SIZE) -> Iterator[Any]:
+    """The ``mlflow.entities.Run`` objects matching ``filter_string`` in one experiment, oldest first,
+    requesting page after page until MLflow returns no ``page_token``.
+
+    Args:
+        client: an ``MlflowClient``.
+        experiment_id: the experiment's id.
+        filter_string: an MLflow search filter (e.g. :func:`runs_filter`).
+        page_size: runs per request.
+    """
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=page_size,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
+    """MLflow runs as a DataFrame with ``mlflow.search_runs``' columns: :data:`INFO_COLUMNS`, then the
+    ``metrics.*``, ``params.*`` and ``tags.*`` columns (each sorted by name; NaN where a run lacks one)."""
+    frame = pd.DataFrame([_flat_run(run) for run in runs])
+    if frame.empty:
+        return pd.DataFrame(columns=list(INFO_COLUMNS))
+    for column in ("start_time", "end_time"):
+        frame[column] = pd.to_datetime(frame[column], unit="ms", utc=True)
+    data_columns = sorted(c for c in frame.columns if c not in INFO_COLUMNS)
+    return frame[list(INFO_COLUMNS) + data_columns]
+
+
+def _flat_run(run: Any) -> dict[str, Any]:
+    """One run as a flat dict of :func:`runs_frame`'s columns."""
+    info, data = run.info, run.data
+    return {"run_id": info.run_id, "experiment_id": info.experiment_id, "status": info.status,
+            "artifact_uri": info.artifact_uri, "start_time": info.start_time, "end_time": info.end_time,
+            **{metric_column(k): float(v) for k, v in data.metrics.items()},
+            **{param_column(k): v for k, v in data.params.items()},
+            **{tag_column(k): v for k, v in data.tags.items()}}
+
+
+def missing_database(tracking_uri: str) -> Path | None:
+    """The database path of a ``sqlite:///`` URI when that file does not exist, else None (MlflowClient would
+    silently create an empty database at a mistyped path)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return None if db.is_file() else db
+
+
+def _active_experiment_id(client: Any, experiment: str, tracking_uri: str) -> str:
+    """The id of the active experiment named ``experiment``; UserInputError listing the existing ones."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "active":
+        return found.experiment_id
+    names = sorted(e.name for e in client.search_experiments())
+    raise UserInputError(
+        f"no MLflow experiment named {experiment!r} at {tracking_uri}"
+        f"{' (it was deleted)' if found is not None else ''}; existing experiments: "
+        f"{', '.join(map(repr, names)) or 'none'}"
+    )
+
+
+__all__ = ["FINISHED", "INFO_COLUMNS", "PAGE_SIZE", "check_run_id", "finished_cells", "iter_runs",
+           "missing_database", "read_runs", "runs_filter", "runs_frame"]
