@@ -24,3 +24,9 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise :class:`FieldError` for ``key`` unless ``condition`` holds."""
     if not condition:
         raise FieldError(key, message)
+
+
+def check_at_least(cfg: object, **minimums: float) -> None:
+    """``check(cfg.key >= minimum, key, "must be >= minimum")`` for each keyword, in order."""
+    for key, minimum in minimums.items():
+        check(getattr(cfg, key) >= minimum, key, f"must be >= {minimum}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from puregen_dist.config.errors import check
+from puregen_dist.config.errors import check, check_at_least
 from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
 from puregen_dist.config.schema import (
     AttackConfig,
@@ -33,9 +33,7 @@ class EBMConfig:
     image_size: int = 32
 
     def __post_init__(self) -> None:
-        check(self.nf >= 1, "nf", "must be >= 1")
-        check(self.in_channels >= 1, "in_channels", "must be >= 1")
-        check(self.image_size >= 8, "image_size", "must be >= 8")
+        check_at_least(self, nf=1, in_channels=1, image_size=8)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,14 +82,12 @@ class EBMTrainConfig:
     device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check_at_least(self, epochs=1, batch_size=1)
         check(self.lr > 0, "lr", "must be > 0")
         check(self.bank_size >= self.batch_size, "bank_size", "must be >= batch_size")
         check(self.mcmc_steps >= 1, "mcmc_steps", "must be >= 1")
         check(0.0 <= self.rejuvenation <= 1.0, "rejuvenation", "must lie in [0, 1]")
-        check(self.data_noise >= 0, "data_noise", "must be >= 0")
-        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        check_at_least(self, data_noise=0, checkpoint_every=1)
 
 
 # --------------------------------------------------------------------------------------------------- DDPM
@@ -111,10 +107,7 @@ class DDPMConfig:
     beta_end: float = 0.02
 
     def __post_init__(self) -> None:
-        check(self.in_channels >= 1, "in_channels", "must be >= 1")
-        check(self.image_size >= 8, "image_size", "must be >= 8")
-        check(self.layers_per_block >= 1, "layers_per_block", "must be >= 1")
-        check(self.num_train_timesteps >= 2, "num_train_timesteps", "must be >= 2")
+        check_at_least(self, in_channels=1, image_size=8, layers_per_block=1, num_train_timesteps=2)
         check(0 < self.beta_start < self.beta_end < 1, "beta_end", "need 0 < beta_start < beta_end < 1")
 
 
@@ -136,13 +129,9 @@ class DDPMTrainConfig:
     device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check_at_least(self, epochs=1, batch_size=1)
         check(self.lr > 0, "lr", "must be > 0")
-        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        check(self.max_train_t >= 1, "max_train_t", "must be >= 1")
-        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        check_at_least(self, weight_decay=0, warmup_steps=0, max_train_t=1, checkpoint_every=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,9 +186,7 @@ class TaskResources:
     """Re-runs after a worker or node failure (a model task resumes from its last local checkpoint)."""
 
     def __post_init__(self) -> None:
-        check(self.num_cpus >= 0, "num_cpus", "must be >= 0")
-        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
-        check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        check_at_least(self, num_cpus=0, num_gpus=0, max_retries=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,11 +270,7 @@ class PipelineConfig:
     """Ray cluster address; None: $RAY_ADDRESS, else a local Ray instance."""
 
     def __post_init__(self) -> None:
-        check(self.actors >= 1, "actors", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(self.num_cpus_per_actor >= 0, "num_cpus_per_actor", "must be >= 0")
-        check(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must be >= 0")
-        check(self.cpu_tasks >= 1, "cpu_tasks", "must be >= 1")
+        check_at_least(self, actors=1, batch_size=1, num_cpus_per_actor=0, num_gpus_per_actor=0, cpu_tasks=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,5 +316,4 @@ class DiagnoseJob:
 
     def __post_init__(self) -> None:
         check(self.ebm is not None or self.ddpm is not None, "ebm", "set ebm and/or ddpm checkpoints to diagnose")
-        check(self.num_images >= 1, "num_images", "must be >= 1")
-        check(self.every >= 1, "every", "must be >= 1")
+        check_at_least(self, num_images=1, every=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from puregen_dist.config.errors import check
+from puregen_dist.config.errors import check, check_at_least
 from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
 
 
@@ -145,9 +145,7 @@ class ClassifierConfig:
     ``model:<name>`` reference / ``classifier-<hex16>`` artifact key. Same architecture as ``name``."""
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check_at_least(self, epochs=1, batch_size=1, eval_batch_size=1)
         check(self.lr > 0, "lr", "must be > 0")
         check(0.0 <= self.momentum < 1.0, "momentum", "must lie in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puregen_dist.config.errors import ConfigError, FieldError, UserInputError, check
+from puregen_dist.config.errors import ConfigError, FieldError, UserInputError, check, check_at_least
 from puregen_dist.config.generative import ModelJob, PipelineConfig
 from puregen_dist.config.identity import model_fields, replace_model_refs
 from puregen_dist.config.loading import build, deep_merge, key_dict, load_yaml, parse_overrides, to_dict
@@ -73,9 +73,7 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         check(self.trial_cpus > 0, "trial_cpus", "must be > 0")
-        check(self.trial_gpus >= 0, "trial_gpus", "must be >= 0")
-        check(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
-        check(self.max_failures >= -1, "max_failures", "must be >= -1")
+        check_at_least(self, trial_gpus=0, max_concurrent_trials=0, max_failures=-1)
         check(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
         check(all(t >= 0 for t in self.targets), "targets", "must be >= 0")
 
