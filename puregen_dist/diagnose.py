@@ -1,6 +1,8 @@
 """``puregen-dist diagnose``: the paper's Figure 1 (EBM energies of clean, poisoned and purified images) and
-Figure 3 (ℓ2 distances ‖x − Ψ_t(x+δ)‖, ‖(x+δ) − Ψ_t(x+δ)‖, ‖x − Ψ_t(x)‖ over purification steps) for a trained
-EBM and/or DDPM, as PNG plots with the numbers as CSV tables, logged to the tracker."""
+Figure 3 (ℓ2 distances ‖x − Ψ_t(x+δ)‖, ‖(x+δ) − Ψ_t(x+δ)‖, ‖x − Ψ_t(x)‖ over purification steps), and the
+trigger survival ρ of perturbation families with the relative change of clean images
+(:mod:`puregen_dist.generative.survival`), for a trained EBM and/or DDPM, as PNG plots with the numbers as CSV
+tables, logged to the tracker (ρ also as metrics against the step)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from puregen_dist.device import resolve_device
 from puregen_dist.generative.ddpm import DDPMPurifier, load_ddpm
 from puregen_dist.generative.diagnostics import ddpm_l2_trajectories, ebm_l2_trajectories, energy_groups
 from puregen_dist.generative.purifiers import EBMPurifier, load_ebm, purify_imageset
-from puregen_dist.plots import energy_histogram_png, trajectories_png, write_csv
+from puregen_dist.generative.survival import SurvivalCurve, ddpm_survival, ebm_survival, make_pattern
+from puregen_dist.plots import energy_histogram_png, survival_png, trajectories_png, write_csv
 from puregen_dist.protocols import Tracker
 from puregen_dist.types import ImageSet
 
@@ -37,6 +40,8 @@ class PreparedDiagnose:
     poisoned: ImageSet
     ebm: EBMPurifier | None
     ddpm: DDPMPurifier | None
+    survival_images: ImageSet | None = None
+    """Seeded training images that carry the random survival patterns."""
 
 
 def prepare_diagnose(job: DiagnoseJob) -> PreparedDiagnose:
@@ -56,7 +61,15 @@ def prepare_diagnose(job: DiagnoseJob) -> PreparedDiagnose:
     if job.ddpm:
         unet, schedule = load_ddpm(job.ddpm, device)
         ddpm = DDPMPurifier(unet, schedule, job.diffusion.steps)
-    return PreparedDiagnose(job, clean, poisoned, ebm, ddpm)
+    return PreparedDiagnose(job, clean, poisoned, ebm, ddpm, _survival_images(job, train))
+
+
+def _survival_images(job: DiagnoseJob, train: ImageSet) -> ImageSet | None:
+    """``survival.num_images`` training images chosen with ``seed`` (None when no random pattern is set)."""
+    if not [p for p in job.survival.patterns if p != "attack"]:
+        return None
+    count = min(job.survival.num_images, len(train))
+    return train.take(np.sort(np.random.default_rng(job.seed).choice(len(train), count, replace=False)))
 
 
 def run_diagnose(prep: PreparedDiagnose, tracker: Tracker) -> list[Path]:
@@ -64,11 +77,16 @@ def run_diagnose(prep: PreparedDiagnose, tracker: Tracker) -> list[Path]:
     job, out = prep.job, Path(prep.job.output_dir)
     tracker.log_params(flatten(job))
     paths: list[Path] = []
+    survival_rows: list[dict] = []
     if prep.ebm is not None:
         paths += _energy_figure(prep, out)
         paths += _ebm_trajectories(prep, out)
+        paths += _survival(prep, out, "ebm", tracker, survival_rows)
     if prep.ddpm is not None:
         paths += _ddpm_trajectories(prep, out)
+        paths += _survival(prep, out, "ddpm", tracker, survival_rows)
+    if survival_rows:
+        paths.append(write_csv(survival_rows, out / "survival.csv"))
     for path in paths:
         tracker.log_artifact(path, "diagnostics")
     return paths
@@ -109,3 +127,57 @@ def _ddpm_trajectories(prep: PreparedDiagnose, out: Path) -> list[Path]:
 
 def _tensors(prep: PreparedDiagnose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return to_sym(prep.clean.images), to_sym(prep.poisoned.images), torch.from_numpy(prep.clean.ids)
+
+
+def _survival(prep: PreparedDiagnose, out: Path, model: str, tracker: Tracker, rows: list[dict]) -> list[Path]:
+    """Trigger survival of the configured patterns for ``model`` ("ebm" | "ddpm"): the plot, ρ per step as
+    tracker metrics (``<model>_rho_<pattern>``, ``<model>_clean_change``), the rows for ``survival.csv``."""
+    job = prep.job
+    if not job.survival.patterns:
+        return []
+    curve = _survival_curve(prep, model)
+    for i, step in enumerate(curve.steps):
+        metrics = {f"{model}_rho_{name}": float(np.nanmean(values[i])) for name, values in curve.rho.items()}
+        metrics[f"{model}_clean_change"] = float(curve.clean_change[i].mean())
+        tracker.log_metrics(metrics, step=int(step))
+    default = job.langevin.steps if model == "ebm" else job.diffusion.steps
+    if default in curve.steps:
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in curve.at(default).items())
+        log.info("%s trigger survival at t = %d: %s", model.upper(), default, summary)
+    rows += curve.as_rows(model)
+    label = "EBM Langevin steps" if model == "ebm" else "DDPM steps $T_D$"
+    return [survival_png(curve, out / f"survival_{model}.png", f"PureGen-{model.upper()} trigger survival "
+                         f"(eps = {job.survival.eps * 255:.0f}/255)", label,
+                         default if default in curve.steps else None)]
+
+
+def _survival_curve(prep: PreparedDiagnose, model: str) -> SurvivalCurve:
+    """ρ of the random patterns (on the survival images) and of the attack's perturbations (on its poisoned
+    rows), at the same steps, merged into one curve (clean change from the first measured set)."""
+    job, cfg = prep.job, prep.job.survival
+    sets: list[tuple[ImageSet, dict[str, torch.Tensor]]] = []
+    if prep.survival_images is not None:
+        data = prep.survival_images
+        shape = (data.shape[2], data.shape[0], data.shape[1])
+        sets.append((data, {name: make_pattern(name, data.ids.tolist(), shape, cfg.eps, seed=job.seed)
+                            for name in cfg.patterns if name != "attack"}))
+    if "attack" in cfg.patterns:
+        delta = (to_sym(prep.poisoned.images) - to_sym(prep.clean.images)) / 2.0
+        sets.append((prep.clean, {"attack": delta}))
+    curves = [_measure(prep, model, data, deltas) for data, deltas in sets]
+    return SurvivalCurve(curves[0].steps, {k: v for c in curves for k, v in c.rho.items()},
+                         curves[0].clean_change)
+
+
+def _measure(prep: PreparedDiagnose, model: str, data: ImageSet, deltas: dict[str, torch.Tensor]
+             ) -> SurvivalCurve:
+    job = prep.job
+    x, ids = to_sym(data.images), torch.from_numpy(data.ids)
+    if model == "ebm":
+        steps = sorted({*range(0, job.survival.langevin_steps + 1, job.every), job.survival.langevin_steps,
+                        job.langevin.steps})
+        return ebm_survival(prep.ebm, x, deltas, ids, seed=job.seed, record_at=steps,
+                            batch_size=job.batch_size)
+    grid = sorted({t for t in (*job.ddpm_grid, job.diffusion.steps)
+                   if t < prep.ddpm.schedule.num_train_timesteps})
+    return ddpm_survival(prep.ddpm, x, deltas, ids, seed=job.seed, steps_grid=grid, batch_size=job.batch_size)

@@ -30,6 +30,8 @@ from puregen_dist.generative.diagnostics import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from puregen_dist.generative.survival import SurvivalCurve
+
 log = logging.getLogger(__name__)
 
 DISTANCE_LABELS = {
@@ -114,6 +116,39 @@ def trajectories_png(traj: Trajectories, path: str | Path, title: str, xlabel: s
     ax.set(title=title, xlabel=xlabel, ylabel=r"mean $\ell_2$ distance ([-1, 1] space)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
+    return _save_png(figure, path)
+
+
+def survival_png(curve: SurvivalCurve, path: str | Path, title: str, xlabel: str,
+                 default_step: int | None = None) -> Path:
+    """Trigger survival ρ of each perturbation family against purification steps (left axis, with the 0 and 1
+    references) and the relative change of clean images (right axis, dashed).
+
+    Args:
+        curve: the measured :class:`~puregen_dist.generative.survival.SurvivalCurve`.
+        path: the PNG to write.
+        title: figure title.
+        xlabel: x-axis label.
+        default_step: marks the configured purification length (e.g. 150 Langevin steps), if given.
+
+    Returns:
+        ``path``.
+    """
+    figure = _new_figure()
+    ax = figure.add_subplot()
+    marker = "o" if len(curve.steps) <= 30 else None
+    for name in curve.rho:
+        ax.plot(curve.steps, curve.mean_rho(name), marker=marker, markersize=3, label=f"ρ {name}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    if default_step is not None:
+        ax.axvline(default_step, color="black", linestyle="--", linewidth=1, label=f"t = {default_step}")
+    ax.set(title=title, xlabel=xlabel, ylabel="trigger survival ρ (1: passes, 0: removed)")
+    change = ax.twinx()
+    change.plot(curve.steps, curve.clean_change.mean(axis=1), color="black", linestyle="--", linewidth=1)
+    change.set_ylabel("relative change of clean images (dashed)")
+    change.set_ylim(bottom=0)
+    ax.legend(fontsize="small", loc="upper right")
     return _save_png(figure, path)
 
 

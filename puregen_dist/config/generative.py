@@ -4,6 +4,7 @@ default; tests and the quickstart scale them down through config only."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -291,6 +292,29 @@ class PurifyJob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SurvivalConfig:
+    """Trigger survival ρ = ⟨Ψ(x+δ) − Ψ(x), δ⟩ / ‖δ‖² of perturbation families (``diagnose``; see
+    :mod:`puregen_dist.generative.survival`), measured on ``num_images`` seeded training images along the EBM
+    Langevin steps (every ``every``) and the DDPM ``ddpm_grid``."""
+
+    patterns: tuple[str, ...] = ("sign", "smooth4", "smooth8", "attack")
+    """``sign`` (±eps per pixel), ``smooth<k>`` (k×k-cell noise upsampled, L∞ = eps), ``attack`` (the configured
+    attack's crafted perturbations, poisoned − clean rows); an empty list turns the diagnostic off."""
+    eps: float = 16 / 255
+    """L∞ size of the random patterns, pixel units in [0, 1]."""
+    num_images: int = 64
+    """Images of the training split (seeded choice) that carry the random patterns."""
+    langevin_steps: int = 500
+    """The EBM chain runs this long (ρ against steps beyond the purification default)."""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.patterns if not re.fullmatch(r"sign|smooth[1-9][0-9]*|attack", p)]
+        check(not bad, "patterns", f"unknown pattern(s) {bad}; expected sign, smooth<k> (k >= 1) or attack")
+        check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check_at_least(self, num_images=1, langevin_steps=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DiagnoseJob:
     """``puregen-dist diagnose``: energy histograms (Figure 1) and ℓ2 trajectories (Figure 3) of PureGen."""
 
@@ -310,6 +334,8 @@ class DiagnoseJob:
     """Record the EBM ℓ2 trajectory every this many Langevin steps."""
     ddpm_grid: tuple[int, ...] = (0, 15, 25, 50, 75, 100, 125, 150)
     """DDPM purification steps T_D at which the ℓ2 distances are measured."""
+    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
+    """Trigger survival of perturbation families (:class:`SurvivalConfig`)."""
     batch_size: int = 128
     device: str = "auto"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

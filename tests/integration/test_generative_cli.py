@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import yaml
@@ -40,7 +42,7 @@ def test_diagnose_writes_figures_and_tables(tmp_path, tiny_checkpoints, capsys):
     config = write(tmp_path, "diag.yaml", {
         "output_dir": str(tmp_path / "diag"), "data": DATA, "attack": ATTACK, "ebm": str(ebm), "ddpm": str(ddpm),
         "langevin": {"steps": 4}, "every": 2, "ddpm_grid": [0, 2], "num_images": 4,
-        "tracking": {"experiment": "diag"}})
+        "survival": {"num_images": 4, "langevin_steps": 4}, "tracking": {"experiment": "diag"}})
     assert main(["-q", "diagnose", str(config)]) == 0
     names = {p.name for p in (tmp_path / "diag").iterdir()}
     assert {"energy_histogram.png", "energies.csv", "ebm_l2_trajectories.png", "ebm_l2_trajectories.csv",
@@ -48,6 +50,31 @@ def test_diagnose_writes_figures_and_tables(tmp_path, tiny_checkpoints, capsys):
     assert Image.open(tmp_path / "diag" / "energy_histogram.png").size[0] > 100
     rows = (tmp_path / "diag" / "ebm_l2_trajectories.csv").read_text().splitlines()
     assert len(rows) == 1 + 3  # header + steps 0, 2, 4
+
+
+def test_diagnose_measures_trigger_survival_per_step(tmp_path, tiny_checkpoints):
+    from mlflow.tracking import MlflowClient
+
+    ebm, ddpm = tiny_checkpoints[1]
+    config = write(tmp_path, "diag.yaml", {
+        "output_dir": str(tmp_path / "diag"), "data": DATA, "attack": ATTACK, "ebm": str(ebm), "ddpm": str(ddpm),
+        "langevin": {"steps": 4}, "every": 2, "ddpm_grid": [0, 3], "diffusion": {"steps": 3}, "num_images": 3,
+        "survival": {"patterns": ["sign", "smooth4", "attack"], "num_images": 5, "langevin_steps": 6},
+        "tracking": {"experiment": "diag"}})
+    assert main(["-q", "diagnose", str(config)]) == 0
+    out = tmp_path / "diag"
+    assert (out / "survival_ebm.png").is_file() and (out / "survival_ddpm.png").is_file()
+    rows = list(csv.DictReader((out / "survival.csv").open()))
+    ebm_steps = {int(r["step"]) for r in rows if r["model"] == "ebm"}
+    assert ebm_steps == {0, 2, 4, 6}  # every 2 up to survival.langevin_steps, plus langevin.steps
+    assert {r["pattern"] for r in rows} == {"sign", "smooth4", "attack"}
+    at_zero = [float(r["rho_mean"]) for r in rows if r["step"] == "0"]
+    assert all(abs(v - 1.0) < 1e-4 for v in at_zero)  # nothing purified yet: δ passes whole
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("diag").experiment_id])[0]
+    history = client.get_metric_history(run.info.run_id, "ebm_rho_sign")
+    assert sorted(m.step for m in history) == [0, 2, 4, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "ddpm_rho_attack")] == [0, 3]
 
 
 @pytest.mark.parametrize(("data", "kind"), [
