@@ -11,6 +11,8 @@ files written by Ray Data, the files of a stored artifact), on any ``pyarrow.fs`
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 import os
@@ -258,3 +260,14 @@ def _batch_images(column: pa.FixedSizeListArray, shape: Shape, label: str) -> np
     if values.size != len(column) * math.prod(shape):
         raise UserInputError(f"{label}: null images in the image column")
     return values.reshape(len(column), *shape)
+
+
+def imageset_fingerprint(data: ImageSet) -> str:
+    """SHA-256 (16 hex digits) of an image set's ids, labels, shape and pixels in id order: what identifies the
+    data a model was trained on (recorded with shipped reference models)."""
+    order = np.argsort(data.ids, kind="stable")
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"shape": list(data.images.shape), "classes": list(data.classes)}).encode())
+    for array in (data.ids[order], data.labels[order], data.images[order]):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]

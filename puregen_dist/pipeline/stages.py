@@ -27,8 +27,10 @@ from puregen_dist.config.generative import ModelJob, PurifyJob, TaskResources
 from puregen_dist.config.identity import with_device
 from puregen_dist.config.loading import key_dict
 from puregen_dist.pipeline.actors import ray_device
+from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.models import model_fingerprints, resolve_models
 from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
+from puregen_dist.pipeline.reference import import_reference, reference_for_key
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
 from puregen_dist.plugins import load_plugins
 from puregen_dist.registry import MODELS
@@ -105,19 +107,19 @@ def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[
 # ------------------------------------------------------------------------------------------ models
 
 
-def model_artifact(job: ModelJob) -> tuple[str, str, dict[str, Any]]:
-    """(model kind, key, keyed config) of the model ``job`` trains: the job without its execution-only fields."""
-    config = key_dict(job)
-    return job.model_kind, artifact_key(job.model_kind, config), config
-
-
 def model_stage(job: ModelJob, store: ArtifactStore, *, tracking_dir: str | Path,
                 address: str | None = None) -> StageResult:
-    """The model artifact of ``job``: trained in a Ray task with ``job.resources`` once per key.
+    """The model artifact of ``job``: imported from a shipped reference model with the same key when there is
+    one (:mod:`puregen_dist.pipeline.reference`), else trained in a Ray task with ``job.resources``, once per key.
 
     ``tracking_dir`` holds the default MLflow database of the training run (absolute, shared with the task).
     """
     _, key, _ = model_artifact(job)
+    reference = reference_for_key(key)
+    if reference is not None and not store.exists(key):
+        log.info("%s: importing the shipped reference model %s instead of training", key, reference.name)
+        manifest = store.manifest(import_reference(reference, store)[0])
+        return StageResult(key, manifest, True)
     return cached_or_task(store, key, build_model_artifact, job.resources, job, store.uri,
                           str(Path(tracking_dir).absolute()), address=address)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from puregen_dist.config.generative import ModelJob, PurifyJob
 from puregen_dist.config.identity import iter_model_refs
 from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.pipeline.reference import reference_for_key
 from puregen_dist.pipeline.stages import model_artifact, poison_artifact, purified_artifact
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.sweep.spec import Cell, Sweep
@@ -29,6 +31,13 @@ class ArtifactPlan:
     cached: bool
     job: Any
     label: str
+    reference: Path | None = None
+    """A shipped reference model with this key (:mod:`puregen_dist.pipeline.reference`): imported, not trained."""
+
+    @property
+    def action(self) -> str:
+        """What the build does: ``cached``, ``import`` (a shipped reference) or ``build``."""
+        return "cached" if self.cached else "import" if self.reference is not None else "build "
 
 
 @dataclass
@@ -86,7 +95,8 @@ def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
     keys = sweep.model_keys()
     for name, job in sweep.models.items():
         models.setdefault(keys[name], ArtifactPlan("model", keys[name], store.exists(keys[name]),
-                                                   _with_store(job, store), _model_label(name, job)))
+                                                   _with_store(job, store), _model_label(name, job),
+                                                   reference_for_key(keys[name])))
     poisons: dict[str, ArtifactPlan] = {}
     purified: dict[str, ArtifactPlan] = {}
     trials = []
@@ -133,8 +143,10 @@ def format_plan(plan: SweepPlan, finished: set[str] | frozenset[str] = frozenset
     lines = [f"sweep {plan.sweep.name!r} ({plan.sweep.source}): {len(plan.trials)} cells"]
     for name, items in plan.stages():
         todo = sum(not a.cached for a in items)
-        lines.append(f"{name}: {len(items)} ({todo} to build, {len(items) - todo} cached)")
-        lines += [f"  {'cached' if a.cached else 'build '}  {a.key}  {a.label}" for a in items]
+        shipped = sum(a.action == "import" for a in items)
+        imports = f", {shipped} imported from shipped references" if shipped else ""
+        lines.append(f"{name}: {len(items)} ({todo - shipped} to build{imports}, {len(items) - todo} cached)")
+        lines += [f"  {a.action}  {a.key}  {a.label}" for a in items]
     pending = [t for t in plan.trials if t.cell.cell_id not in finished]
     lines.append(f"trials: {len(plan.trials)} ({len(pending)} to run, {len(plan.trials) - len(pending)} "
                  "already finished)")

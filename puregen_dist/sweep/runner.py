@@ -25,8 +25,15 @@ import yaml
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.console import Progress, ProgressFactory, no_progress
 from puregen_dist.pipeline.purify import ensure_ray, resolve_path
-from puregen_dist.pipeline.stages import (StageResult, build_model_artifact, build_poison_artifact,
-                                          purify_stage, submit_task, task_result)
+from puregen_dist.pipeline.reference import import_reference
+from puregen_dist.pipeline.stages import (
+    StageResult,
+    build_model_artifact,
+    build_poison_artifact,
+    purify_stage,
+    submit_task,
+    task_result,
+)
 from puregen_dist.pipeline.store import ArtifactStore, artifact_key
 from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
 from puregen_dist.sweep.spec import Sweep
@@ -155,8 +162,13 @@ def build_stages(plan: SweepPlan, store: ArtifactStore, tracking_uri: str,
     from puregen_dist.tracking.mlflow_tracker import ensure_experiment
 
     output_dir = str(Path(plan.sweep.cells[0].config.output_dir).absolute())
+    for artifact in plan.models:
+        if not artifact.cached and artifact.reference is not None:
+            import_reference(artifact.reference, store)
+            log.info("%s: imported the shipped reference %s", artifact.key, artifact.reference.name)
     models = [dataclasses.replace(a, job=dataclasses.replace(
-        a.job, tracking=dataclasses.replace(a.job.tracking, uri=tracking_uri))) for a in plan.models if not a.cached]
+        a.job, tracking=dataclasses.replace(a.job.tracking, uri=tracking_uri))) for a in plan.models
+        if not a.cached and a.reference is None]
     for artifact in models:
         if artifact.job.tracking.enabled:
             ensure_experiment(tracking_uri, artifact.job.tracking.experiment)
