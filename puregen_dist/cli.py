@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -229,8 +230,11 @@ def artifacts_cmd(args: argparse.Namespace) -> int:
     from puregen_dist.pipeline.store import ArtifactStore
 
     store = ArtifactStore(args.store)
-    if args.action in ("show", "rm") and not args.key:
-        raise UserInputError(f"artifacts {args.action}: a KEY is required (see `puregen-dist artifacts ls`)")
+    if args.action in ("show", "rm", "import") and not args.key:
+        raise UserInputError(f"artifacts {args.action}: a KEY (for import: a reference model directory or the "
+                             "name of a shipped one) is required (see `puregen-dist artifacts ls`)")
+    if args.action == "import":
+        return _import_reference(store, args.key)
     if args.action == "ls":
         print(format_table(store.ls()))
     elif args.action == "show":
@@ -242,6 +246,38 @@ def artifacts_cmd(args: argparse.Namespace) -> int:
     else:
         removed = store.gc()
         print("\n".join(removed) if removed else "nothing to collect")
+    return 0
+
+
+def _import_reference(store: Any, name: str) -> int:
+    """``artifacts import REF``: commit a reference model (a directory, or a shipped one by name) into the store."""
+    from puregen_dist.pipeline.reference import REFERENCE_ROOT, import_reference
+
+    directory = Path(name) if Path(name).is_dir() else REFERENCE_ROOT / name
+    key, built = import_reference(directory, store)
+    print(f"{key} {'imported' if built else 'already in the store'} ({directory}) -> {store.uri}")
+    return 0
+
+
+def export_reference_cmd(args: argparse.Namespace) -> int:
+    """Export a trained model (``--checkpoint``, default the job's ``output``) as a reference model: weights only,
+    its recipe (this config), key and training-data fingerprint, into ``--to`` (default: the package's
+    ``reference_models/<name>``)."""
+    from puregen_dist.data.datasets import load_data
+    from puregen_dist.data.io import imageset_fingerprint
+    from puregen_dist.generative.checkpoints import read_checkpoint_config
+    from puregen_dist.pipeline.reference import REFERENCE_ROOT, export_reference
+    from puregen_dist.registry import MODELS
+
+    data = load_yaml(args.config)
+    kind = data.pop("kind", None) or guess_command(data).removeprefix("train-")
+    job = load_config(MODELS.get(kind).config_cls, args.config, [*args.set])
+    checkpoint = Path(args.checkpoint or job.output)
+    meta = read_checkpoint_config(checkpoint).get("meta", {})
+    train, _ = load_data(job.data)
+    out = export_reference(job, checkpoint, args.to or REFERENCE_ROOT / job.name,
+                           data_fingerprint=imageset_fingerprint(train), notes={"checkpoint_meta": meta})
+    print(f"reference {out} (key {json.loads((out / 'reference.json').read_text())['key']})")
     return 0
 
 
@@ -293,6 +329,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "quickstart": (quickstart_cmd, "the quickstart sweep (digits, tiny EBM + DDPM, 4 defenses, 2 seeds)"),
     "report": (report_cmd, "the paper-shaped results table of a sweep's MLflow experiment"),
     "show-config": (show_config_cmd, "print the resolved config (defaults filled in, overrides applied)"),
+    "export-reference": (export_reference_cmd, "export a trained model as a reference model (weights, recipe, "
+                                               "key, data fingerprint) that sweeps import instead of training"),
     "artifacts": (artifacts_cmd, "ls | show KEY | rm KEY | gc: inspect the content-addressed artifact store"),
 }
 
@@ -323,11 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
             continue
         if name == "artifacts":
-            cmd.add_argument("action", choices=["ls", "show", "rm", "gc"])
-            cmd.add_argument("key", nargs="?", help="artifact key (show, rm)")
+            cmd.add_argument("action", choices=["ls", "show", "rm", "gc", "import"])
+            cmd.add_argument("key", nargs="?", help="artifact key (show, rm); reference model (import)")
             cmd.add_argument("--store", default=os.environ.get("PUREGEN_STORE", DEFAULT_STORE),
                              help="store directory or pyarrow.fs URI (default: $PUREGEN_STORE or outputs/store)")
             continue
+        if name == "export-reference":
+            cmd.add_argument("--checkpoint", help="trained checkpoint directory (default: the config's output)")
+            cmd.add_argument("--to", help="reference directory (default: puregen_dist/reference_models/<name>)")
         cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value by dotted key, e.g. --set classifier.epochs=5 (repeatable)")

@@ -124,3 +124,24 @@ def test_artifacts_command_lists_shows_removes_and_collects(tmp_path, capsys):
     capsys.readouterr()
     assert main([base[0], "show", key, *base[1:]]) == 2 and key in capsys.readouterr().err
     assert main([base[0], "gc", *base[1:]]) == 0
+
+
+def test_export_reference_then_import_under_the_recipe_key(tmp_path, capsys):
+    from puregen_dist.config.generative import EBMJob
+    from puregen_dist.config.loading import load_config
+    from puregen_dist.pipeline.keys import model_artifact
+    from puregen_dist.pipeline.store import ArtifactStore
+
+    recipe = write(tmp_path, "ebm.yaml", {
+        "output": str(tmp_path / "ebm"), "data": DATA, "ebm": {"nf": 8, "in_channels": 1, "image_size": 16},
+        "train": {"epochs": 1, "batch_size": 8, "bank_size": 16, "mcmc_steps": 2, "sample_grid": 0},
+        "tracking": {"enabled": False}})
+    assert main(["-q", "train-ebm", str(recipe)]) == 0
+    assert main(["-q", "export-reference", str(recipe), "--to", str(tmp_path / "ref")]) == 0
+    key = model_artifact(load_config(EBMJob, recipe))[1]
+    assert f"(key {key})" in capsys.readouterr().out
+    store = tmp_path / "store"
+    assert main(["-q", "artifacts", "import", str(tmp_path / "ref"), "--store", str(store)]) == 0
+    assert f"{key} imported" in capsys.readouterr().out
+    assert ArtifactStore(store).manifest(key)["kind"] == "ebm"
+    assert main(["-q", "artifacts", "import", "no-such-reference", "--store", str(store)]) == 2
