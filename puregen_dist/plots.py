@@ -122,7 +122,7 @@ def trajectories_png(traj: Trajectories, path: str | Path, title: str, xlabel: s
 def survival_png(curve: SurvivalCurve, path: str | Path, title: str, xlabel: str,
                  default_step: int | None = None) -> Path:
     """Trigger survival ρ of each perturbation family against purification steps (left axis, with the 0 and 1
-    references) and the relative change of clean images (right axis, dashed).
+    references) and the relative change of clean images (right axis, dash-dotted).
 
     Args:
         curve: the measured :class:`~puregen_dist.generative.survival.SurvivalCurve`.
@@ -145,10 +145,12 @@ def survival_png(curve: SurvivalCurve, path: str | Path, title: str, xlabel: str
         ax.axvline(default_step, color="black", linestyle="--", linewidth=1, label=f"t = {default_step}")
     ax.set(title=title, xlabel=xlabel, ylabel="trigger survival ρ (1: passes, 0: removed)")
     change = ax.twinx()
-    change.plot(curve.steps, curve.clean_change.mean(axis=1), color="black", linestyle="--", linewidth=1)
-    change.set_ylabel("relative change of clean images (dashed)")
+    (clean_line,) = change.plot(curve.steps, curve.clean_change.mean(axis=1), color="dimgray", linestyle="-.",
+                                linewidth=1.2, label="clean change (right axis)")
+    change.set_ylabel("relative change of clean images ‖Ψ(x) − x‖ / ‖x‖")
     change.set_ylim(bottom=0)
-    ax.legend(fontsize="small", loc="upper right")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend([*handles, clean_line], [*labels, clean_line.get_label()], fontsize="small", loc="upper right")
     return _save_png(figure, path)
 
 
