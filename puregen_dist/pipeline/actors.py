@@ -202,7 +202,6 @@ def data_defense_task(batch: Batch, *, defense_cfg: Any, seed: int, shape: Shape
     ``classes`` are the image set's class names (labels index into them; labels are kept as they are). Only
     defenses whose per-image result does not depend on the batch give output independent of the batching.
     """
-    load_plugins()
     column = get_column(batch, "image")
     labels = get_column(batch, "label")
     labels = labels.to_numpy() if isinstance(labels, pa.ChunkedArray) else np.asarray(labels)
@@ -213,14 +212,20 @@ def data_defense_task(batch: Batch, *, defense_cfg: Any, seed: int, shape: Shape
 
 
 def _cached_defense(cfg: Any) -> Any:
-    """The defense of ``cfg``, built once per worker process when ``cfg`` is hashable."""
+    """The defense of ``cfg``, built once per worker process when ``cfg`` is hashable (plugins are loaded
+    before a build, not on every batch)."""
     try:
         hash(cfg)
     except TypeError:
-        return build_defense(cfg)
+        return _build(cfg)
     return _build_cached(cfg)
 
 
 @functools.lru_cache(maxsize=4)
 def _build_cached(cfg: Any) -> Any:
+    return _build(cfg)
+
+
+def _build(cfg: Any) -> Any:
+    load_plugins()  # a Ray worker is an entry point: register built-ins and $PUREGEN_DIST_PLUGINS
     return build_defense(cfg)
