@@ -96,6 +96,44 @@ def survival(purified_clean: Tensor, purified_perturbed: Tensor, delta: Tensor) 
     return rho.cpu().numpy()
 
 
+def gaussian_survival(covariance: Tensor, alpha_bar: float, delta: Tensor) -> np.ndarray:
+    """(N,) float64 ρ of the *ideal DDPM of a Gaussian fit* of the data, a yardstick for ρ at a noise level.
+
+    If the images were Gaussian, x ~ N(μ, Σ), a DDPM with the exact score is an exact posterior sampler: noising
+    to ᾱ and running the reverse chain with the same noise maps x and x+δ to outputs that differ by the
+    posterior-mean gain, Ψ(x+δ) − Ψ(x) = ᾱ Σ (ᾱΣ + (1−ᾱ) I)⁻¹ δ, for every x. So, with Σ = V diag(λ) Vᵀ and
+    s = (1−ᾱ)/ᾱ,  ρ = Σ_k λ_k/(λ_k + s) ⟨v_k, δ⟩² / ‖δ‖²: a direction survives as far as the data vary along it
+    more than the noise hides it. A model that knows only the data's second moments keeps this much of δ; a
+    lower ρ needs the non-Gaussian structure of images. Clipping of x+δ is ignored.
+
+    Args:
+        covariance: (D, D) covariance of the images in [-1, 1] space, D = C·H·W.
+        alpha_bar: ᾱ at the purification's noise level (``DDPMSchedule.alpha_bar(T_D)``), in (0, 1].
+        delta: (N, C, H, W) perturbations (any units; ρ is scale-free).
+    """
+    if not 0.0 < alpha_bar <= 1.0:
+        raise ValueError(f"alpha_bar must lie in (0, 1], got {alpha_bar}")
+    d = delta.flatten(1).double()
+    if covariance.shape != (d.shape[1], d.shape[1]):
+        raise ValueError(f"covariance shape {tuple(covariance.shape)} does not match perturbations of "
+                         f"{d.shape[1]} values")
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    variance, noise = eigenvalues.clamp_min(0.0), (1.0 - alpha_bar) / alpha_bar
+    gain = variance / (variance + noise) if noise > 0 else torch.ones_like(variance)  # ᾱ = 1: nothing is noised
+    coefficients = d @ eigenvectors
+    energy = (d * d).sum(dim=1)
+    rho = ((coefficients ** 2) * gain).sum(dim=1) / energy.clamp_min(1e-300)
+    rho[energy == 0] = float("nan")
+    return rho.numpy()
+
+
+def image_covariance(x_sym: Tensor) -> Tensor:
+    """(D, D) float64 covariance of images (N, C, H, W) in [-1, 1] (unbiased, over the N images)."""
+    flat = x_sym.flatten(1).double()
+    centred = flat - flat.mean(dim=0, keepdim=True)
+    return centred.T @ centred / max(flat.shape[0] - 1, 1)
+
+
 def relative_change(clean_sym: Tensor, purified_sym: Tensor) -> np.ndarray:
     """(N,) float64 ‖Ψ(x) − x‖₂ / ‖x‖₂ with both in [0, 1] pixel units."""
     x = (clean_sym.flatten(1).double() + 1.0) / 2.0

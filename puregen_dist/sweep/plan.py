@@ -90,10 +90,14 @@ def purify_job_of(cell: Cell, sweep: Sweep) -> PurifyJob:
 
 
 def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
-    """The unique artifacts per stage (first-use order) and one trial per cell."""
+    """The unique artifacts per stage (first-use order) and one trial per cell. A model that no cell references
+    (a ``--set`` that narrows the space, say) is not planned: nothing would use it."""
     models: dict[str, ArtifactPlan] = {}
     keys = sweep.model_keys()
+    used = {ref for cell in sweep.cells for ref in used_models(cell.config).values()}
     for name, job in sweep.models.items():
+        if keys[name] not in used:
+            continue
         models.setdefault(keys[name], ArtifactPlan("model", keys[name], store.exists(keys[name]),
                                                    _with_store(job, store), _model_label(name, job),
                                                    reference_for_key(keys[name])))

@@ -7,6 +7,7 @@ A sweep file::
     base: {...}                       # an experiment config (`puregen-dist run` schema)
     models:                           # generative models, referenced as `model:<name>` in defense.ebm / .ddpm
       ebm: {kind: ebm, ...}           # a `train-ebm` config (kind: ebm) or a `train-ddpm` one (kind: ddpm)
+      ddpm: {kind: ddpm, recipe: sweeps/ddpm_cifar10_cpu.yaml}  # or a recipe file (its keys, then these)
     space:                            # axes, expanded in file order into the cross product
       attack: {grid: [{name: badnets, trigger: patch}, ...]}  # a value replaces the key's whole value
       defense.name: [none, jpeg]                              # a bare list is a grid
@@ -190,7 +191,7 @@ def _models(specs: Mapping[str, Any], source: str) -> dict[str, ModelJob]:
     ddpm, classifier, ...), named after their entry."""
     models = {}
     for name, spec in specs.items():
-        spec = _mapping(spec, source, f"models.{name}")
+        spec = _with_recipe(_mapping(spec, source, f"models.{name}"), source, f"models.{name}")
         kind = spec.pop("kind", None)
         try:
             job_cls = MODELS.get(kind).config_cls
@@ -199,6 +200,25 @@ def _models(specs: Mapping[str, Any], source: str) -> dict[str, ModelJob]:
             raise ConfigError(f"{source}: models.{name}.kind: expected one of {kinds}, got {kind!r}") from None
         models[name] = build(job_cls, {"name": name, **spec}, source=source, path=f"models.{name}")
     return models
+
+
+def _with_recipe(spec: dict[str, Any], source: str, key: str) -> dict[str, Any]:
+    """A ``models:`` entry with ``recipe: PATH`` expanded: the ``train-<kind>`` file at PATH (relative to the working
+    directory, like every path in a config), under the entry's own keys, which override it. Naming the recipe of a
+    shipped reference model is how a sweep uses that reference instead of retraining it. The recipe's ``name``,
+    ``output`` and ``tracking`` are the training command's own and are dropped (the sweep sets them)."""
+    if "recipe" not in spec:
+        return spec
+    path = spec.pop("recipe")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{source}: {key}.recipe: expected the path of a train-<kind> YAML file, got {path!r}")
+    try:
+        recipe = load_yaml(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {key}.recipe: {exc}") from None
+    for own in ("name", "output", "tracking"):
+        recipe.pop(own, None)
+    return deep_merge(recipe, spec)
 
 
 def _axis(key: str, spec: Any, source: str) -> Axis:

@@ -11,6 +11,8 @@ from puregen_dist.config.generative import LangevinConfig
 from puregen_dist.generative.purifiers import EBMPurifier
 from puregen_dist.generative.survival import ebm_survival as ebm_rho
 from puregen_dist.generative.survival import (
+    gaussian_survival,
+    image_covariance,
     make_pattern,
     perturb,
     relative_change,
@@ -127,3 +129,31 @@ def test_ddpm_survival_is_one_at_zero_steps_and_lower_after_diffusion(tiny_check
     assert list(curve.steps) == [0, 50] and curve.rho["sign"].shape == (2, 3)
     np.testing.assert_allclose(curve.rho["sign"][0], 1.0, atol=1e-5)
     assert np.isfinite(curve.rho["sign"][1]).all() and curve.mean_rho("sign")[1] < 1.0
+
+
+def test_gaussian_survival_keeps_what_the_data_varies_along_and_drops_the_rest():
+    """Σ = diag(λ): a δ along an eigenvector keeps λ/(λ + s), s = (1−ᾱ)/ᾱ; mixtures average by energy."""
+    lam = torch.tensor([4.0, 1.0, 0.25, 0.0], dtype=torch.float64)
+    alpha_bar = 0.8  # s = 0.25
+    basis = torch.eye(4).view(4, 1, 2, 2)
+    rho = gaussian_survival(torch.diag(lam), alpha_bar, basis)
+    np.testing.assert_allclose(rho, (lam / (lam + 0.25)).numpy(), rtol=1e-9)
+    mixed = gaussian_survival(torch.diag(lam), alpha_bar, (basis[0] + 2 * basis[2]).unsqueeze(0))
+    np.testing.assert_allclose(mixed, [(4 / 4.25 + 4 * 0.5) / 5], rtol=1e-9)
+    assert np.isnan(gaussian_survival(torch.diag(lam), alpha_bar, torch.zeros(1, 1, 2, 2)))[0]
+    np.testing.assert_allclose(gaussian_survival(torch.diag(lam), 1.0, basis[:3]), 1.0)  # no noise: all passes
+    with pytest.raises(ValueError, match="covariance shape"):
+        gaussian_survival(torch.eye(3), alpha_bar, basis)
+
+
+def test_gaussian_survival_is_rotation_invariant_and_matches_the_empirical_covariance():
+    x = torch.randn(500, 2, 2, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([3.0, 0.1]).view(1, 2, 1, 1)
+    cov = image_covariance(x)
+    assert cov.shape == (8, 8) and torch.allclose(cov, torch.cov(x.flatten(1).double().T))
+    delta = torch.randn(5, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    rotated = gaussian_survival(q @ cov @ q.T, 0.9, (delta.flatten(1).double() @ q.T).view(5, 2, 2, 2))
+    np.testing.assert_allclose(rotated, gaussian_survival(cov, 0.9, delta), rtol=1e-9)
+    high, low = (gaussian_survival(cov, 0.9, torch.zeros(1, 2, 2, 2).index_fill_(1, torch.tensor([c]), 1.0))
+                 for c in (0, 1))
+    assert high[0] > 0.95 > 0.2 > low[0]  # the high-variance channel survives, the quiet one is removed

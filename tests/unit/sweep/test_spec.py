@@ -72,6 +72,34 @@ def test_model_references_become_artifact_keys():
     assert [c.row for c in shift.cells] == ["puregen_ebm (ebm=small)", "puregen_ebm (ebm=large)"]
 
 
+def test_a_model_entry_can_name_a_recipe_file_and_override_it(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {"name": "ebm-recipe", "output": "outputs/x", "tracking": {"experiment": "e"},
+              "ebm": TINY_EBM["ebm"], "train": TINY_EBM["train"]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    space = {"defense": {"grid": [{"name": "puregen_ebm", "ebm": "model:m"}]}}
+    inline = _sweep(space, models={"m": TINY_EBM})
+    named = _sweep(space, models={"m": {"kind": "ebm", "recipe": "recipe.yaml"}})
+    assert named.model_keys() == inline.model_keys()  # the recipe's name/output/tracking do not enter the key
+    longer = _sweep(space, models={"m": {"kind": "ebm", "recipe": "recipe.yaml", "train": {"epochs": 2}}})
+    assert longer.models["m"].train.epochs == 2 and longer.models["m"].train.mcmc_steps == 2
+    assert longer.model_keys() != inline.model_keys()
+    with pytest.raises(ConfigError, match=r"models.m.recipe: .*missing.yaml: config file not found"):
+        _sweep(space, models={"m": {"kind": "ebm", "recipe": "missing.yaml"}})
+
+
+def test_the_planner_skips_models_that_no_cell_references(tmp_path):
+    from puregen_dist.pipeline.store import ArtifactStore
+    from puregen_dist.sweep.plan import plan_sweep
+
+    sweep = _sweep({"defense": {"grid": [{"name": "puregen_ebm", "ebm": "model:small"}]}},
+                   models={"small": TINY_EBM, "large": {**TINY_EBM, "ebm": {**TINY_EBM["ebm"], "nf": 16}}})
+    plan = plan_sweep(sweep, ArtifactStore(str(tmp_path)))
+    assert [m.key for m in plan.models] == [sweep.model_keys()["small"]]
+
+
 @pytest.mark.parametrize("data, message", [
     ({"name": "t", "bogus": 1}, "unknown key 'bogus'"),
     ({"base": {}}, "name: required"),
