@@ -26,7 +26,8 @@ from typing import IO, Any, Literal
 FILE_MODE = 0o644
 """Permissions of a file written by :func:`atomic_file` (``mkstemp`` alone would give 0600)."""
 DIR_MODE = 0o755
-"""Permissions of a directory written by :func:`atomic_dir` (``mkdtemp`` alone would give 0700)."""
+"""Permissions of a directory written by :func:`atomic_dir` (``mkdtemp`` alone would give 0700); the files in it
+get :data:`FILE_MODE`."""
 
 
 @contextlib.contextmanager
@@ -86,7 +87,7 @@ def atomic_dir(directory: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        os.chmod(tmp, DIR_MODE)
+        _publish_modes(tmp)
         _swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +107,18 @@ def _swap_in(new: Path, directory: Path) -> None:
         old.rename(directory)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_modes(root: Path) -> None:
+    """Give ``root``, its directories and files the modes of a published artifact (:data:`DIR_MODE`,
+    :data:`FILE_MODE`): writers such as ``safetensors.save_file`` and ``mkstemp`` create 0600 files, which other
+    users of a shared store or a packaged reference could not read."""
+    for current, dirs, files in os.walk(root):
+        for name in files:
+            os.chmod(os.path.join(current, name), FILE_MODE)
+        for name in dirs:
+            os.chmod(os.path.join(current, name), DIR_MODE)
+    os.chmod(root, DIR_MODE)
 
 
 def _fsync_tree(root: Path) -> None:

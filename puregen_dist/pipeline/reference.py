@@ -31,6 +31,7 @@ from puregen_dist.config.loading import build, key_dict, to_dict
 from puregen_dist.generative.checkpoints import CONFIG, WEIGHTS
 from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact
+from puregen_dist.plugins import load_plugins
 from puregen_dist.registry import MODELS
 
 REFERENCE_ROOT = Path(__file__).resolve().parents[1] / "reference_models"
@@ -63,6 +64,7 @@ def read_reference(directory: str | Path) -> tuple[dict[str, Any], ModelJob]:
     if not path.is_file():
         raise UserInputError(f"{directory}: not a reference model (no {REFERENCE_JSON})")
     record = json.loads(path.read_text())
+    load_plugins()  # a library caller (a notebook importing a reference) need not have registered the model kinds
     job_cls = MODELS.get(record["kind"]).config_cls
     job = build(job_cls, record["recipe"], source=str(path), path="recipe")
     key = model_artifact(job)[1]

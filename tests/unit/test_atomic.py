@@ -78,6 +78,18 @@ def test_atomic_dir_creates_and_replaces_a_directory(tmp_path):
     assert (target / "weights.bin").read_text() == "v2" and _names(tmp_path) == ["ckpt"]
 
 
+def test_atomic_dir_publishes_private_files_readable(tmp_path):
+    """safetensors and mkstemp write 0600 files; a published checkpoint or reference must be readable (0644)."""
+    target = tmp_path / "ref"
+    with atomic_dir(target) as tmp:
+        _fill(tmp, "v1")
+        os.chmod(tmp / "weights.bin", 0o600)
+        os.chmod(tmp / "sub", 0o700)
+    assert stat.S_IMODE((target / "weights.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((target / "sub" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((target / "sub").stat().st_mode) == 0o755
+
+
 def test_an_error_while_filling_keeps_the_old_directory_and_leaves_nothing(tmp_path):
     target = tmp_path / "ckpt"
     with atomic_dir(target) as tmp:

@@ -9,8 +9,8 @@ from torch import nn
 
 from puregen_dist.config.generative import LangevinConfig
 from puregen_dist.generative.purifiers import EBMPurifier
-from puregen_dist.generative.survival import ebm_survival as ebm_rho
 from puregen_dist.generative.survival import (
+    covariance_spectrum,
     gaussian_survival,
     image_covariance,
     make_pattern,
@@ -20,6 +20,7 @@ from puregen_dist.generative.survival import (
     smooth_pattern,
     survival,
 )
+from puregen_dist.generative.survival import ebm_survival as ebm_rho
 
 SHAPE = (3, 8, 8)
 EPS = 16 / 255
@@ -154,6 +155,8 @@ def test_gaussian_survival_is_rotation_invariant_and_matches_the_empirical_covar
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
     rotated = gaussian_survival(q @ cov @ q.T, 0.9, (delta.flatten(1).double() @ q.T).view(5, 2, 2, 2))
     np.testing.assert_allclose(rotated, gaussian_survival(cov, 0.9, delta), rtol=1e-9)
+    np.testing.assert_allclose(gaussian_survival(covariance_spectrum(cov), 0.9, delta),  # precomputed once
+                               gaussian_survival(cov, 0.9, delta), rtol=1e-12)
     high, low = (gaussian_survival(cov, 0.9, torch.zeros(1, 2, 2, 2).index_fill_(1, torch.tensor([c]), 1.0))
                  for c in (0, 1))
     assert high[0] > 0.95 > 0.2 > low[0]  # the high-variance channel survives, the quiet one is removed
