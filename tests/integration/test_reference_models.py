@@ -25,7 +25,8 @@ from puregen_dist.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
-RECIPES = {"ebm-cifar10-cpu-k100": "sweeps/ebm_cifar10_cpu_k100.yaml", "ddpm-cifar10-cpu": "sweeps/ddpm_cifar10_cpu.yaml"}
+EBM_REFERENCE, DDPM_REFERENCE = "ebm-cifar10-cpu-nf64", "ddpm-cifar10-cpu"
+RECIPES = {EBM_REFERENCE: "sweeps/ebm_cifar10_cpu_nf64.yaml", DDPM_REFERENCE: "sweeps/ddpm_cifar10_cpu.yaml"}
 SHIPPED = {path.name: path for path in reference.shipped_references().values()}
 
 needs_cifar = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"{CIFAR10} not present (a fresh clone has no "
@@ -73,19 +74,19 @@ def test_the_training_data_has_the_recorded_fingerprint(name):
 
 
 @needs_cifar
-@pytest.mark.skipif("ebm-cifar10-cpu-k100" not in SHIPPED, reason="the EBM reference is not shipped")
+@pytest.mark.skipif(EBM_REFERENCE not in SHIPPED, reason="the EBM reference is not shipped")
 def test_ebm_energy_orders_clean_below_perturbed_below_noise():
-    energy, _ = load_ebm(SHIPPED["ebm-cifar10-cpu-k100"])
-    purifier = EBMPurifier(energy, reference.read_reference(SHIPPED["ebm-cifar10-cpu-k100"])[1].train.langevin)
+    energy, _ = load_ebm(SHIPPED[EBM_REFERENCE])
+    purifier = EBMPurifier(energy, reference.read_reference(SHIPPED[EBM_REFERENCE])[1].train.langevin)
     clean, perturbed, noise = (purifier.energies(x) for x in clean_perturbed_noise())
     assert clean.mean() < perturbed.mean() < noise.mean()
     assert (clean < perturbed).float().mean() >= 0.9  # per image, not only on average
 
 
 @needs_cifar
-@pytest.mark.skipif("ddpm-cifar10-cpu" not in SHIPPED, reason="the DDPM reference is not shipped")
+@pytest.mark.skipif(DDPM_REFERENCE not in SHIPPED, reason="the DDPM reference is not shipped")
 def test_ddpm_denoising_error_orders_clean_below_perturbed_below_noise():
-    unet, schedule = load_ddpm(SHIPPED["ddpm-cifar10-cpu"])
+    unet, schedule = load_ddpm(SHIPPED[DDPM_REFERENCE])
     images = clean_perturbed_noise()
     eps = torch.randn(images[0].shape, generator=torch.Generator().manual_seed(1))
     t = torch.full((len(eps),), 50, dtype=torch.long)
