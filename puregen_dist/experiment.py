@@ -31,8 +31,8 @@ from puregen_dist.classifiers.evaluation import (
 from puregen_dist.classifiers.training import Normalized, train_classifier
 from puregen_dist.classifiers.transfer import transfer_model
 from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.generative import ClassifierJob, SurrogateJob
 from puregen_dist.config.loading import flatten, to_yaml
-from puregen_dist.config.generative import ClassifierJob
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.data.datasets import dataset_stats, load_data
 from puregen_dist.data.transforms import image_grid
@@ -185,7 +185,7 @@ def log_setup(cfg: ExperimentConfig, tracker: Tracker) -> None:
         tracker.log_artifact(path)
 
 
-def build_model(cfg: ExperimentConfig | ClassifierJob, train: ImageSet) -> nn.Module:
+def build_model(cfg: ExperimentConfig | ClassifierJob | SurrogateJob, train: ImageSet) -> nn.Module:
     """The classifier of ``cfg.classifier`` for ``train``'s shape and classes, initialised from ``cfg.seed``
     (for transfer: the pretrained backbone and a fresh head), wrapped to normalise [0, 1] input with
     ``cfg.data``'s statistics (``.net`` is the bare network)."""

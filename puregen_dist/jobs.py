@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from puregen_dist.attacks import build_attack
+from puregen_dist.attacks.surrogate import surrogate_meta, surrogate_training_set
 from puregen_dist.classifiers.evaluation import natural_accuracy
 from puregen_dist.classifiers.training import train_classifier
 from puregen_dist.classifiers.transfer import save_classifier
-from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PurifyJob
+from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PurifyJob, SurrogateJob
 from puregen_dist.config.loading import flatten
 from puregen_dist.data.datasets import load_data
 from puregen_dist.data.io import write_imageset
@@ -64,6 +65,33 @@ def train_classifier_job(job: ClassifierJob, tracker: Tracker, data: Data | None
     tracker.log_metrics({"nat_acc": accuracy, "train_seconds": result.seconds}, step=clf.epochs)
     return save_classifier(job.output, model.net, name=clf.name, in_channels=c, num_classes=train.num_classes,
                            image_size=h, meta={"nat_acc": accuracy, "epochs": clf.epochs})
+
+
+@MODELS.register(SurrogateJob.model_kind, SurrogateJob)
+def train_surrogate_job(job: SurrogateJob, tracker: Tracker, data: Data | None = None) -> Path:
+    """Train the attack surrogate of ``job`` (POOD + the victim's target classes, see :class:`SurrogateJob`);
+    per-epoch accuracy on the same mix of test images; saved as a classifier checkpoint whose meta says which
+    output is which target class. Returns the directory."""
+    victim_train, victim_test = data if data is not None else load_data(job.data)
+    pood_train, pood_test = load_data(job.pood)
+    train = surrogate_training_set(victim_train, pood_train, job.target_classes, job.pood_drop_classes)
+    test = surrogate_training_set(victim_test, pood_test, job.target_classes, job.pood_drop_classes)
+    tracker.log_params(flatten(job))
+    clf = job.classifier
+    h, _, c = train.shape
+    pood_classes = train.num_classes - len(job.target_classes)
+    log.info("surrogate: %d POOD images (%d classes) + %d target-class images", int((train.labels < pood_classes)
+             .sum()), pood_classes, int((train.labels >= pood_classes).sum()))
+    model = build_model(job, train)
+    result = train_classifier(model, train, clf, seed=job.seed, report=tracker.log_metrics,
+                              on_epoch_end=lambda epoch, m: {"test_acc": natural_accuracy(m, test,
+                                                                                          clf.eval_batch_size)})
+    accuracy = natural_accuracy(model, test, clf.eval_batch_size)
+    tracker.log_metrics({"nat_acc": accuracy, "train_seconds": result.seconds}, step=clf.epochs)
+    meta = {**surrogate_meta(pood_classes, job.target_classes, model.mean, model.std),
+            "nat_acc": accuracy, "epochs": clf.epochs}
+    return save_classifier(job.output, model.net, name=clf.name, in_channels=c, num_classes=train.num_classes,
+                           image_size=h, meta=meta)
 
 
 @dataclass

@@ -78,17 +78,26 @@ class ImageSet:
 class TargetSpec:
     """What the attack aims at.
 
-    Triggered attacks set ``target_class`` and ``trigger`` ((H, W, C) float32 additive perturbation in [0, 1]
-    pixel units, applied as ``clip(x + m * trigger)``, with ``trigger_mask`` (H, W, 1) float32 in [0, 1] for
-    patch triggers that overwrite pixels). Triggerless attacks set ``target_ids`` and ``adversarial_label``.
+    Triggered attacks set ``target_class`` and ``trigger`` ((H, W, C) float32 in [0, 1] pixel units): without
+    ``trigger_mask`` an additive perturbation applied as ``clip(x + m * trigger)``; with ``trigger_mask``
+    ((H, W, 1) float32 in [0, 1]) a pattern mixed in as ``x * (1 - mask) + mask * trigger`` (1 on a patch that
+    overwrites pixels, a constant alpha for an alpha-blend); see
+    :func:`~puregen_dist.attacks.triggers.apply_trigger`.
+    Triggerless attacks set ``adversarial_label`` (the class the targets should be predicted as) and their
+    targets: ``target_ids`` (ids of a split) or, for imported poisons whose targets come with the files,
+    ``target_images`` ((T, H, W, C) uint8) with their true labels ``target_labels`` ((T,) int64).
+    Availability attacks (every training row perturbed to lower clean accuracy, e.g. NTGA) set nothing
+    else: their effect is the natural accuracy. ``none``: no attack.
     """
 
-    kind: str  # "triggered" | "triggerless"
+    kind: str  # "triggered" | "triggerless" | "availability" | "none"
     target_class: int | None = None
     trigger: np.ndarray | None = None
     trigger_mask: np.ndarray | None = None
     target_ids: np.ndarray | None = None
     adversarial_label: int | None = None
+    target_images: np.ndarray | None = None
+    target_labels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,17 @@
-"""BadNets-style backdoor: a patch trigger or a blended full-image pattern, clean- or dirty-label.
+"""BadNets-style backdoor with three triggers, clean- or dirty-label.
 
-Paper: "BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain" (Gu, Dolan-Gavitt, Garg,
-2017), https://arxiv.org/abs/1708.06733. The blended variant follows "Targeted Backdoor Attacks on Deep Learning
-Systems Using Data Poisoning" (Chen et al., 2017), https://arxiv.org/abs/1712.05526, with the pattern scaled to an
-L-inf bound eps so it is comparable to the clean-label attacks of the PureGen paper.
+* ``patch``: a square that overwrites pixels, from "BadNets: Identifying Vulnerabilities in the Machine
+  Learning Model Supply Chain" (Gu, Dolan-Gavitt, Garg, 2017), https://arxiv.org/abs/1708.06733.
+* ``sign``: an additive full-image random sign pattern, ``x' = clip(x + delta)`` with ``delta = ±eps`` per
+  pixel, so ``||x' - x||_inf <= eps`` and it is comparable to the clean-label attacks of the PureGen paper.
+  Until this variant got its own name it was called ``blend``: an old config with ``trigger: blend`` and an
+  explicit ``eps`` meant this sign pattern and should now say ``trigger: sign``.
+* ``blend``: the alpha-blend of "Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning"
+  (Chen, Liu, Li, Lu, Song, 2017), https://arxiv.org/abs/1712.05526:
+  ``x' = (1 - alpha) * x + alpha * pattern`` with a chosen image (Hello Kitty in the paper) or uniform random
+  noise as the pattern, alpha = 0.2 in their poisoning experiments. Its L-inf change is at most alpha, which is
+  the poison set's ``eps``. It is stored as a masked trigger (the pattern plus a constant mask alpha), the
+  representation of a patch, so it needs no code path of its own.
 
 Dirty-label: ``budget * N`` images of other classes get the trigger and are relabelled to the target class.
 Clean-label: ``budget * N`` images of the target class get the trigger and keep their label.
@@ -13,14 +21,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from puregen_dist.attacks.triggers import apply_trigger
 from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.identity import key_neutral_default
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.data.transforms import to_unit, unit_to_uint8
 from puregen_dist.registry import ATTACKS
@@ -40,15 +51,23 @@ class BadNetsConfig(AttackConfig):
     """Fraction of the training set that is poisoned, in (0, 1]."""
     label_mode: Literal["dirty", "clean"] = "dirty"
     """dirty: other-class images relabelled to the target; clean: target-class images keep their label."""
-    trigger: Literal["patch", "blend"] = "patch"
-    """patch: a pixel-overwriting square; blend: an additive full-image pattern with ||delta||_inf = eps."""
+    trigger: Literal["patch", "sign", "blend"] = "patch"
+    """patch: a pixel-overwriting square (Gu et al.); sign: an additive full-image ±eps random sign pattern
+    (called ``blend`` before the alpha-blend existed); blend: Chen et al.'s alpha-blend
+    ``(1 - alpha) * x + alpha * pattern``."""
     patch_size: int = 3
     """Side of the square patch in pixels."""
     patch_location: Corner = "bottom_right"
     pattern: Literal["checkerboard", "white", "random"] = "checkerboard"
     """Patch content (random: seeded by trigger_seed)."""
     eps: float = 16 / 255
-    """blend only: L-inf bound of the pattern in [0, 1] pixel units."""
+    """sign only: L-inf bound of the sign pattern in [0, 1] pixel units."""
+    alpha: float = key_neutral_default(0.2)
+    """blend only: blend weight of the pattern, in (0, 1] (0.2 in Chen et al.); also the L-inf bound."""
+    blend_image: str | None = key_neutral_default(None)
+    """blend only: the pattern image, a .png/.jpg file or a .npy (H, W, C) array (uint8, or float in [0, 1]);
+    resized to the dataset's H x W (bilinear) and converted to its channels. None: uniform random noise drawn
+    from trigger_seed (Chen et al.'s random pattern)."""
     trigger_seed: int = 0
     """Seed of random patterns; independent of the experiment seed so seeds vary the poisoned rows only."""
 
@@ -56,6 +75,7 @@ class BadNetsConfig(AttackConfig):
         check(self.target_class >= 0, "target_class", "must be >= 0")
         check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
         check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check(0.0 < self.alpha <= 1.0, "alpha", "must lie in (0, 1] (the blend weight of the pattern)")
         check(self.patch_size >= 1, "patch_size", "must be >= 1 pixel")
 
 
@@ -66,12 +86,14 @@ class BadNetsAttack:
         self.cfg = cfg
 
     def validate(self, train: ImageSet) -> None:
-        """Data-dependent checks, run before any compute: the target exists, the patch fits, the budget is
-        feasible."""
+        """Data-dependent checks, run before any compute: the target exists, the patch fits, the blend image
+        is readable, the budget is feasible."""
         cfg = self.cfg
         if cfg.target_class >= train.num_classes:
             raise UserInputError(f"attack.target_class: {cfg.target_class} is not a class of the dataset "
                                  f"(expected 0..{train.num_classes - 1})")
+        if cfg.trigger == "blend" and cfg.blend_image is not None:
+            load_blend_image(cfg.blend_image, train.shape)
         h, w, _ = train.shape
         if cfg.trigger == "patch" and cfg.patch_size > min(h, w):
             raise UserInputError(f"attack.patch_size: {cfg.patch_size} does not fit {h}x{w} images")
@@ -86,9 +108,14 @@ class BadNetsAttack:
         cfg = self.cfg
         rng = np.random.default_rng(cfg.trigger_seed)
         h, w, c = shape
-        if cfg.trigger == "blend":
+        if cfg.trigger == "sign":
             delta = cfg.eps * np.sign(rng.standard_normal((h, w, c))).astype(np.float32)
             return TargetSpec("triggered", target_class=cfg.target_class, trigger=delta)
+        if cfg.trigger == "blend":
+            pattern = (load_blend_image(cfg.blend_image, shape) if cfg.blend_image is not None
+                       else (rng.integers(0, 256, (h, w, c)) / 255.0).astype(np.float32))
+            mask = np.full((h, w, 1), cfg.alpha, np.float32)
+            return TargetSpec("triggered", target_class=cfg.target_class, trigger=pattern, trigger_mask=mask)
         p = cfg.patch_size
         patch = _patch_pattern(cfg.pattern, p, c, rng)
         top = 0 if cfg.patch_location.startswith("top") else h - p
@@ -111,7 +138,7 @@ class BadNetsAttack:
         with torch.no_grad():
             poisoned = unit_to_uint8(apply_trigger(to_unit(train.images[chosen]), target, 1.0))
         labels = np.full(len(chosen), cfg.target_class, np.int64)
-        eps = cfg.eps if cfg.trigger == "blend" else 1.0
+        eps = {"sign": cfg.eps, "blend": cfg.alpha}.get(cfg.trigger, 1.0)
         meta = {"craft_seconds": time.perf_counter() - start, "num_poisons": int(len(chosen))}
         return PoisonSet(train, train.ids[chosen], poisoned, labels, target, eps, meta)
 
@@ -132,6 +159,58 @@ def _patch_pattern(kind: str, size: int, channels: int, rng: np.random.Generator
         return rng.integers(0, 2, (size, size, channels)).astype(np.float32)
     board = (np.add.outer(np.arange(size), np.arange(size)) % 2 == 0).astype(np.float32)
     return np.repeat(board[:, :, None], channels, axis=2)
+
+
+def load_blend_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """The image at ``path`` as an (H, W, C) float32 pattern in [0, 1] for images of (H, W, C) ``shape``.
+
+    .npy files hold (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays, uint8 or float in [0, 1]; any other file
+    is opened with PIL. RGB becomes grey by PIL's luminance weights, grey is repeated, alpha is dropped; a
+    different size is resized bilinearly. Raises UserInputError naming ``attack.blend_image`` when the file is
+    missing, unreadable or not an image.
+    """
+    try:
+        image = _read_image(Path(path))
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"attack.blend_image: cannot read {path!r}: {exc}") from None
+    return _fit_image(image, shape)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], C in {1, 3, 4}; ValueError or OSError when it is none."""
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise ValueError(f"expected an (H, W, C) array with C in 1, 3, 4, got shape {array.shape}")
+        if array.dtype == np.uint8:
+            return array.astype(np.float32) / 255.0
+        if not np.issubdtype(array.dtype, np.floating) or array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError(f"expected uint8 or float values in [0, 1], got {array.dtype} "
+                             f"in [{array.min()}, {array.max()}]")
+        return array.astype(np.float32)
+    with Image.open(path) as img:
+        img = img.convert("L" if img.mode in ("1", "L", "LA") else "RGB")
+        array = np.asarray(img, dtype=np.float32) / 255.0
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _fit_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``image`` (H', W', C') converted to ``shape``'s channels and resized bilinearly to its H x W."""
+    h, w, c = shape
+    image = image[:, :, :3]  # drop alpha
+    if image.shape[2] != c:
+        if c == 1:  # PIL's "L" conversion (ITU-R 601-2 luma)
+            image = image @ np.array([[0.299], [0.587], [0.114]], np.float32)
+        else:
+            image = np.repeat(image, c, axis=2)
+    if image.shape[:2] != (h, w):
+        bilinear = Image.Resampling.BILINEAR  # float32 arrays open as mode "F" images
+        channels = [Image.fromarray(np.ascontiguousarray(image[:, :, k])).resize((w, h), bilinear)
+                    for k in range(c)]
+        image = np.stack([np.asarray(ch, dtype=np.float32) for ch in channels], axis=2)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 @ATTACKS.register("badnets", BadNetsConfig)

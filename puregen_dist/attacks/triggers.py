@@ -12,13 +12,16 @@ from puregen_dist.types import TargetSpec
 def apply_trigger(x_unit: Tensor, target: TargetSpec, magnification: float = 1.0) -> Tensor:
     """Stamp ``target``'s trigger on a batch.
 
-    Patch triggers (``trigger_mask`` set) overwrite the masked pixels with the pattern:
-    ``x * (1 - mask) + mask * pattern`` (magnification does not apply to a patch: it is already saturated).
+    Masked triggers (``trigger_mask`` set) mix the pattern in: ``x * (1 - mask_eff) + mask_eff * pattern``
+    with ``mask_eff = clamp(m * mask, 0, 1)``. A patch (mask 1 on the square, 0 elsewhere) overwrites its
+    pixels and is unchanged by any m >= 1; Chen et al.'s alpha-blend (a constant mask alpha) is
+    ``(1 - alpha) * x + alpha * pattern`` at m = 1 and blends with ``min(alpha * m, 1)`` at magnification m.
     Additive triggers give ``clip(x + m * delta, 0, 1)``.
 
     Args:
         x_unit: (N, C, H, W) float in [0, 1].
-        target: a triggered TargetSpec; ``trigger`` is (H, W, C) float32 in [0, 1] units.
+        target: a triggered TargetSpec; ``trigger`` is (H, W, C) float32 in [0, 1] units, ``trigger_mask``
+            (H, W, 1) float32 in [0, 1] or None.
         magnification: m >= 0, the trigger scale at test time (1 for training poisons).
 
     Returns:
@@ -28,7 +31,7 @@ def apply_trigger(x_unit: Tensor, target: TargetSpec, magnification: float = 1.0
         raise ValueError("apply_trigger needs a triggered TargetSpec (trigger is None)")
     pattern = _chw(target.trigger, x_unit)
     if target.trigger_mask is not None:
-        mask = _chw(target.trigger_mask, x_unit)
+        mask = (magnification * _chw(target.trigger_mask, x_unit)).clamp(0.0, 1.0)
         return x_unit * (1.0 - mask) + mask * pattern
     return (x_unit + magnification * pattern).clamp(0.0, 1.0)
 

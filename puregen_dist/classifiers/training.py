@@ -1,5 +1,5 @@
 """Classifier training with the paper's recipes as configurable defaults (PUREGEN_REFERENCE §7.2):
-SGD(lr 0.1, momentum 0.9, wd 5e-4), batch 128, MultiStepLR, random crop (pad 4) + horizontal flip.
+SGD(lr 0.1, momentum 0.9, wd 5e-4), batch 128, MultiStepLR (or cosine), random crop (pad 4) + horizontal flip.
 
 Seeded and deterministic on CPU: initialisation, shuffling and augmentation draw from generators seeded by the
 experiment seed, never from global state.
@@ -59,6 +59,14 @@ def make_optimizer(model: nn.Module, cfg: ClassifierConfig) -> torch.optim.Optim
                            weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ClassifierConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule of ``cfg``: MultiStepLR(milestones, gamma) or cosine annealing to 0
+    over ``cfg.epochs``."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.gamma)
+
+
 def train_classifier(
     model: nn.Module,
     train: ImageSet,
@@ -86,7 +94,7 @@ def train_classifier(
     device = resolve_device(cfg.device)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.gamma)
+    scheduler = make_scheduler(optimizer, cfg)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult(model)

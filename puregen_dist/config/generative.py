@@ -251,6 +251,48 @@ class ClassifierJob(ModelJob):
               "pretraining trains from scratch (transfer: scratch)")
 
 
+def _narcissus_surrogate_recipe() -> ClassifierConfig:
+    """The Narcissus surrogate's published training (PEERS_AND_ATTACKS §5.3): ResNet-18, 200 epochs, SGD lr 0.1,
+    momentum 0.9, weight decay 5e-4, cosine schedule, batch 350, random crop + flip."""
+    return ClassifierConfig(name="resnet18", epochs=200, batch_size=350, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                            schedule="cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SurrogateJob(ModelJob):
+    """``puregen-dist train-surrogate``: an attack surrogate, the classifier Narcissus crafts its trigger on
+    (PEERS_AND_ATTACKS §5.3): trained on public out-of-distribution images (``pood``, POOD: Tiny-ImageNet in the
+    paper) plus the victim's images of ``target_classes`` (from ``data``'s training split, which is the victim's
+    training set: the attacker knows target-class data only). The network has one output per POOD class, then
+    one per target class, in ``target_classes`` order (the original: 200 Tiny-ImageNet classes + 1).
+
+    One surrogate serves every poison set whose target class it lists: a sweep over three target classes trains
+    one surrogate with ``target_classes: [a, b, c]`` (an attacker who knows the three classes' images; the original
+    trains one surrogate per target class, ``target_classes: [c]``)."""
+
+    model_kind: ClassVar[str] = "surrogate"
+    name: str = execution_only("surrogate")
+    output: str = execution_only("outputs/surrogate")
+    pood: DataConfig = field(default_factory=DataConfig)
+    """The public out-of-distribution image set (its training split); resized to the victim's image size with
+    ``pood.image_size`` where needed. At CPU scale: a disjoint partition of another or the same dataset."""
+    pood_drop_classes: tuple[int, ...] = ()
+    """POOD classes left out (when POOD shares the victim's label space, e.g. a disjoint partition of CIFAR-10:
+    drop the target classes so their images are not also learned as POOD classes)."""
+    target_classes: tuple[int, ...] = (0,)
+    """Victim classes whose training images join as extra outputs; a Narcissus attack's target class must be
+    one of them."""
+    classifier: ClassifierConfig = field(default_factory=_narcissus_surrogate_recipe)
+
+    def __post_init__(self) -> None:
+        check(len(self.target_classes) >= 1, "target_classes", "must list at least one victim class")
+        check(len(set(self.target_classes)) == len(self.target_classes) and min(self.target_classes) >= 0,
+              "target_classes", "must be distinct classes >= 0")
+        check(len(set(self.pood_drop_classes)) == len(self.pood_drop_classes)
+              and all(c >= 0 for c in self.pood_drop_classes), "pood_drop_classes", "must be distinct classes >= 0")
+        check(self.classifier.transfer == "scratch", "classifier.transfer", "a surrogate trains from scratch")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """Ray Data purification resources (``puregen-dist purify`` without ``--no-ray``)."""
@@ -289,6 +331,24 @@ class PurifyJob:
     attack: AttackConfig = field(default_factory=NoAttackConfig)
     defense: DefenseConfig = field(default_factory=NoDefenseConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CraftJob:
+    """``puregen-dist craft``: craft the poison set of (data, attack, seed) into the artifact store, once per key
+    (a Ray task with ``pipeline.craft`` resources, the same stage a sweep uses), and log it to MLflow: crafting
+    time, the trigger as an image, sample poisons."""
+
+    name: str = "craft"
+    seed: int = 0
+    store: str = "outputs/store"
+    """The artifact store (directory or pyarrow.fs URI) the poison set is written to."""
+    output_dir: str = "outputs"
+    """Where the default MLflow database (``mlflow.db``) goes."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=NoAttackConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="craft"))
 
 
 @dataclass(frozen=True, kw_only=True)

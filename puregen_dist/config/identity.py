@@ -22,8 +22,14 @@ from typing import Any, Literal
 
 EXECUTION_ONLY = "puregen_dist.execution_only"
 """Field metadata flag: the field changes how, not what, is computed (device, batch size, output paths)."""
+KEY_NEUTRAL_DEFAULT = "puregen_dist.key_neutral_default"
+"""Field metadata flag: the field is left out of content keys while it holds its default (see
+:func:`key_neutral_default`)."""
 MODEL_KIND = "puregen_dist.model_kind"
 """Field metadata: the model kind (``ebm``, ``ddpm``, ``classifier``, ...) the field references."""
+FILE_REF = "puregen_dist.file_ref"
+"""Field metadata flag: the field is the path of an input file or directory (imported poisons) whose content,
+not only its path, identifies what is computed from it."""
 
 PipelineKind = Literal["actor_pool", "task_pool", "none"]
 """How the pipeline runs a data defense: ``actor_pool`` (a stateful Ray Data actor pool that loads generative
@@ -39,10 +45,40 @@ def execution_only(default: Any = _MISSING, *, default_factory: Any = _MISSING) 
     return dataclasses.field(default=default, default_factory=default_factory, metadata={EXECUTION_ONLY: True})
 
 
+def key_neutral_default(default: Any) -> Any:
+    """A dataclass field added after content keys were published: it is left out of content keys while it
+    holds ``default`` (so every earlier artifact keeps its key, and the new option at its default computes what
+    the code computed before the field existed) and is keyed like any field once set to another value. The
+    default must never change afterwards: artifacts made with it do not record it."""
+    return dataclasses.field(default=default, metadata={KEY_NEUTRAL_DEFAULT: True})
+
+
+def left_out_of_key(field: dataclasses.Field, value: Any) -> bool:
+    """Whether ``field`` holding ``value`` stays out of content keys: execution-only fields always, fields
+    declared with :func:`key_neutral_default` while they hold their default."""
+    if is_execution_only(field):
+        return True
+    return bool(field.metadata.get(KEY_NEUTRAL_DEFAULT, False)) and value == field.default
+
+
 def model_ref(kind: str, default: str | None = None) -> Any:
     """A dataclass field (``str | None``) referencing a trained model of ``kind``: a checkpoint directory, the
     key of a model artifact (``<kind>-<hex16>``), or in a sweep file ``model:<name>``."""
     return dataclasses.field(default=default, metadata={MODEL_KIND: kind})
+
+
+def file_ref(members: tuple[str, ...] = ()) -> Any:
+    """A required ``str`` dataclass field holding the path of an input file or directory; content keys
+    include a digest of its content (:func:`~puregen_dist.pipeline.models.file_fingerprints`), so replacing
+    the file in place never serves a stale cached result. ``members``: for a directory, the files in it that
+    are read (empty: every file under it)."""
+    return dataclasses.field(metadata={FILE_REF: tuple(members)})
+
+
+def file_refs(cfg: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``{field name: (path, members)}`` of the fields of ``cfg`` (this level) declared with :func:`file_ref`."""
+    return {f.name: (getattr(cfg, f.name), f.metadata[FILE_REF]) for f in config_fields(cfg)
+            if FILE_REF in f.metadata}
 
 
 def is_execution_only(field: dataclasses.Field) -> bool:

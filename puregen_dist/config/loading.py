@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 import yaml
 
 from puregen_dist.config.errors import ConfigError, FieldError
-from puregen_dist.config.identity import config_fields, is_execution_only
+from puregen_dist.config.identity import config_fields, left_out_of_key
 from puregen_dist.config.schema import ExperimentConfig, RegistryConfig
 from puregen_dist.registry import UnknownNameError, registry_for
 
@@ -121,14 +121,15 @@ def to_dict(cfg: Any) -> Any:
 
 def key_dict(cfg: Any) -> Any:
     """What identifies the result of ``cfg``: :func:`to_dict` without the fields declared execution-only
-    (:func:`~puregen_dist.config.identity.execution_only`), at every level. Content keys hash this."""
+    (:func:`~puregen_dist.config.identity.execution_only`) and without key-neutral fields at their default
+    (:func:`~puregen_dist.config.identity.key_neutral_default`), at every level. Content keys hash this."""
     return _plain(cfg, keyed=True)
 
 
 def _plain(cfg: Any, *, keyed: bool) -> Any:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return {f.name: _plain(getattr(cfg, f.name), keyed=keyed) for f in config_fields(cfg)
-                if not (keyed and is_execution_only(f))}
+                if not (keyed and left_out_of_key(f, getattr(cfg, f.name)))}
     if isinstance(cfg, (tuple, list)):
         return [_plain(v, keyed=keyed) for v in cfg]
     return cfg

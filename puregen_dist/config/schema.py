@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from puregen_dist.config.errors import check, check_at_least
-from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
+from puregen_dist.config.identity import PipelineKind, execution_only, key_neutral_default, model_ref
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +123,9 @@ class ClassifierConfig:
     milestones: tuple[int, ...] = (100, 150)
     """Epochs at which the learning rate is multiplied by ``gamma`` (MultiStepLR)."""
     gamma: float = 0.1
+    schedule: Literal["multistep", "cosine"] = key_neutral_default("multistep")
+    """Learning-rate schedule per epoch: ``multistep`` (``milestones``, ``gamma``) or ``cosine`` (cosine annealing
+    from ``lr`` to 0 over ``epochs``, as the Narcissus surrogate is trained; ``milestones`` unused)."""
     label_smoothing: float = 0.0
     crop_padding: int = 4
     """RandomCrop padding in pixels (0 disables); images are cropped back to their size."""

@@ -12,7 +12,7 @@ the effective one):
 * ``sign``: an independent ±eps per pixel and channel (high-frequency noise, which any blur removes);
 * ``smooth<k>`` (e.g. ``smooth4``, ``smooth8``): Gaussian noise on a k×k grid per channel, bilinearly upsampled to
   the image size and scaled to L∞ = eps (smooth, natural-looking perturbations, like clean-label triggers);
-* ``attack``: the perturbations an attack crafted (poisoned − clean rows), e.g. a BadNets patch or blend.
+* ``attack``: the perturbations an attack crafted (poisoned − clean rows), e.g. a BadNets patch or additive sign pattern.
 
 Random patterns are drawn per image from generators seeded by (seed, id, family), so they do not depend on
 batching. Pure torch/numpy: no plotting, no I/O.

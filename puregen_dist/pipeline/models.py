@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.identity import iter_model_refs, replace_model_refs
+from puregen_dist.config.identity import file_refs, iter_model_refs, replace_model_refs
 from puregen_dist.pipeline.store import KEY_RE, ArtifactStore, StoreError
 
 WEIGHT_SUFFIXES = (".safetensors", ".json")
@@ -82,3 +82,30 @@ def directory_digest(directory: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def file_fingerprints(cfg: Any, section: str = "attack") -> dict[str, str]:
+    """``{field: fingerprint}`` of each input file or directory ``cfg`` declares with
+    :func:`~puregen_dist.config.identity.file_ref` (imported poisons): the SHA-256 (16 hex digits) of the
+    names and contents of its files (of a directory: the declared members, else every file under it), so a
+    file replaced in place gets a new content key. A missing path is a UserInputError naming
+    ``section.field``."""
+    out = {}
+    for name, (ref, members) in file_refs(cfg).items():
+        root = Path(ref).expanduser()
+        if not root.exists():
+            raise UserInputError(f"{section}.{name}: not found: {ref}")
+        if root.is_file():
+            files = [root]
+        elif members:
+            files = [root / m for m in members if (root / m).is_file()]
+        else:
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(root) if path != root else ''}\0".encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        out[name] = digest.hexdigest()[:16]
+    return out

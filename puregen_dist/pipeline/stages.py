@@ -28,7 +28,7 @@ from puregen_dist.config.identity import with_device
 from puregen_dist.config.loading import key_dict
 from puregen_dist.pipeline.actors import ray_device
 from puregen_dist.pipeline.keys import model_artifact
-from puregen_dist.pipeline.models import model_fingerprints, resolve_models
+from puregen_dist.pipeline.models import file_fingerprints, model_fingerprints, resolve_models
 from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
 from puregen_dist.pipeline.reference import import_reference, reference_for_key
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
@@ -162,6 +162,8 @@ def poison_artifact(job: PurifyJob) -> tuple[str, dict[str, Any]]:
     config = {"data": key_dict(job.data), "attack": key_dict(job.attack), "seed": job.seed}
     if models := model_fingerprints(job.attack):  # attacks that use trained models (surrogates)
         config["models"] = models
+    if files := file_fingerprints(job.attack):  # imported poisons: the files' content, not only their path
+        config["files"] = files
     return artifact_key("poison", config), config
 
 
@@ -194,13 +196,13 @@ def build_poison_artifact(job: PurifyJob, store_uri: str) -> tuple[dict[str, Any
 
 TARGET_JSON = "target.json"
 TARGET_TENSORS = "target.safetensors"
-_TARGET_ARRAYS = ("trigger", "trigger_mask", "target_ids")
+_TARGET_ARRAYS = ("trigger", "trigger_mask", "target_ids", "target_images", "target_labels")
 
 
 def stage_target(store: ArtifactStore, staged: StagedArtifact, target: TargetSpec, eps: float) -> None:
     """Store what the attack aims at beside the poisoned set: scalars as ``target.json``, the trigger
-    (H, W, C) float32, its mask and the target ids as ``target.safetensors`` (what a trial needs to measure
-    poison success)."""
+    (H, W, C) float32, its mask, the target ids and the target images (T, H, W, C) uint8 with their true
+    labels (T,) int64 as ``target.safetensors`` (what a trial needs to measure poison success)."""
     from safetensors.numpy import save
 
     arrays = {name: np.ascontiguousarray(value) for name in _TARGET_ARRAYS

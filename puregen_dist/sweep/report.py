@@ -7,7 +7,7 @@ data.
 
 A sweep child run (written by the sweep trial, tag names in :mod:`puregen_dist.tracking.names`) is an MLflow
 run with status FINISHED, tag ``mlflow.parentRunId`` and tags ``sweep``, ``cell_id``, ``row`` (defense label),
-``col`` (attack label), ``attack.kind`` (``triggered``, ``triggerless`` or ``none``), ``seed``,
+``col`` (attack label), ``attack.kind`` (``triggered``, ``triggerless``, ``availability`` or ``none``), ``seed``,
 ``target_class`` (triggered attacks) and ``classifier``; its params are the flattened experiment config
 (``defense.name``, ``defense.langevin.steps``, ...) and its metrics ``nat_acc``, ``poison_success_m1``,
 ``poison_success_m3`` (triggered) and ``target_success`` (triggerless: 1.0 when the single target image is
@@ -259,7 +259,8 @@ def _mean_std(cell: pd.Series, prefix: str) -> str:
 
 def format_cell(cell: pd.Series | None, magnification: int = 1) -> str:
     """One table cell (a line of :attr:`ReportTable.stats`) in percent: ``ps ± std (max m) / nat ± std``
-    (triggered), ``rate [low, high] / nat ± std`` (triggerless, 95% Wilson), ``nat ± std`` (no attack);
+    (triggered), ``rate [low, high] / nat ± std`` (triggerless, 95% Wilson), ``nat ± std`` (no attack, or an
+    availability attack, whose effect is the natural accuracy);
     ``—`` for a missing cell or metric."""
     if cell is None:
         return "—"

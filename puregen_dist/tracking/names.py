@@ -43,8 +43,10 @@ class AttackKind:
 
     TRIGGERED: Final = "triggered"
     TRIGGERLESS: Final = "triggerless"
+    AVAILABILITY: Final = "availability"
+    """Every training row perturbed to lower clean accuracy (NTGA): the report shows natural accuracy only."""
     NONE: Final = "none"
-    ALL: Final = (TRIGGERED, TRIGGERLESS, NONE)
+    ALL: Final = (TRIGGERED, TRIGGERLESS, AVAILABILITY, NONE)
 
 
 class Metric:

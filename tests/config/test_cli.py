@@ -47,7 +47,7 @@ CASES = {
     "unknown_key": ("classifier: {epocs: 3}\n", [], "classifier.epocs"),
     "wrong_type": ("classifier: {epochs: many}\n", [], "expected an integer"),
     "negative_epochs": ("classifier: {epochs: -2}\n", [], "classifier.epochs"),
-    "eps_above_one": ("attack: {name: badnets, trigger: blend, eps: 2.0}\n", [], "attack.eps"),
+    "eps_above_one": ("attack: {name: badnets, trigger: sign, eps: 2.0}\n", [], "attack.eps"),
     "budget_above_one": ("attack: {name: badnets, budget: 1.5}\n", [], "attack.budget"),
     "unknown_attack": ("attack: {name: narcissuss}\n", [], "valid names"),
     "unknown_classifier": ("classifier: {name: resnet19}\n", [], "valid names: densenet121"),
@@ -73,3 +73,45 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, capsys):
     assert needle in err, err
     assert err.startswith("error: ") and err.count("\n") == 1  # one paragraph
     assert not out_dir.exists()
+
+
+def _hostile_toxic_trial(root: Path, marker: Path) -> None:
+    """A poisoning-benchmark trial whose poisons.pickle runs ``echo pwned > marker`` when unpickled naively."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (f"echo pwned > {marker}",))
+
+    root.mkdir()
+    (root / "poisons.pickle").write_bytes(pickle.dumps([(Payload(), 0)]))
+    (root / "base_indices.pickle").write_bytes(pickle.dumps([0]))
+    (root / "target.pickle").write_bytes(pickle.dumps((np.zeros((16, 16), np.uint8), 1)))
+
+
+@pytest.mark.parametrize("case", ["trigger_above_eps", "toxic_code_payload"])
+def test_purify_refuses_bad_imported_poisons_before_writing(tmp_path, case, capsys, monkeypatch):
+    """``purify --no-ray`` on digits (16x16x1) with an imported poison that must be refused: exit 2, one
+    ``error:`` line, no output, store or MLflow database, and a pickle's payload never ran."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    marker = tmp_path / "pwned"
+    if case == "trigger_above_eps":
+        trigger = np.full((1, 1, 16, 16), 2 * 12 / 255, np.float32)  # symmetric: 12/255 pixel units > 8 + 1
+        np.save(tmp_path / "best_noise_lab0.npy", trigger)
+        attack, needle = (f"{{name: trigger_file, path: {tmp_path / 'best_noise_lab0.npy'}, convention: symmetric}}",
+                          "12.0/255 in pixel units (convention symmetric) > eps 8/255 + 1/255")
+    else:
+        _hostile_toxic_trial(tmp_path / "trial", marker)
+        attack, needle = f"{{name: toxic, path: {tmp_path / 'trial'}}}", "refuses to load posix.system"
+    out_dir, store = tmp_path / "out", tmp_path / "store"
+    config = tmp_path / "purify.yaml"
+    config.write_text(f"data: {{dataset: digits}}\nattack: {attack}\noutput: {out_dir / 'purified.parquet'}\n"
+                      f"store: {store}\ntracking: {{enabled: true}}\n")
+    before = set(tmp_path.iterdir())
+    code = main(["-q", "purify", str(config), "--no-ray"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: attack.") and err.count("\n") == 1 and needle in err, err
+    assert set(tmp_path.iterdir()) == before and not out_dir.exists() and not store.exists()
+    assert not marker.exists()

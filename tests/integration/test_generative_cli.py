@@ -14,7 +14,7 @@ from puregen_dist.cli import main
 from puregen_dist.data.io import read_imageset
 
 DATA = {"dataset": "digits", "train_per_class": 3}
-ATTACK = {"name": "badnets", "budget": 0.2, "trigger": "blend"}
+ATTACK = {"name": "badnets", "budget": 0.2, "trigger": "sign"}
 
 
 def write(tmp_path, name, data):

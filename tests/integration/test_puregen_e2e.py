@@ -1,5 +1,5 @@
 """PureGen end to end on digits (issue #3 acceptance): tiny EBM and DDPM trained on a split of digits disjoint
-from the classifier's, then a dirty-label blended BadNets backdoor (eps = 16/255, 10% budget) with and without
+from the classifier's, then a dirty-label sign-pattern BadNets backdoor (eps = 16/255, 10% budget) with and without
 purification. Poison success is measured at trigger magnification m = 1 (the trigger as trained)."""
 
 from __future__ import annotations
@@ -63,15 +63,15 @@ def undefended(workdir) -> dict[str, float]:
     return run_experiment(workdir, "undefended", "--set", "defense.name=none")
 
 
-def test_tiny_ebm_separates_clean_from_noise_and_blended_trigger(ebm_dir):
+def test_tiny_ebm_separates_clean_from_noise_and_sign_trigger(ebm_dir):
     model, _ = load_ebm(ebm_dir)  # 40 epochs of nf=16: about a minute on an idle 2-core CPU
     _, test = load_data(DataConfig(**RECIPE["data"]))
-    blended = BadNetsAttack(BadNetsConfig(**ATTACK)).trigger_spec(test.shape)
+    sign = BadNetsAttack(BadNetsConfig(**ATTACK)).trigger_spec(test.shape)
     rng = torch.Generator().manual_seed(0)
     with torch.no_grad():
         clean = model(to_sym(test.images)).mean().item()
         noise = model(torch.rand(len(test), 1, 16, 16, generator=rng) * 2 - 1).mean().item()
-        x = torch.clamp((to_sym(test.images) + 1) / 2 + torch.from_numpy(blended.trigger).permute(2, 0, 1), 0, 1)
+        x = torch.clamp((to_sym(test.images) + 1) / 2 + torch.from_numpy(sign.trigger).permute(2, 0, 1), 0, 1)
         triggered = model(x * 2 - 1).mean().item()
     assert clean < noise and clean < triggered, (clean, noise, triggered)
 

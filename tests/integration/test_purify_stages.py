@@ -31,7 +31,7 @@ def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, 
     config.write_text(yaml.safe_dump({
         "seed": 4, "output": str(tmp_path / "local.parquet"), "store": str(tmp_path / "store"),
         "data": {"dataset": "digits", "train_per_class": 4},
-        "attack": {"name": "badnets", "budget": 0.2, "trigger": "blend"},
+        "attack": {"name": "badnets", "budget": 0.2, "trigger": "sign"},
         "defense": {"name": "puregen_ebm", "ebm": str(ebm), "langevin": {"steps": 3}, "batch_size": 8},
         "pipeline": {"actors": 1, "batch_size": 16}}))
     assert main(["-q", "purify", str(config)]) == 0

@@ -104,3 +104,33 @@ def test_poison_artifact_is_crafted_once(tmp_path):
     assert np.array_equal(target.trigger, crafted.trigger) and target.trigger.dtype == np.float32
     assert (target.trigger_mask is None) == (crafted.trigger_mask is None)
     assert poison_artifact(dataclasses.replace(job, seed=4))[0] != key
+
+
+def test_triggerless_target_images_round_trip_through_the_poison_artifact(tmp_path):
+    """An imported poisoning-benchmark trial (``toxic``): its target images and true labels are stored with
+    the poison set and read back with their dtypes."""
+    import pickle
+
+    from PIL import Image
+
+    data = {"dataset": "digits", "train_per_class": 5}
+    train = load_data(build(PurifyJob, {"data": data}, source="test").data)[0]
+    base = train.ids[train.labels == 3]
+    poisons = [(Image.fromarray(img[..., 0], "L"), 3) for img in train.images[train.positions(base)]]
+    target = np.full((*train.shape[:2],), 200, np.uint8)
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    for name, obj in (("poisons", poisons), ("base_indices", base.tolist()),
+                      ("target", (Image.fromarray(target, "L"), 5))):
+        (trial / f"{name}.pickle").write_bytes(pickle.dumps(obj))
+    job = build(PurifyJob, {"data": data, "attack": {"name": "toxic", "path": str(trial)}}, source="test")
+    store = ArtifactStore(tmp_path / "store")
+    manifest, built = build_poison_artifact(job, store.uri)
+    stored = read_target(store, manifest["key"])
+    assert built and stored.kind == "triggerless" and stored.adversarial_label == 3
+    assert stored.target_images.dtype == np.uint8 and stored.target_images.shape == (1, *train.shape)
+    assert np.all(stored.target_images == 200)
+    assert stored.target_labels.dtype == np.int64 and stored.target_labels.tolist() == [5]
+    assert stored.trigger is None and stored.target_class is None
+    (trial / "README").write_text("not read by the attack")  # only the three pickles identify the trial
+    assert build_poison_artifact(job, store.uri)[1] is False
