@@ -18,12 +18,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.generative import ClassifierJob, DDPMJob, DiagnoseJob, EBMJob, PurifyJob
+from puregen_dist.config.generative import (
+    ClassifierJob,
+    CraftJob,
+    DDPMJob,
+    DiagnoseJob,
+    EBMJob,
+    PurifyJob,
+    SurrogateJob,
+)
 from puregen_dist.config.loading import load_config, load_yaml, to_yaml
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.plugins import load_plugins
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from puregen_dist.console import ProgressFactory
 
 log = logging.getLogger("puregen_dist")
@@ -116,7 +126,8 @@ def purify_cmd(args: argparse.Namespace) -> int:
 
     overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
     job = load_config(PurifyJob, args.config, overrides)
-    local = dataclasses.replace(job, defense=resolve_models(job.defense, job.store))  # model keys -> dirs
+    local = dataclasses.replace(job, defense=resolve_models(job.defense, job.store),  # model keys -> dirs
+                                attack=resolve_models(job.attack, job.store, "attack"))
     prepared = prepare_purify(local)  # validation and checkpoint loading: nothing written yet
     return _purify_in_process(local, prepared) if args.no_ray else _purify_with_ray(job)
 
@@ -148,6 +159,66 @@ def _purify_with_ray(job: PurifyJob) -> int:
           f"{timings.get('seconds_per_image_per_device', float('nan')):.4f} s/image/device")
     print(f"artifact: {store.imageset_path(purified.key)}")
     return 0
+
+
+def craft_cmd(args: argparse.Namespace) -> int:
+    """Craft a poison set into the artifact store (a Ray task, once per key) and log it to MLflow: crafting time
+    and statistics, the trigger as an image, sample poisons beside their clean images."""
+    from puregen_dist.attacks import build_attack
+    from puregen_dist.data.datasets import load_data
+    from puregen_dist.pipeline.models import resolve_models
+    from puregen_dist.pipeline.stages import poison_stage
+    from puregen_dist.pipeline.store import ArtifactStore
+
+    overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
+    job = load_config(CraftJob, args.config, overrides)
+    train, _ = load_data(job.data)
+    build_attack(resolve_models(job.attack, job.store, "attack")).validate(train)  # nothing written yet
+    store = ArtifactStore(job.store)
+    poison = poison_stage(job, store)
+    _log_poison_set(job, store, poison.key, train)
+    manifest = poison.manifest
+    print(f"poison set {poison.key} {'crafted' if poison.built else 'cached (already in the store)'} in "
+          f"{store.uri}: {int(manifest.get('stats', {}).get('num_poisons', 0))} poisoned of {manifest.get('rows')} "
+          f"images, crafted in {manifest.get('timings', {}).get('craft_s', float('nan')):.1f}s")
+    print(f"artifact: {store.imageset_path(poison.key)}")
+    return 0
+
+
+def _log_poison_set(job: CraftJob, store: Any, key: str, train: Any) -> None:
+    """One MLflow run per craft: the config, the poison key, crafting metrics, the trigger (scaled to be
+    visible) and up to 16 poisons above their clean images."""
+    import numpy as np
+
+    from puregen_dist.config.loading import flatten
+    from puregen_dist.data.transforms import image_grid
+    from puregen_dist.pipeline.stages import read_target
+    from puregen_dist.tracking import open_tracker
+
+    manifest = store.manifest(key)
+    target = read_target(store, key)
+    poisoned, is_poisoned = store.get_imageset(key)
+    with open_tracker(job.tracking, job.output_dir, default_run_name=job.name) as tracker:
+        tracker.log_params(flatten(job))
+        tracker.set_tags({"poison_key": key, "attack": job.attack.name})
+        tracker.log_metrics({"craft_seconds": manifest.get("timings", {}).get("craft_s", 0.0),
+                             **manifest.get("stats", {})})
+        if target.trigger is not None:
+            tracker.log_image(trigger_image(target.trigger), "trigger")
+        ids = poisoned.ids[is_poisoned][:16]
+        if len(ids):
+            pairs = np.concatenate([poisoned.images[poisoned.positions(ids)], train.images[train.positions(ids)]])
+            tracker.log_image(image_grid(pairs, columns=len(ids)), "poisons_over_clean")
+    _print_browse(tracker)
+
+
+def trigger_image(trigger: np.ndarray) -> np.ndarray:
+    """(H, W, C) additive trigger in pixel units -> uint8 image, 0 mapped to mid-grey and the largest |value| to
+    black/white (a faint trigger would otherwise be invisible)."""
+    import numpy as np
+
+    scale = float(np.abs(trigger).max()) or 1.0
+    return np.clip(np.round((trigger / scale + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def diagnose_cmd(args: argparse.Namespace) -> int:
@@ -282,7 +353,8 @@ def export_reference_cmd(args: argparse.Namespace) -> int:
 
 
 CONFIG_KINDS: dict[str, type] = {"run": ExperimentConfig, "train-ebm": EBMJob, "train-ddpm": DDPMJob,
-                                 "train-classifier": ClassifierJob,
+                                 "train-classifier": ClassifierJob, "train-surrogate": SurrogateJob,
+                                 "craft": CraftJob,
                                  "purify": PurifyJob, "diagnose": DiagnoseJob}
 
 
@@ -307,12 +379,16 @@ def guess_command(data: dict[str, Any]) -> str:
         return "sweep"
     if "train" in data:
         return "train-ddpm" if "ddpm" in data else "train-ebm"
+    if "pood" in data or "target_classes" in data:
+        return "train-surrogate"
     if "output" in data and "classifier" in data:
         return "train-classifier"
     if {"num_images", "every", "ddpm_grid", "ebm", "ddpm"} & set(data):
         return "diagnose"
     if "output" in data:
         return "purify"
+    if "attack" in data and "store" in data and not {"classifier", "defense"} & set(data):
+        return "craft"
     return "run"
 
 
@@ -322,6 +398,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train-ddpm": (train_model_cmd("ddpm"), "train (or resume) a PureGen DDPM (t < 250) (--store: as a Ray task)"),
     "train-classifier": (train_model_cmd("classifier"), "pretrain a classifier on clean data for transfer "
                                                "(--store: as a Ray task)"),
+    "train-surrogate": (train_model_cmd("surrogate"), "train an attack surrogate (public OOD images + target "
+                                                     "classes; Narcissus) (--store: as a Ray task)"),
+    "craft": (craft_cmd, "craft a poison set into the artifact store (a Ray task) and log it to MLflow"),
     "purify": (purify_cmd, "poison and purify a training set through Ray Data into the store (--no-ray: "
                            "in-process into a Parquet file)"),
     "diagnose": (diagnose_cmd, "energy histograms and l2 trajectories of purification (PNG + CSV)"),
@@ -375,13 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purify":
             cmd.add_argument("--no-ray", action="store_true",
                              help="purify in-process (tests, debugging) and write `output` instead of the store")
-        if name in ("train-ebm", "train-ddpm", "train-classifier"):
+        if name in ("train-ebm", "train-ddpm", "train-classifier", "train-surrogate"):
             cmd.add_argument("--store", help="train as a Ray task into this artifact store (directory or "
                                               "pyarrow.fs URI); skipped when the model is already there")
         if name == "sweep":
             cmd.add_argument("--dry-run", action="store_true",
                              help="print the plan (artifacts to build / cached, trials) and stop")
-        if name in ("purify", "train-ebm", "train-ddpm", "train-classifier", "sweep"):
+        if name in ("purify", "craft", "train-ebm", "train-ddpm", "train-classifier", "train-surrogate", "sweep"):
             cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
         if name == "show-config":
             cmd.add_argument("--as", dest="as_command", choices=sorted([*CONFIG_KINDS, "sweep"]),

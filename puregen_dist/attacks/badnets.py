@@ -31,7 +31,7 @@ from torch import nn
 
 from puregen_dist.attacks.triggers import apply_trigger
 from puregen_dist.config.errors import UserInputError, check
-from puregen_dist.config.identity import key_neutral_default
+from puregen_dist.config.identity import file_ref, key_neutral_default
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.data.transforms import to_unit, unit_to_uint8
 from puregen_dist.registry import ATTACKS
@@ -64,7 +64,7 @@ class BadNetsConfig(AttackConfig):
     """sign only: L-inf bound of the sign pattern in [0, 1] pixel units."""
     alpha: float = key_neutral_default(0.2)
     """blend only: blend weight of the pattern, in (0, 1] (0.2 in Chen et al.); also the L-inf bound."""
-    blend_image: str | None = key_neutral_default(None)
+    blend_image: str | None = file_ref(optional=True)
     """blend only: the pattern image, a .png/.jpg file or a .npy (H, W, C) array (uint8, or float in [0, 1]);
     resized to the dataset's H x W (bilinear) and converted to its channels. None: uniform random noise drawn
     from trigger_seed (Chen et al.'s random pattern)."""

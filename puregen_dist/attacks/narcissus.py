@@ -36,9 +36,12 @@ from torch import Tensor, nn
 from puregen_dist.attacks.clean_label import CleanLabelTriggerConfig, check_target_and_budget, stamp_trigger
 from puregen_dist.attacks.surrogate import Surrogate, load_surrogate
 from puregen_dist.config.errors import UserInputError, check
-from puregen_dist.config.identity import execution_only, model_ref
+from puregen_dist.config.generative import LangevinConfig
+from puregen_dist.config.identity import execution_only, key_neutral_default, model_ref
 from puregen_dist.data.transforms import random_crop_flip, to_unit
 from puregen_dist.device import resolve_device
+from puregen_dist.generative.langevin import differentiable_langevin
+from puregen_dist.generative.purifiers import load_ebm
 from puregen_dist.registry import ATTACKS
 from puregen_dist.types import ImageSet, PoisonSet
 
@@ -66,6 +69,13 @@ class NarcissusConfig(CleanLabelTriggerConfig):
     flip: bool = True
     grad_tolerance: float = 0.0
     """Early stop when a round ends with sum |∂loss/∂δ| <= this (0: only an exactly vanished gradient)."""
+    through_ebm: str | None = model_ref("ebm")
+    """Defense-aware Narcissus (PureGen Table 11, "EBM in generation"): an EBM checkpoint (or key, or
+    ``model:<name>``) whose Langevin purification the surrogate looks through: the warm-up trains on purified
+    target images and the trigger is optimised through the (differentiated) chain, Ψ(clip(x + δ)). None: off."""
+    through_langevin: LangevinConfig = key_neutral_default(LangevinConfig())
+    """The purification the trigger is optimised through (published: 150 steps, ε 0.0125, T 1e-4); the chain is
+    differentiated, so each synthesis batch costs ~2·steps network passes: CPU recipes use fewer steps."""
     device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
@@ -87,7 +97,7 @@ class NarcissusAttack:
 
     def validate(self, train: ImageSet) -> None:
         """Before any compute: the target class exists and the surrogate (loaded here) has an output for it and
-        takes the dataset's images; the budget fits the target class."""
+        takes the dataset's images; the budget fits the target class; a ``through_ebm`` loads and fits."""
         cfg = self.cfg
         check_target_and_budget(cfg, train)
         if not cfg.surrogate:
@@ -96,12 +106,33 @@ class NarcissusAttack:
         surrogate = self.surrogate()
         surrogate.output_of(cfg.target_class)
         h, w, c = train.shape
-        try:
-            with torch.no_grad():
-                surrogate.model.cpu()(torch.zeros(1, c, h, w))
-        except RuntimeError as exc:
-            raise UserInputError(f"attack.surrogate: {cfg.surrogate} does not take the dataset's {h}x{w}x{c} "
-                                 f"images ({exc})") from None
+        if surrogate.image_shape != train.shape:
+            raise UserInputError(f"attack.surrogate: {cfg.surrogate} was trained on {surrogate.image_shape} "
+                                 f"(H, W, C) images, the dataset's are {train.shape}")
+        if cfg.through_ebm:
+            energy, ebm_cfg = load_ebm(cfg.through_ebm)  # a missing or broken checkpoint fails here
+            if (ebm_cfg.image_size, ebm_cfg.in_channels) != (h, c):
+                raise UserInputError(f"attack.through_ebm: the EBM models {ebm_cfg.image_size}px images with "
+                                     f"{ebm_cfg.in_channels} channel(s), the dataset's are {h}px with {c}")
+
+    def purification(self, device: torch.device, generator: torch.Generator
+                     ) -> Callable[[Tensor], Tensor] | None:
+        """The differentiable purification Ψ the surrogate looks through ([0, 1] images in and out), or None."""
+        cfg = self.cfg
+        if not cfg.through_ebm:
+            return None
+        energy, _ = load_ebm(cfg.through_ebm, device)
+        for p in energy.parameters():
+            p.requires_grad_(False)
+        chain = cfg.through_langevin
+
+        def purify(x_unit: Tensor) -> Tensor:
+            noise = (torch.randn(x_unit.shape, generator=generator).to(device) for _ in range(chain.steps))
+            x_sym = differentiable_langevin(energy, x_unit * 2.0 - 1.0, noise, step_size=chain.step_size,
+                                            temperature=chain.temperature)
+            return ((x_sym + 1.0) * 0.5).clamp(0.0, 1.0)
+
+        return purify
 
     def surrogate(self) -> Surrogate:
         """The surrogate checkpoint, loaded once."""
@@ -120,12 +151,19 @@ class NarcissusAttack:
         label = attacker.output_of(cfg.target_class)
         x_target = to_unit(train.images[train.labels == cfg.target_class])
         generator = torch.Generator().manual_seed(seed)
-        warmup_losses = poison_warmup(model, x_target, label, epochs=cfg.warmup_epochs, lr=cfg.warmup_lr,
+        through = self.purification(device, generator)
+        if through is not None:  # the warm-up sees purified target images too
+            x_target_warm = torch.cat([through(x_target[i:i + cfg.batch_size].to(device)).detach().cpu()
+                                       for i in range(0, len(x_target), cfg.batch_size)])
+        else:
+            x_target_warm = x_target
+        warmup_losses = poison_warmup(model, x_target_warm, label, epochs=cfg.warmup_epochs, lr=cfg.warmup_lr,
                                       batch_size=cfg.batch_size, crop_padding=cfg.crop_padding, flip=cfg.flip,
                                       generator=generator, device=device)
         synthesis = synthesize_trigger(model, x_target, label, eps=cfg.eps, rounds=cfg.rounds, lr=cfg.trigger_lr,
                                        batch_size=cfg.batch_size, crop_padding=cfg.crop_padding, flip=cfg.flip,
-                                       grad_tolerance=cfg.grad_tolerance, generator=generator, device=device)
+                                       grad_tolerance=cfg.grad_tolerance, generator=generator, device=device,
+                                       through=through)
         trigger = synthesis.trigger[0].permute(1, 2, 0).contiguous().numpy()  # (H, W, C) pixel units
         meta = {"warmup_loss": warmup_losses[-1] if warmup_losses else float("nan"),
                 "trigger_loss": synthesis.losses[-1], "trigger_rounds": len(synthesis.losses),

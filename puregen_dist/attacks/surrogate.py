@@ -67,6 +67,8 @@ class Surrogate:
     model: Normalized
     pood_classes: int
     target_classes: tuple[int, ...]
+    image_shape: tuple[int, int, int]
+    """(H, W, C) of the images it was trained on."""
 
     def output_of(self, target_class: int) -> int:
         """The logit index that stands for victim class ``target_class``."""
@@ -96,7 +98,8 @@ def load_surrogate(directory: str | Path, device: torch.device | str = "cpu") ->
                            image_size=arch["image_size"])
     net.load_state_dict(state)
     model = Normalized(net, meta["mean"], meta["std"]).to(device).eval()
-    return Surrogate(model, int(meta["pood_classes"]), tuple(int(c) for c in meta["target_classes"]))
+    shape = (int(arch["image_size"]), int(arch["image_size"]), int(arch["in_channels"]))
+    return Surrogate(model, int(meta["pood_classes"]), tuple(int(c) for c in meta["target_classes"]), shape)
 
 
 __all__ = ["TARGET_PREFIX", "Surrogate", "load_surrogate", "surrogate_meta", "surrogate_training_set"]

@@ -67,18 +67,20 @@ def model_ref(kind: str, default: str | None = None) -> Any:
     return dataclasses.field(default=default, metadata={MODEL_KIND: kind})
 
 
-def file_ref(members: tuple[str, ...] = ()) -> Any:
-    """A required ``str`` dataclass field holding the path of an input file or directory; content keys
-    include a digest of its content (:func:`~puregen_dist.pipeline.models.file_fingerprints`), so replacing
-    the file in place never serves a stale cached result. ``members``: for a directory, the files in it that
-    are read (empty: every file under it)."""
+def file_ref(members: tuple[str, ...] = (), *, optional: bool = False) -> Any:
+    """A ``str`` dataclass field holding the path of an input file or directory (required; with ``optional``,
+    ``str | None`` defaulting to None, keyed only when set); content keys include a digest of its content
+    (:func:`~puregen_dist.pipeline.models.file_fingerprints`), so replacing the file in place never serves a
+    stale cached result. ``members``: for a directory, the files in it that are read (empty: every file)."""
+    if optional:
+        return dataclasses.field(default=None, metadata={FILE_REF: tuple(members), KEY_NEUTRAL_DEFAULT: True})
     return dataclasses.field(metadata={FILE_REF: tuple(members)})
 
 
 def file_refs(cfg: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
     """``{field name: (path, members)}`` of the fields of ``cfg`` (this level) declared with :func:`file_ref`."""
     return {f.name: (getattr(cfg, f.name), f.metadata[FILE_REF]) for f in config_fields(cfg)
-            if FILE_REF in f.metadata}
+            if FILE_REF in f.metadata and getattr(cfg, f.name) is not None}
 
 
 def is_execution_only(field: dataclasses.Field) -> bool:

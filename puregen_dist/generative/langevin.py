@@ -18,7 +18,7 @@ training's negative chains and short-run samples use them). Purification runs th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import torch
@@ -118,6 +118,32 @@ def langevin_chain(energy_fn: EnergyFn, x: Tensor, noise: NoiseFn, *, steps: int
         update = langevin_step(energy_fn, x, step_size, temperature, noise(x))
         yield update
         x = update.x
+
+
+def differentiable_langevin(energy_fn: EnergyFn, x: Tensor, noise: Iterable[Tensor], *, step_size: float,
+                            temperature: float) -> Tensor:
+    """The chain of :func:`langevin_step` with gradients *through* it: x_K as a differentiable function of x_0
+    (second derivatives of G, ``create_graph``), for defense-aware attacks that optimise an input through
+    purification. The network's parameters get no gradient from here (callers freeze them).
+
+    Args:
+        energy_fn: G_θ, (B, C, H, W) -> (B,).
+        x: (B, C, H, W) x_0 in [-1, 1] space, part of the caller's graph.
+        noise: the steps' standard normals z_0..z_{K-1}, each (B, C, H, W) (K = the number of steps; a
+            generator keeps only one in memory).
+        step_size, temperature: ε and T (§1.2.6).
+
+    Returns:
+        (B, C, H, W) x_K, unclamped.
+    """
+    drift = 0.5 * step_size * step_size / temperature
+    with torch.enable_grad():
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        for z in noise:
+            (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=True)
+            x = x - drift * grad + step_size * z
+    return x
 
 
 def check_finite(energy: Tensor, grad: Tensor, *, where: str, ids: Tensor | None = None) -> None:

@@ -9,13 +9,15 @@ runs on any node that reaches the store URI and a crash never leaves a readable 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.generative import ModelJob, PurifyJob, TaskResources
+from puregen_dist.config.generative import CraftJob, ModelJob, PurifyJob, TaskResources
 from puregen_dist.config.identity import with_device
 from puregen_dist.config.loading import key_dict
 from puregen_dist.pipeline.actors import ray_device
@@ -93,6 +95,28 @@ def warn_if_infeasible(resources: TaskResources) -> None:
                         need, name, total.get(name, 0.0), name.lower(), name.lower())
 
 
+@contextlib.contextmanager
+def task_logging() -> Iterator[None]:
+    """While a Ray task body runs, send this package's INFO logs (training epochs, crafting rounds) to stderr,
+    which Ray forwards to the driver, so the progress of a long task shows where the user started it. A process
+    whose logging is configured already (the CLI, a test run calling the body directly) is left as it is;
+    everything is restored afterwards."""
+    package = logging.getLogger("puregen_dist")
+    if logging.getLogger().handlers or package.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[str, Any], bool]],
                    resources: TaskResources, *args: Any, address: str | None = None) -> StageResult:
     """The committed artifact ``key``, or the result of the task ``fn(*args)`` that builds it."""
@@ -149,7 +173,8 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
         store.stage_dir(staged, path)
         return {"timings": {"train_s": time.perf_counter() - start}}
 
-    result = store.get_or_build(key, build, kind=kind, config=config)
+    with task_logging():
+        result = store.get_or_build(key, build, kind=kind, config=config)
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -157,7 +182,7 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
 # ------------------------------------------------------------------------------------------ poison sets
 
 
-def poison_artifact(job: PurifyJob) -> tuple[str, dict[str, Any]]:
+def poison_artifact(job: PurifyJob | CraftJob) -> tuple[str, dict[str, Any]]:
     """(key, keyed config) of the poisoned training set of (data, attack, seed)."""
     config = {"data": key_dict(job.data), "attack": key_dict(job.attack), "seed": job.seed}
     if models := model_fingerprints(job.attack):  # attacks that use trained models (surrogates)
@@ -167,14 +192,14 @@ def poison_artifact(job: PurifyJob) -> tuple[str, dict[str, Any]]:
     return artifact_key("poison", config), config
 
 
-def poison_stage(job: PurifyJob, store: ArtifactStore) -> StageResult:
+def poison_stage(job: PurifyJob | CraftJob, store: ArtifactStore) -> StageResult:
     """The poisoned training set, crafted in a Ray task with ``pipeline.craft`` resources once per key."""
     key, _ = poison_artifact(job)
     return cached_or_task(store, key, build_poison_artifact, job.pipeline.craft, job, store.uri,
                           address=job.pipeline.address)
 
 
-def build_poison_artifact(job: PurifyJob, store_uri: str) -> tuple[dict[str, Any], bool]:
+def build_poison_artifact(job: PurifyJob | CraftJob, store_uri: str) -> tuple[dict[str, Any], bool]:
     """Load the data, craft the poison and commit the poisoned set (the body of the Ray task)."""
     from puregen_dist.attacks import build_attack
     from puregen_dist.data.datasets import load_data
@@ -182,16 +207,20 @@ def build_poison_artifact(job: PurifyJob, store_uri: str) -> tuple[dict[str, Any
     load_plugins()
     store = ArtifactStore(store_uri)
     key, config = poison_artifact(job)
-    attack_cfg = resolve_models(job.attack, store, "attack")
+    # device "auto" becomes the device Ray assigned the task (CUDA only with a GPU assignment)
+    attack_cfg = with_device(resolve_models(job.attack, store, "attack"), ray_device(), only_auto=True)
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         train, _ = load_data(job.data)
         poison = build_attack(attack_cfg).craft(train, seed=job.seed)
         rows = store.stage_imageset(staged, poison.materialize(), poisoned_ids=poison.poison_ids)
         stage_target(store, staged, poison.target, poison.eps)
-        return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))}}
+        numbers = {k: float(v) for k, v in poison.meta.items() if isinstance(v, int | float) and k != "craft_seconds"}
+        return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))},
+                "stats": numbers}
 
-    return store.get_or_build(key, build, kind="poison", config=config)
+    with task_logging():
+        return store.get_or_build(key, build, kind="poison", config=config)
 
 
 TARGET_JSON = "target.json"

@@ -64,7 +64,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # artifact kinds
 KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-[0-9a-f]{16}")  # what artifact_key returns
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CHUNK = 8 << 20
-_BUILD_RESULT_KEYS = frozenset({"rows", "timings"})
+_BUILD_RESULT_KEYS = frozenset({"rows", "timings", "stats"})
 
 
 class StoreError(UserInputError):
@@ -378,7 +378,8 @@ class ArtifactStore:
 
     def commit(self, staged: StagedArtifact, *, kind: str, config: Mapping[str, Any],
                inputs: Sequence[str] = (), rows: int | None = None,
-               timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+               timings: Mapping[str, float] | None = None,
+               stats: Mapping[str, float] | None = None) -> dict[str, Any]:
         """Publish the files in ``staged`` as artifact ``staged.key``; returns its manifest.
 
         ``staged.key`` must equal ``artifact_key(kind, config, inputs)`` (ValueError otherwise). Files not
@@ -388,7 +389,7 @@ class ArtifactStore:
         try:
             self._expect_key(staged.key, kind, config, inputs)
             files = self._checksums(staged)
-            manifest = self._new_manifest(staged.key, kind, config, inputs, rows, timings, files)
+            manifest = self._new_manifest(staged.key, kind, config, inputs, rows, timings, files, stats)
             return self._publish(staged, manifest)
         except Exception:
             self.abort(staged)
@@ -418,12 +419,16 @@ class ArtifactStore:
 
     def _new_manifest(self, key: str, kind: str, config: Mapping[str, Any], inputs: Sequence[str],
                       rows: int | None, timings: Mapping[str, float] | None,
-                      files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {"key": key, "kind": kind, "config": json.loads(canonical_json(config)),
-                "inputs": list(inputs), "version": puregen_dist.__version__, "store_format": STORE_FORMAT,
-                "created": _now(),
-                "timings": {k: float(v) for k, v in (timings or {}).items()},
-                "rows": None if rows is None else int(rows), "files": files}
+                      files: dict[str, dict[str, Any]], stats: Mapping[str, float] | None = None
+                      ) -> dict[str, Any]:
+        manifest = {"key": key, "kind": kind, "config": json.loads(canonical_json(config)),
+                    "inputs": list(inputs), "version": puregen_dist.__version__, "store_format": STORE_FORMAT,
+                    "created": _now(),
+                    "timings": {k: float(v) for k, v in (timings or {}).items()},
+                    "rows": None if rows is None else int(rows), "files": files}
+        if stats:  # what the build measured about its result (e.g. a poison set's crafting losses)
+            manifest["stats"] = {k: float(v) for k, v in stats.items()}
+        return manifest
 
     def _publish(self, staged: StagedArtifact, manifest: dict[str, Any]) -> dict[str, Any]:
         key, dest = staged.key, self._p(staged.key)
@@ -569,7 +574,7 @@ class ArtifactStore:
 
         ``build(staged)`` writes the payload into ``staged.path`` (through ``store.fs``, or with
         ``store.stage_imageset`` / ``store.stage_dir``) and returns None or
-        ``{"rows": int, "timings": {...}}``.
+        ``{"rows": int, "timings": {...}, "stats": {...}}`` (stats: numbers describing the result).
         The build time is recorded as ``timings["build_s"]``. A failing build leaves nothing behind.
         """
         self._expect_key(key, kind, config, inputs)
@@ -588,7 +593,7 @@ class ArtifactStore:
                              f"allowed: {sorted(_BUILD_RESULT_KEYS)}")
         timings = {"build_s": time.perf_counter() - start, **result.get("timings", {})}
         manifest = self.commit(staged, kind=kind, config=config, inputs=inputs, rows=result.get("rows"),
-                               timings=timings)
+                               timings=timings, stats=result.get("stats"))
         return manifest, True
 
     # ------------------------------------------------------------------------------------------- removal

@@ -203,17 +203,23 @@ def _models(specs: Mapping[str, Any], source: str) -> dict[str, ModelJob]:
 
 
 def _with_recipe(spec: dict[str, Any], source: str, key: str) -> dict[str, Any]:
-    """A ``models:`` entry with ``recipe: PATH`` expanded: the ``train-<kind>`` file at PATH (relative to the working
-    directory, like every path in a config), under the entry's own keys, which override it. Naming the recipe of a
-    shipped reference model is how a sweep uses that reference instead of retraining it. The recipe's ``name``,
-    ``output`` and ``tracking`` are the training command's own and are dropped (the sweep sets them)."""
+    """A ``models:`` entry with ``recipe: PATH`` expanded: the ``train-<kind>`` file at PATH, under the entry's own
+    keys, which override it. Naming the recipe of a shipped reference model is how a sweep uses that reference
+    instead of retraining it. The recipe's ``name``, ``output`` and ``tracking`` are the training command's own and
+    are dropped (the sweep sets them).
+
+    A relative PATH is looked up in the working directory (like every path in a config), then beside the sweep
+    file, then in its parent (the project root of a file in ``sweeps/``), so a sweep that names
+    ``sweeps/<recipe>.yaml`` also runs from another directory (``puregen-dist quickstart`` anywhere)."""
     if "recipe" not in spec:
         return spec
     path = spec.pop("recipe")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{source}: {key}.recipe: expected the path of a train-<kind> YAML file, got {path!r}")
+    here = Path(source).resolve().parent
+    found = next((c for c in (Path(path), here / path, here.parent / path) if c.is_file()), Path(path))
     try:
-        recipe = load_yaml(path)
+        recipe = load_yaml(found)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {key}.recipe: {exc}") from None
     for own in ("name", "output", "tracking"):

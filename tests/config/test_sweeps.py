@@ -33,8 +33,10 @@ def test_there_are_recipes():
 def test_quickstart_cells():
     sweep = load_sweep(Path(__file__).resolve().parents[2] / "sweeps" / "quickstart.yaml")
     rows = sorted({c.row for c in sweep.cells})
-    assert rows == ["jpeg", "none", "puregen_ddpm", "puregen_ebm"] and len(sweep.cells) == 8
-    assert {c.config.seed for c in sweep.cells} == {0, 1}
+    assert rows == ["jpeg", "none", "puregen_ddpm", "puregen_ebm"] and len(sweep.cells) == 16
+    assert {c.config.seed for c in sweep.cells} == {0, 1} and {c.col for c in sweep.cells} == {"badnets", "narcissus"}
     keys = sweep.model_keys()
+    narcissus = [c for c in sweep.cells if c.col == "narcissus"]
+    assert all(c.config.attack.surrogate == keys["surrogate"] for c in narcissus)  # one surrogate for all
     ebm_cells = [c for c in sweep.cells if c.row == "puregen_ebm"]
     assert all(c.config.defense.ebm == keys["ebm"] for c in ebm_cells)  # `model:ebm` -> the artifact key

@@ -102,6 +102,34 @@ def test_sweep_builds_once_runs_8_trials_and_reports(ray_session, tmp_path, caps
     assert len(children) == 8 and len(parents) == 2
 
 
+def test_narcissus_over_three_targets_builds_one_surrogate_and_reuses_everything(ray_session, tmp_path, capsys):
+    """The shipped Narcissus recipe scaled down through --set only: one surrogate for target classes 0-2, one
+    poison set per target, and a second run that builds and runs nothing."""
+    small = [f"base.output_dir={tmp_path / 'out'}", f"settings.storage={tmp_path / 'tune'}",
+             f"settings.store={tmp_path / 'store'}", "base.classifier.epochs=1", "base.attack.rounds=5",
+             "base.attack.warmup_epochs=1", "models.surrogate.classifier.epochs=2",
+             "space.defense.grid=[{name: none}]"]
+    args = ["-q", "sweep", "sweeps/narcissus_digits.yaml", *[a for s in small for a in ("--set", s)]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| none | " in out and "narcissus" in out
+    store = ArtifactStore(tmp_path / "store")
+    kinds = sorted(m["kind"] for m in store.ls())
+    assert kinds == ["poison", "poison", "poison", "surrogate"]
+    crafted = [m for m in store.ls() if m["kind"] == "poison"]
+    assert sorted(m["config"]["attack"]["target_class"] for m in crafted) == [0, 1, 2]
+    assert {m["config"]["models"]["surrogate"] for m in crafted} == {
+        next(m["key"] for m in store.ls() if m["kind"] == "surrogate")}
+    assert all(m["stats"]["num_poisons"] == 34 for m in crafted)
+    before = {m["key"]: m["created"] for m in store.ls()}
+    assert main([*args[:3], "--dry-run", *args[3:]]) == 0
+    plan = capsys.readouterr().out
+    assert "models: 1 (0 to build, 1 cached)" in plan and "poison sets: 3 (0 to build, 3 cached)" in plan
+    assert main(args) == 0
+    assert "trials: 3 (0 to run, 3 already finished)" in capsys.readouterr().out
+    assert {m["key"]: m["created"] for m in store.ls()} == before
+
+
 def test_retry_then_success_and_a_failure_that_stays(ray_session, tmp_path):
     from puregen_dist.sweep.runner import run_sweep
     from puregen_dist.sweep.spec import load_sweep
@@ -139,18 +167,22 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     small = ["base.data.train_per_class=16", "models.ebm.data.train_per_class=8",
              "models.ddpm.data.train_per_class=8", "models.ebm.train.epochs=1", "models.ebm.train.bank_size=64",
-             "models.ddpm.train.epochs=1", "base.classifier.epochs=1", "settings.seeds=[0]"]
+             "models.ddpm.train.epochs=1", "models.surrogate.classifier.epochs=2", "base.classifier.epochs=1",
+             "space.attack.grid=[{name: badnets, target_class: 0, budget: 0.1, label_mode: dirty, trigger: sign, "
+             "eps: 0.0627451}, {name: narcissus, surrogate: 'model:surrogate', eps: 0.1254902, budget: 0.05, "
+             "rounds: 5, crop_padding: 1, flip: false}]", "settings.seeds=[0]"]
     assert main(["quickstart", *[arg for s in small for arg in ("--set", s)]]) == 0
     out, err = capsys.readouterr()
     for row in ("none", "jpeg", "puregen_ebm", "puregen_ddpm"):
         assert f"| {row} | " in out
-    assert "models: 2 (2 to build, 0 cached)" in out and "trials: 4 (4 to run" in out
+    assert "| defense \\ attack | badnets | narcissus |" in out
+    assert "models: 3 (3 to build, 0 cached)" in out and "trials: 8 (8 to run" in out
     uri = f"sqlite:///{tmp_path / 'outputs' / 'quickstart' / 'mlflow.db'}"
     assert out.splitlines()[-1] == f"browse: mlflow ui --backend-store-uri {uri}"
     assert (tmp_path / "outputs" / "quickstart" / "report" / "report_heatmap.png").is_file()
     # one progress line per stage start/end (plain lines: stderr is not a terminal), Ray's logs in the file
-    assert "models: 2/2 trained" in err and "purified sets: 480/480 rows" in err
-    assert "trials: 4/4 finished, 4/4 epochs" in err
+    assert "models: 3/3 trained" in err and "purified sets: 960/960 rows" in err
+    assert "trials: 8/8 finished, 8/8 epochs" in err
     assert len(out.splitlines()) + len(err.splitlines()) <= 100  # about two screens
     (log_file,) = (tmp_path / "outputs" / "quickstart" / "logs").glob("sweep-*.log")
     assert "Execution plan of Dataset" not in err and "Execution plan of Dataset" in log_file.read_text()

@@ -18,14 +18,15 @@ def quickstart_plan(tmp_path_factory):
 
 def test_quickstart_model_keys_are_pinned(quickstart_plan):
     sweep, _ = quickstart_plan
-    assert sweep.model_keys() == {"ebm": "ebm-9c82639b93ba71ef", "ddpm": "ddpm-9a85f456b8a96105"}
+    assert sweep.model_keys() == {"ebm": "ebm-9c82639b93ba71ef", "ddpm": "ddpm-9a85f456b8a96105",
+                                  "surrogate": "surrogate-d29d2529740f725e"}
 
 
 def test_quickstart_poison_and_purified_keys_are_pinned(quickstart_plan):
     """Re-pinned once, deliberately, in issue 10: the quickstart's additive trigger was renamed ``blend`` ->
     ``sign`` (``blend`` is now Chen et al.'s alpha-blend), which changes its value and so its keys."""
     _, plan = quickstart_plan
-    by_row = {(t.cell.row, t.cell.config.seed): t for t in plan.trials}
+    by_row = {(t.cell.row, t.cell.config.seed): t for t in plan.trials if t.cell.col == "badnets"}
     ebm = by_row[("puregen_ebm", 0)]
     assert (ebm.cell.cell_id, ebm.poison_key, ebm.train_key) == (
         "cell-e75ff521969e7ab5", "poison-1df535d87074ae4b", "purified-b33a8c83cb63bb2d")
