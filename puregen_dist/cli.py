@@ -74,14 +74,15 @@ def _train_model(kind: str, args: argparse.Namespace) -> int:
     """Load the job and its data (errors before anything is written), then train: in-process into ``output``,
     or, with a store (``--store`` / ``store:``), as a Ray task into the artifact store (skipped when cached)."""
     from puregen_dist.console import epoch_progress
-    from puregen_dist.data.datasets import load_data
+    from puregen_dist.jobs import training_data
+    from puregen_dist.pipeline.models import resolve_models
     from puregen_dist.registry import MODELS
     from puregen_dist.tracking import open_tracker
 
     entry = MODELS.get(kind)
     overrides = [*args.set, *([f"store={args.store}"] if args.store else [])]
     job = load_config(entry.config_cls, args.config, overrides)
-    data = load_data(job.data)
+    data = training_data(resolve_models(job, job.store, "job"))  # errors here, before anything is written
     if job.store:
         return _train_into_store(job, args.address)
     with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker, \

@@ -14,10 +14,11 @@ from puregen_dist.attacks.surrogate import surrogate_meta, surrogate_training_se
 from puregen_dist.classifiers.evaluation import natural_accuracy
 from puregen_dist.classifiers.training import train_classifier
 from puregen_dist.classifiers.transfer import save_classifier
-from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, PurifyJob, SurrogateJob
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, ModelJob, PurifyJob, SurrogateJob
 from puregen_dist.config.loading import flatten
 from puregen_dist.data.datasets import load_data
-from puregen_dist.data.io import write_imageset
+from puregen_dist.data.io import read_imageset, write_imageset
 from puregen_dist.defenses import build_defense
 from puregen_dist.experiment import build_model
 from puregen_dist.generative.train_ddpm import train_ddpm
@@ -33,10 +34,29 @@ Data = tuple[ImageSet, ImageSet]
 """(train, test) splits of a job's ``data`` section."""
 
 
+def training_data(job: ModelJob) -> Data:
+    """(train, test) of a model job: ``data``'s splits, or, with ``train_on`` (a poison-set directory; artifact
+    keys are resolved by the caller), that poison set's images and labels as the training split. Raises
+    UserInputError naming ``train_on`` when the poison set's images do not match ``data``'s shape or classes."""
+    train, test = load_data(job.data)
+    if not job.train_on:
+        return train, test
+    source = Path(job.train_on)
+    if not source.is_dir():
+        raise UserInputError(f"train_on: {job.train_on}: not a poison-set directory (or, with a store, a "
+                             "poison-<hex16> artifact key)")
+    poisoned, flags = read_imageset(source, classes=train.classes)
+    if poisoned.shape != train.shape:
+        raise UserInputError(f"train_on: {job.train_on}: images are {poisoned.shape} (H, W, C), data's are "
+                             f"{train.shape}")
+    log.info("training on poison set %s: %d images, %d poisoned", source.name, len(poisoned), int(flags.sum()))
+    return poisoned, test
+
+
 @MODELS.register(EBMJob.model_kind, EBMJob)
 def train_ebm_job(job: EBMJob, tracker: Tracker, data: Data | None = None) -> Path:
     """Train the EBM of ``job`` on its data's training split; returns the checkpoint directory."""
-    train, _ = data if data is not None else load_data(job.data)
+    train, _ = data if data is not None else training_data(job)
     tracker.log_params(flatten(job))
     return train_ebm(job, train, tracker)
 
@@ -44,7 +64,7 @@ def train_ebm_job(job: EBMJob, tracker: Tracker, data: Data | None = None) -> Pa
 @MODELS.register(DDPMJob.model_kind, DDPMJob)
 def train_ddpm_job(job: DDPMJob, tracker: Tracker, data: Data | None = None) -> Path:
     """Train the DDPM of ``job``; its test split feeds the per-epoch purification samples."""
-    train, test = data if data is not None else load_data(job.data)
+    train, test = data if data is not None else training_data(job)
     tracker.log_params(flatten(job))
     return train_ddpm(job, train, test, tracker)
 
@@ -53,7 +73,7 @@ def train_ddpm_job(job: DDPMJob, tracker: Tracker, data: Data | None = None) -> 
 def train_classifier_job(job: ClassifierJob, tracker: Tracker, data: Data | None = None) -> Path:
     """Pretrain ``job.classifier`` from scratch on clean ``job.data`` (per-epoch test accuracy) and save the
     bare network as a classifier checkpoint in ``job.output``; returns the directory."""
-    train, test = data if data is not None else load_data(job.data)
+    train, test = data if data is not None else training_data(job)
     tracker.log_params(flatten(job))
     clf = job.classifier
     h, _, c = train.shape
@@ -72,7 +92,7 @@ def train_surrogate_job(job: SurrogateJob, tracker: Tracker, data: Data | None =
     """Train the attack surrogate of ``job`` (POOD + the victim's target classes, see :class:`SurrogateJob`);
     per-epoch accuracy on the same mix of test images; saved as a classifier checkpoint whose meta says which
     output is which target class. Returns the directory."""
-    victim_train, victim_test = data if data is not None else load_data(job.data)
+    victim_train, victim_test = data if data is not None else training_data(job)
     pood_train, pood_test = load_data(job.pood)
     train = surrogate_training_set(victim_train, pood_train, job.target_classes, job.pood_drop_classes)
     test = surrogate_training_set(victim_test, pood_test, job.target_classes, job.pood_drop_classes)

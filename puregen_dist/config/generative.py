@@ -209,6 +209,10 @@ class ModelJob:
     artifact exists; ``output`` is then unused. The printed key is what model references accept."""
     resources: TaskResources = execution_only(default_factory=TaskResources)
     data: DataConfig = field(default_factory=DataConfig)
+    train_on: str | None = model_ref("poison", key_neutral=True)
+    """Train on a poison set instead of ``data``'s clean training split: a ``poison-<hex16>`` artifact key in
+    the job's store (``puregen-dist craft`` prints it) or that artifact's directory. PureGen Table 3: generative
+    models trained on Narcissus-poisoned data. ``data`` still gives the test split."""
     tracking: TrackingConfig = execution_only(default_factory=TrackingConfig)
 
 

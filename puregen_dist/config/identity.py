@@ -61,10 +61,12 @@ def left_out_of_key(field: dataclasses.Field, value: Any) -> bool:
     return bool(field.metadata.get(KEY_NEUTRAL_DEFAULT, False)) and value == field.default
 
 
-def model_ref(kind: str, default: str | None = None) -> Any:
-    """A dataclass field (``str | None``) referencing a trained model of ``kind``: a checkpoint directory, the
-    key of a model artifact (``<kind>-<hex16>``), or in a sweep file ``model:<name>``."""
-    return dataclasses.field(default=default, metadata={MODEL_KIND: kind})
+def model_ref(kind: str, default: str | None = None, *, key_neutral: bool = False) -> Any:
+    """A dataclass field (``str | None``) referencing a trained model (or another artifact) of ``kind``: a
+    checkpoint directory, the key of an artifact (``<kind>-<hex16>``), or in a sweep file ``model:<name>``.
+    ``key_neutral``: left out of content keys while unset (see :func:`key_neutral_default`)."""
+    metadata = {MODEL_KIND: kind, **({KEY_NEUTRAL_DEFAULT: True} if key_neutral else {})}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def file_ref(members: tuple[str, ...] = (), *, optional: bool = False) -> Any:

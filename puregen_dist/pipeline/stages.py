@@ -154,7 +154,7 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
     Training writes checkpoints into a node-local work directory named by the key, so a retried task on the
     same node resumes from its last epoch; the directory is removed once the artifact is committed.
     """
-    from puregen_dist.data.datasets import load_data
+    from puregen_dist.jobs import training_data
     from puregen_dist.tracking import open_tracker
 
     load_plugins()
@@ -167,7 +167,7 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         start = time.perf_counter()
-        data = load_data(job.data)
+        data = training_data(resolve_models(job, store, "job"))  # train_on: a poison key -> its directory
         with open_tracker(job.tracking, tracking_dir, default_run_name=job.name) as tracker:
             path = trainer(job, tracker, data)
         store.stage_dir(staged, path)

@@ -134,3 +134,26 @@ def test_triggerless_target_images_round_trip_through_the_poison_artifact(tmp_pa
     assert stored.trigger is None and stored.target_class is None
     (trial / "README").write_text("not read by the attack")  # only the three pickles identify the trial
     assert build_poison_artifact(job, store.uri)[1] is False
+
+
+def test_a_generative_model_trains_on_a_poison_set_artifact(tmp_path):
+    """PureGen Table 3's setting: ``train_on`` a poison-set key; the model's key follows the poison set, the
+    training split is the poisoned images, and without a store the key is refused before anything is written."""
+    store = ArtifactStore(tmp_path / "store")
+    poison_job = build(PurifyJob, {"data": TINY_EBM["data"], "seed": 0,
+                                   "attack": {"name": "badnets", "budget": 0.2, "trigger": "sign"}}, source="test")
+    poison_key = build_poison_artifact(poison_job, store.uri)[0]["key"]
+    clean, on_poison = _ebm_job(), _ebm_job(train_on=poison_key)
+    _, key, config = model_artifact(on_poison)
+    assert key != model_artifact(clean)[1] and config["models"] == {"train_on": poison_key}
+    assert "train_on" not in model_artifact(clean)[2]  # unset: the clean job's key is unchanged
+
+    from puregen_dist.jobs import training_data
+
+    train, _ = training_data(resolve_models(on_poison, store, "job"))
+    poisoned, flags = store.get_imageset(poison_key)
+    assert np.array_equal(train.images, poisoned.images) and flags.sum() == round(0.2 * len(train))
+    with pytest.raises(UserInputError, match="job.train_on: .*no artifact store"):
+        resolve_models(on_poison, None, "job")
+    manifest, built = build_model_artifact(on_poison, store.uri, str(tmp_path))
+    assert built and manifest["key"] == key and manifest["config"]["models"] == {"train_on": poison_key}
