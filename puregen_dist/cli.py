@@ -32,8 +32,6 @@ from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.plugins import load_plugins
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from puregen_dist.console import ProgressFactory
 
 log = logging.getLogger("puregen_dist")
@@ -192,7 +190,7 @@ def _log_poison_set(job: CraftJob, store: Any, key: str, train: Any) -> None:
     import numpy as np
 
     from puregen_dist.config.loading import flatten
-    from puregen_dist.data.transforms import image_grid
+    from puregen_dist.data.transforms import image_grid, trigger_image
     from puregen_dist.pipeline.stages import read_target
     from puregen_dist.tracking import open_tracker
 
@@ -211,15 +209,6 @@ def _log_poison_set(job: CraftJob, store: Any, key: str, train: Any) -> None:
             pairs = np.concatenate([poisoned.images[poisoned.positions(ids)], train.images[train.positions(ids)]])
             tracker.log_image(image_grid(pairs, columns=len(ids)), "poisons_over_clean")
     _print_browse(tracker)
-
-
-def trigger_image(trigger: np.ndarray) -> np.ndarray:
-    """(H, W, C) additive trigger in pixel units -> uint8 image, 0 mapped to mid-grey and the largest |value| to
-    black/white (a faint trigger would otherwise be invisible)."""
-    import numpy as np
-
-    scale = float(np.abs(trigger).max()) or 1.0
-    return np.clip(np.round((trigger / scale + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def diagnose_cmd(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from puregen_dist.config.generative import ClassifierJob, SurrogateJob
 from puregen_dist.config.loading import flatten, to_yaml
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.data.datasets import dataset_stats, load_data
-from puregen_dist.data.transforms import image_grid
+from puregen_dist.data.transforms import image_grid, trigger_image
 from puregen_dist.defenses import build_defense
 from puregen_dist.protocols import Tracker
 from puregen_dist.registry import UnknownNameError
@@ -101,7 +101,7 @@ def execute(prep: Prepared, tracker: Tracker) -> RunMetrics:
     defended, defense_seconds = _timed(lambda: prep.defense.apply(poisoned, seed=cfg.seed))
     _check_defense_output(poisoned, defended, cfg.defense.name)
     log.info("defense %s: %.2fs", cfg.defense.name, defense_seconds)
-    log_samples(tracker, poison.poison_ids, poisoned, defended)
+    log_samples(tracker, poison.poison_ids, poisoned, defended, poison.target)
     costs = {"craft_seconds": craft_seconds, "defense_seconds": defense_seconds,
              "defense_seconds_per_image": defense_seconds / max(len(poisoned), 1),
              "num_poisons": float(len(poison.poison_ids))}
@@ -207,8 +207,12 @@ def _check_defense_output(before: ImageSet, after: ImageSet, name: str) -> None:
         raise RuntimeError(f"defense {name!r} changed ids, labels, order, shape or dtype of the training set")
 
 
-def log_samples(tracker: Tracker, poison_ids: np.ndarray, poisoned: ImageSet, defended: ImageSet) -> None:
-    """Grids of up to 16 training images (poisoned ones first) before and after the defense."""
+def log_samples(tracker: Tracker, poison_ids: np.ndarray, poisoned: ImageSet, defended: ImageSet,
+                target: TargetSpec | None = None) -> None:
+    """Grids of up to 16 training images (poisoned ones first) before and after the defense, and the attack's
+    additive trigger (scaled to be visible; not for a patch or an α-blend, whose pattern is an image)."""
+    if target is not None and target.trigger is not None and target.trigger_mask is None:
+        tracker.log_image(trigger_image(target.trigger), "trigger")
     ids = poison_ids[:16] if len(poison_ids) else poisoned.ids[:16]
     pos = poisoned.positions(ids)
     tracker.log_image(image_grid(poisoned.images[pos]), "train_before_defense")

@@ -12,7 +12,6 @@ files written by Ray Data, the files of a stored artifact), on any ``pyarrow.fs`
 from __future__ import annotations
 
 import hashlib
-
 import json
 import math
 import os

@@ -66,6 +66,13 @@ def random_crop_flip(
     return x.contiguous()
 
 
+def trigger_image(trigger: np.ndarray) -> np.ndarray:
+    """(H, W, C) additive trigger in pixel units -> uint8 image, 0 mapped to mid-grey and the largest |value| to
+    black/white (a faint trigger would otherwise be invisible)."""
+    scale = float(np.abs(trigger).max()) or 1.0
+    return np.clip(np.round((trigger / scale + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def image_grid(images: np.ndarray, columns: int = 8, pad: int = 1) -> np.ndarray:
     """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, C) uint8 mosaic, white padding."""
     n, h, w, c = images.shape

@@ -69,7 +69,7 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     poisoned, flags = store.get_imageset(poison_key)
     train = poisoned if train_key == poison_key else store.get_imageset(train_key)[0]
     _, test = load_data(cfg.data)
-    log_samples(tracker, poisoned.ids[flags], poisoned, train)
+    log_samples(tracker, poisoned.ids[flags], poisoned, train, target)
     return train_and_evaluate(cfg, train, test, target, tracker, report=report,
                               costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())))
 

@@ -90,10 +90,11 @@ def _hostile_toxic_trial(root: Path, marker: Path) -> None:
     (root / "target.pickle").write_bytes(pickle.dumps((np.zeros((16, 16), np.uint8), 1)))
 
 
+@pytest.mark.parametrize("command", ["purify", "craft"])
 @pytest.mark.parametrize("case", ["trigger_above_eps", "toxic_code_payload"])
-def test_purify_refuses_bad_imported_poisons_before_writing(tmp_path, case, capsys, monkeypatch):
-    """``purify --no-ray`` on digits (16x16x1) with an imported poison that must be refused: exit 2, one
-    ``error:`` line, no output, store or MLflow database, and a pickle's payload never ran."""
+def test_bad_imported_poisons_are_refused_before_writing(tmp_path, case, command, capsys, monkeypatch):
+    """``purify --no-ray`` and ``craft`` on digits (16x16x1) with an imported poison that must be refused: exit 2,
+    one ``error:`` line, no output, store or MLflow database, and a pickle's payload never ran."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     marker = tmp_path / "pwned"
     if case == "trigger_above_eps":
@@ -106,10 +107,11 @@ def test_purify_refuses_bad_imported_poisons_before_writing(tmp_path, case, caps
         attack, needle = f"{{name: toxic, path: {tmp_path / 'trial'}}}", "refuses to load posix.system"
     out_dir, store = tmp_path / "out", tmp_path / "store"
     config = tmp_path / "purify.yaml"
-    config.write_text(f"data: {{dataset: digits}}\nattack: {attack}\noutput: {out_dir / 'purified.parquet'}\n"
+    output = (f"output: {out_dir / 'purified.parquet'}" if command == "purify" else f"output_dir: {out_dir}")
+    config.write_text(f"data: {{dataset: digits}}\nattack: {attack}\n{output}\n"
                       f"store: {store}\ntracking: {{enabled: true}}\n")
     before = set(tmp_path.iterdir())
-    code = main(["-q", "purify", str(config), "--no-ray"])
+    code = main(["-q", command, str(config), *(["--no-ray"] if command == "purify" else [])])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: attack.") and err.count("\n") == 1 and needle in err, err
