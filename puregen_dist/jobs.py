@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from puregen_dist.attacks import build_attack
-from puregen_dist.attacks.surrogate import surrogate_meta, surrogate_training_set
+from puregen_dist.attacks.surrogate import surrogate_training_set
 from puregen_dist.classifiers.evaluation import natural_accuracy
 from puregen_dist.classifiers.training import train_classifier
 from puregen_dist.classifiers.transfer import save_classifier
@@ -75,6 +75,14 @@ def train_classifier_job(job: ClassifierJob, tracker: Tracker, data: Data | None
     bare network as a classifier checkpoint in ``job.output``; returns the directory."""
     train, test = data if data is not None else training_data(job)
     tracker.log_params(flatten(job))
+    return _train_and_save_classifier(job, train, test, tracker, meta={})
+
+
+def _train_and_save_classifier(job: ClassifierJob | SurrogateJob, train: ImageSet, test: ImageSet,
+                               tracker: Tracker, meta: dict[str, object]) -> Path:
+    """Train ``job.classifier`` from scratch on ``train`` (per-epoch accuracy on ``test``) and save the bare
+    network as a classifier checkpoint in ``job.output`` with ``meta`` (plus accuracy, epochs, and the input
+    normalisation the network was trained with)."""
     clf = job.classifier
     h, _, c = train.shape
     model = build_model(job, train)
@@ -83,8 +91,9 @@ def train_classifier_job(job: ClassifierJob, tracker: Tracker, data: Data | None
                                                                                           clf.eval_batch_size)})
     accuracy = natural_accuracy(model, test, clf.eval_batch_size)
     tracker.log_metrics({"nat_acc": accuracy, "train_seconds": result.seconds}, step=clf.epochs)
+    meta = {**meta, "nat_acc": accuracy, "epochs": clf.epochs, "mean": list(model.mean), "std": list(model.std)}
     return save_classifier(job.output, model.net, name=clf.name, in_channels=c, num_classes=train.num_classes,
-                           image_size=h, meta={"nat_acc": accuracy, "epochs": clf.epochs})
+                           image_size=h, meta=meta)
 
 
 @MODELS.register(SurrogateJob.model_kind, SurrogateJob)
@@ -97,21 +106,11 @@ def train_surrogate_job(job: SurrogateJob, tracker: Tracker, data: Data | None =
     train = surrogate_training_set(victim_train, pood_train, job.target_classes, job.pood_drop_classes)
     test = surrogate_training_set(victim_test, pood_test, job.target_classes, job.pood_drop_classes)
     tracker.log_params(flatten(job))
-    clf = job.classifier
-    h, _, c = train.shape
     pood_classes = train.num_classes - len(job.target_classes)
     log.info("surrogate: %d POOD images (%d classes) + %d target-class images", int((train.labels < pood_classes)
              .sum()), pood_classes, int((train.labels >= pood_classes).sum()))
-    model = build_model(job, train)
-    result = train_classifier(model, train, clf, seed=job.seed, report=tracker.log_metrics,
-                              on_epoch_end=lambda epoch, m: {"test_acc": natural_accuracy(m, test,
-                                                                                          clf.eval_batch_size)})
-    accuracy = natural_accuracy(model, test, clf.eval_batch_size)
-    tracker.log_metrics({"nat_acc": accuracy, "train_seconds": result.seconds}, step=clf.epochs)
-    meta = {**surrogate_meta(pood_classes, job.target_classes, model.mean, model.std),
-            "nat_acc": accuracy, "epochs": clf.epochs}
-    return save_classifier(job.output, model.net, name=clf.name, in_channels=c, num_classes=train.num_classes,
-                           image_size=h, meta=meta)
+    return _train_and_save_classifier(job, train, test, tracker,
+                                      meta={"pood_classes": pood_classes, "target_classes": list(job.target_classes)})
 
 
 @dataclass
