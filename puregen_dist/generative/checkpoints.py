@@ -80,7 +80,7 @@ def read_state(directory: str | Path, *, kind: str
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); pickled checkpoints are refused")
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); pickled checkpoints are refused") from None
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     return config, state, extra

@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,7 @@ from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
 
-Batch = Union[pa.Table, dict[str, np.ndarray]]
+Batch = pa.Table | dict[str, np.ndarray]
 """A Ray Data batch in ``pyarrow`` or ``numpy`` format."""
 Shape = tuple[int, int, int]
 """(H, W, C) of one image."""

@@ -39,7 +39,7 @@ def format_table(manifests: Iterable[Mapping[str, Any]]) -> str:
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join(line(r) for r in [COLUMNS, *rows])
 

@@ -191,11 +191,10 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
 def test_relative_data_root_resolves_inside_trials(tmp_path, monkeypatch):
     """Tune would run trials in their trial directory; relative paths must keep the driver's meaning. (The
     CLI in a subprocess started in that directory, with its own local Ray, as a user runs it.)"""
+    import io
     import os
     import subprocess
     import sys
-
-    import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -205,7 +204,7 @@ def test_relative_data_root_resolves_inside_trials(tmp_path, monkeypatch):
     from puregen_dist.data.datasets import load_data
 
     monkeypatch.chdir(tmp_path)
-    for split, data in zip(("train", "test"), load_data(DataConfig(train_per_class=6, test_per_class=3))):
+    for split, data in zip(("train", "test"), load_data(DataConfig(train_per_class=6, test_per_class=3)), strict=True):
         blobs = []
         for image in data.images:
             buffer = io.BytesIO()

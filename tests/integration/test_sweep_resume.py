@@ -11,10 +11,9 @@ import sys
 import time
 
 import pytest
+from test_sweep import child_runs, sweep_file  # noqa: E402  (same directory)
 
 from puregen_dist.pipeline.store import ArtifactStore
-
-from test_sweep import child_runs, sweep_file  # noqa: E402  (same directory)
 
 pytestmark = pytest.mark.ray
 

@@ -11,8 +11,13 @@ import torch
 from conftest import make_imageset
 from puregen_dist.classifiers import build_classifier
 from puregen_dist.classifiers.training import train_classifier
-from puregen_dist.classifiers.transfer import (LinearProbe, head_name, load_pretrained, save_classifier,
-                                               transfer_model)
+from puregen_dist.classifiers.transfer import (
+    LinearProbe,
+    head_name,
+    load_pretrained,
+    save_classifier,
+    transfer_model,
+)
 from puregen_dist.config.errors import ConfigError
 from puregen_dist.config.loading import build
 from puregen_dist.config.schema import ClassifierConfig
@@ -39,7 +44,7 @@ def test_backbone_loaded_and_head_reinitialised(pretrained):
     path, source = pretrained
     net = load_pretrained(_net(classes=4), path, name="resnet18", in_channels=3)
     assert head_name(net) == "linear" and net.linear.out_features == 4
-    for (key, value), (_, original) in zip(net.state_dict().items(), source.state_dict().items()):
+    for (key, value), (_, original) in zip(net.state_dict().items(), source.state_dict().items(), strict=True):
         if not key.startswith("linear."):
             assert torch.equal(value, original), key
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_imageset
 from safetensors.torch import load_file
 
 import puregen_dist.generative.train_ddpm as train_module
+from conftest import make_imageset
 from puregen_dist.config.errors import ConfigError
 from puregen_dist.config.generative import DDPMConfig, DDPMJob, DDPMTrainConfig, DiffusionConfig
 from puregen_dist.data.transforms import sym_to_uint8, to_sym

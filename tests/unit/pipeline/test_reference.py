@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_imageset
 from safetensors.torch import load_file
 
+from conftest import make_imageset
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import EBMConfig, EBMJob, EBMTrainConfig
 from puregen_dist.data.io import imageset_fingerprint

@@ -10,17 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from puregen_dist.attacks import build_attack
 from puregen_dist.config.errors import UserInputError
-from puregen_dist.config.generative import EBMJob, EBMTrainConfig, PurifyJob
+from puregen_dist.config.generative import EBMJob, PurifyJob
 from puregen_dist.config.loading import build
+from puregen_dist.data.datasets import load_data
 from puregen_dist.defenses.jpeg import JPEGConfig
 from puregen_dist.defenses.puregen import PureGenEBMConfig, PureGenNaiveConfig
 from puregen_dist.generative.purifiers import load_ebm
 from puregen_dist.pipeline.models import model_fingerprints, resolve_models
-from puregen_dist.attacks import build_attack
-from puregen_dist.data.datasets import load_data
-from puregen_dist.pipeline.stages import (build_model_artifact, build_poison_artifact, model_artifact,
-                                          poison_artifact, read_target)
+from puregen_dist.pipeline.stages import (
+    build_model_artifact,
+    build_poison_artifact,
+    model_artifact,
+    poison_artifact,
+    read_target,
+)
 from puregen_dist.pipeline.store import ArtifactStore, StoreError
 
 TINY_EBM = {"seed": 1, "data": {"dataset": "digits", "train_per_class": 6},

@@ -17,8 +17,14 @@ from puregen_dist import __version__
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.data.io import imageset_table
 from puregen_dist.pipeline.artifacts_cli import format_table, human_bytes, show
-from puregen_dist.pipeline.store import (MANIFEST, ArtifactStore, StagedArtifact, StoreError, artifact_key,
-                                         canonical_json)
+from puregen_dist.pipeline.store import (
+    MANIFEST,
+    ArtifactStore,
+    StagedArtifact,
+    StoreError,
+    artifact_key,
+    canonical_json,
+)
 
 CONFIG = {"defense": "ebm", "steps": 150, "step_size": 0.01, "seeds": (1, 2),
           "model": {"nf": 32, "act": "silu"}}
