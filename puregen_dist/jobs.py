@@ -37,8 +37,11 @@ Data = tuple[ImageSet, ImageSet]
 def training_data(job: ModelJob) -> Data:
     """(train, test) of a model job: ``data``'s splits, or, with ``train_on`` (a poison-set directory; artifact
     keys are resolved by the caller), that poison set's images and labels as the training split. Raises
-    UserInputError naming ``train_on`` when the poison set's images do not match ``data``'s shape or classes."""
+    UserInputError naming the key when the poison set's images do not match ``data``'s shape (labels out of
+    ``data``'s class range are refused when it is read), or, for a surrogate, when its POOD set does not fit."""
     train, test = load_data(job.data)
+    if isinstance(job, SurrogateJob):  # the POOD mix is checked here, before the caller writes anything
+        surrogate_training_set(train, load_data(job.pood)[0], job.target_classes, job.pood_drop_classes)
     if not job.train_on:
         return train, test
     source = Path(job.train_on)

@@ -38,6 +38,8 @@ from puregen_dist.registry import ATTACKS
 from puregen_dist.types import ImageSet, PoisonSet, TargetSpec
 
 Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
+CHEN_ALPHA = 0.2
+"""The blend weight of Chen et al.'s poisoning experiments."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +64,10 @@ class BadNetsConfig(AttackConfig):
     """Patch content (random: seeded by trigger_seed)."""
     eps: float = 16 / 255
     """sign only: L-inf bound of the sign pattern in [0, 1] pixel units."""
-    alpha: float = key_neutral_default(0.2)
-    """blend only: blend weight of the pattern, in (0, 1] (0.2 in Chen et al.); also the L-inf bound."""
+    alpha: float | None = key_neutral_default(None)
+    """blend only: blend weight of the pattern, in (0, 1]; null means Chen et al.'s 0.2 for ``blend`` (always part
+    of a blend's content key, so an old config whose ``blend`` meant the sign pattern never finds the new
+    attack's cache) and is the only value allowed for the other triggers. Also the blend's L-inf bound."""
     blend_image: str | None = file_ref(optional=True)
     """blend only: the pattern image, a .png/.jpg file or a .npy (H, W, C) array (uint8, or float in [0, 1]);
     resized to the dataset's H x W (bilinear) and converted to its channels. None: uniform random noise drawn
@@ -75,7 +79,14 @@ class BadNetsConfig(AttackConfig):
         check(self.target_class >= 0, "target_class", "must be >= 0")
         check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
         check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
-        check(0.0 < self.alpha <= 1.0, "alpha", "must lie in (0, 1] (the blend weight of the pattern)")
+        if self.trigger == "blend":
+            if self.alpha is None:
+                object.__setattr__(self, "alpha", CHEN_ALPHA)
+            check(0.0 < self.alpha <= 1.0, "alpha", "must lie in (0, 1] (the blend weight of the pattern)")
+        else:
+            check(self.alpha is None, "alpha", f"only used with trigger: blend (this is trigger: {self.trigger})")
+            check(self.blend_image is None, "blend_image",
+                  f"only used with trigger: blend (this is trigger: {self.trigger})")
         check(self.patch_size >= 1, "patch_size", "must be >= 1 pixel")
 
 
@@ -171,7 +182,7 @@ def load_blend_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
     """
     try:
         image = _read_image(Path(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserInputError(f"attack.blend_image: cannot read {path!r}: {exc}") from None
     return _fit_image(image, shape)
 
@@ -186,7 +197,8 @@ def _read_image(path: Path) -> np.ndarray:
             raise ValueError(f"expected an (H, W, C) array with C in 1, 3, 4, got shape {array.shape}")
         if array.dtype == np.uint8:
             return array.astype(np.float32) / 255.0
-        if not np.issubdtype(array.dtype, np.floating) or array.min() < 0.0 or array.max() > 1.0:
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() \
+                or array.min() < 0.0 or array.max() > 1.0:
             raise ValueError(f"expected uint8 or float values in [0, 1], got {array.dtype} "
                              f"in [{array.min()}, {array.max()}]")
         return array.astype(np.float32)

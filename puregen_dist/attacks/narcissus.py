@@ -17,8 +17,14 @@ PEERS_AND_ATTACKS §5.3, and how PureGen poisoned with it in PUREGEN_REFERENCE �
 4. **Poisoning**: ``num_poisons`` (or ``budget`` × N) target-class training images get clip(x + δ, 0, 1); labels
    are unchanged (clean label). At test time the trigger is applied as clip(x + m·δ, 0, 1) to non-target images.
 
-Units: ε and δ are in [0, 1] pixel units here. The authors (and PureGen's stored triggers) work in [−1, 1]
-image space, where the same trigger reads 2δ and the bound ±2ε: ε = 16/255 here *is* their ``l_inf_r = 16/255``.
+Units: ε and the stored trigger δ are in [0, 1] pixel units. The authors (and PureGen's stored triggers) work in
+[−1, 1] image space, where the same trigger reads 2δ and the bound ±2ε: ε = 16/255 here *is* their
+``l_inf_r = 16/255``. The optimiser works on the trigger in their units (2δ), so ``trigger_lr`` means what their
+``generating_lr_tri`` means (RAdam steps are about lr in the parameter's units).
+
+Target output: the warm-up and the synthesis aim at the surrogate's output for the target class (the first one
+after the POOD classes, as BackdoorBench's port does). The authors' notebook labels those images with the raw
+CIFAR-10 class index, which on their 201-output surrogate is a Tiny-ImageNet output; we follow the paper's intent.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +43,7 @@ from puregen_dist.attacks.clean_label import CleanLabelTriggerConfig, check_targ
 from puregen_dist.attacks.surrogate import Surrogate, load_surrogate
 from puregen_dist.config.errors import UserInputError, check
 from puregen_dist.config.generative import LangevinConfig
-from puregen_dist.config.identity import execution_only, key_neutral_default, model_ref
+from puregen_dist.config.identity import execution_only, model_ref
 from puregen_dist.data.transforms import random_crop_flip, to_unit
 from puregen_dist.device import resolve_device
 from puregen_dist.generative.langevin import differentiable_langevin
@@ -73,7 +79,7 @@ class NarcissusConfig(CleanLabelTriggerConfig):
     """Defense-aware Narcissus (PureGen Table 11, "EBM in generation"): an EBM checkpoint (or key, or
     ``model:<name>``) whose Langevin purification the surrogate looks through: the warm-up trains on purified
     target images and the trigger is optimised through the (differentiated) chain, Ψ(clip(x + δ)). None: off."""
-    through_langevin: LangevinConfig = key_neutral_default(LangevinConfig())
+    through_langevin: LangevinConfig = field(default_factory=LangevinConfig)
     """The purification the trigger is optimised through (published: 150 steps, ε 0.0125, T 1e-4); the chain is
     differentiated, so each synthesis batch costs ~2·steps network passes: CPU recipes use fewer steps."""
     device: str = execution_only("auto")
@@ -116,8 +122,9 @@ class NarcissusAttack:
                                      f"{ebm_cfg.in_channels} channel(s), the dataset's are {h}px with {c}")
 
     def purification(self, device: torch.device, generator: torch.Generator
-                     ) -> Callable[[Tensor], Tensor] | None:
-        """The differentiable purification Ψ the surrogate looks through ([0, 1] images in and out), or None."""
+                     ) -> Callable[..., Tensor] | None:
+        """The purification Ψ the surrogate looks through, ``purify(x_unit, differentiable=True)`` ([0, 1]
+        images in and out; differentiable: gradients flow back through the chain), or None."""
         cfg = self.cfg
         if not cfg.through_ebm:
             return None
@@ -126,11 +133,12 @@ class NarcissusAttack:
             p.requires_grad_(False)
         chain = cfg.through_langevin
 
-        def purify(x_unit: Tensor) -> Tensor:
+        def purify(x_unit: Tensor, differentiable: bool = True) -> Tensor:
             noise = (torch.randn(x_unit.shape, generator=generator).to(device) for _ in range(chain.steps))
             x_sym = differentiable_langevin(energy, x_unit * 2.0 - 1.0, noise, step_size=chain.step_size,
-                                            temperature=chain.temperature)
-            return ((x_sym + 1.0) * 0.5).clamp(0.0, 1.0)
+                                            temperature=chain.temperature, create_graph=differentiable)
+            x_out = ((x_sym + 1.0) * 0.5).clamp(0.0, 1.0)
+            return x_out if differentiable else x_out.detach()
 
         return purify
 
@@ -152,8 +160,8 @@ class NarcissusAttack:
         x_target = to_unit(train.images[train.labels == cfg.target_class])
         generator = torch.Generator().manual_seed(seed)
         through = self.purification(device, generator)
-        if through is not None:  # the warm-up sees purified target images too
-            x_target_warm = torch.cat([through(x_target[i:i + cfg.batch_size].to(device)).detach().cpu()
+        if through is not None:  # the warm-up sees purified target images too (no graph needed)
+            x_target_warm = torch.cat([through(x_target[i:i + cfg.batch_size].to(device), False).cpu()
                                        for i in range(0, len(x_target), cfg.batch_size)])
         else:
             x_target_warm = x_target
@@ -220,7 +228,7 @@ def synthesize_trigger(model: nn.Module, images: Tensor, label: int, *, eps: flo
     ``through`` (optional) maps the triggered batch before the surrogate sees it (a differentiable purifier, for
     defense-aware triggers); the model's parameters are frozen and restored afterwards."""
     _, c, h, w = images.shape
-    delta = torch.zeros(1, c, h, w, device=device, requires_grad=True)
+    delta = torch.zeros(1, c, h, w, device=device, requires_grad=True)  # the authors' [-1, 1] units: 2 × pixels
     optimizer = torch.optim.RAdam([delta], lr=lr)
     criterion = nn.CrossEntropyLoss()
     flags = [p.requires_grad for p in model.parameters()]
@@ -233,7 +241,7 @@ def synthesize_trigger(model: nn.Module, images: Tensor, label: int, *, eps: flo
             total = 0.0
             for index in _batches(len(images), batch_size, generator):
                 x = random_crop_flip(images[index], crop_padding, flip, generator).to(device)
-                triggered = (x + delta.clamp(-eps, eps)).clamp(0.0, 1.0)
+                triggered = (x + delta.clamp(-2 * eps, 2 * eps) / 2).clamp(0.0, 1.0)
                 logits = model(through(triggered) if through is not None else triggered)
                 loss = criterion(logits, torch.full((len(index),), label, dtype=torch.long, device=device))
                 optimizer.zero_grad(set_to_none=False)
@@ -251,7 +259,7 @@ def synthesize_trigger(model: nn.Module, images: Tensor, label: int, *, eps: flo
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-    return TriggerSynthesis(delta.detach().clamp(-eps, eps).cpu(), losses, grad_sums)
+    return TriggerSynthesis((delta.detach().clamp(-2 * eps, 2 * eps) / 2).cpu(), losses, grad_sums)
 
 
 @ATTACKS.register("narcissus", NarcissusConfig)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import builtins
 import codecs
-import copyreg
 import importlib
 import pickle
 import re
@@ -62,13 +61,22 @@ def _allowed_global(module: str, name: str) -> Any:
     if module in ("builtins", "__builtin__") and name in _BUILTINS:
         return getattr(builtins, name)
     if module in ("copyreg", "copy_reg") and name == "_reconstructor":
-        return copyreg._reconstructor  # type: ignore[attr-defined]
+        return _object_reconstructor
     if module == "_codecs" and name == "encode":  # how protocols 0-2 store bytes
         return codecs.encode
     is_plugin = _PIL_PLUGIN.fullmatch(module) is not None and name.endswith("ImageFile")
     if (module == "PIL.Image" and name == "Image") or is_plugin:
         return _pil_class(module, name)
     return None
+
+
+def _object_reconstructor(cls: type, base: type, state: Any) -> Any:
+    """``copyreg._reconstructor`` restricted to ``base is object`` (how protocols 0-1 pickle plain instances):
+    any other base would run ``base.__init__(obj, state)``, e.g. a PIL plugin opening a path named by the file."""
+    if base is not object or state is not None:
+        raise UserInputError(f"refuses to rebuild {cls.__name__} through {getattr(base, '__name__', base)}: "
+                             f"{ACCEPTED}")
+    return object.__new__(cls)
 
 
 def _numpy_core(submodule: str) -> Any:
@@ -80,14 +88,16 @@ def _numpy_core(submodule: str) -> Any:
 
 
 def _pil_class(module: str, name: str) -> type | None:
-    """PIL's ``Image`` class or one of its ImageFile plugin subclasses, else None."""
+    """``PIL.Image.Image`` for PIL's ``Image`` class or one of its ImageFile plugin subclasses (an image opened
+    from a file pickles as its plugin class), else None. Always the plain class: it is rebuilt from its pickled
+    pixels by ``__setstate__`` alone, never by a plugin's constructor (which opens and decodes a file)."""
     from PIL import Image
 
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
-    return found if isinstance(found, type) and issubclass(found, Image.Image) else None
+    return Image.Image if isinstance(found, type) and issubclass(found, Image.Image) else None
 
 
 def load_pickle(path: Path, key: str) -> Any:
@@ -97,9 +107,10 @@ def load_pickle(path: Path, key: str) -> Any:
     try:
         with path.open("rb") as handle:
             return RestrictedUnpickler(handle, label).load()
-    except UserInputError:
-        raise
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except UserInputError as exc:
+        message = str(exc)
+        raise UserInputError(message if message.startswith(label) else f"{label}: {message}") from None
+    except Exception as exc:  # a malformed pickle can raise almost anything while being rebuilt
         raise UserInputError(f"{label}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 

@@ -91,12 +91,18 @@ def load_surrogate(directory: str | Path, device: torch.device | str = "cpu") ->
     :func:`surrogate_meta`). Raises CheckpointError naming the file when it is not one."""
     config, state, _ = read_state(directory, kind="classifier")
     meta, arch = config.get("meta", {}), config.get("model", {})
-    if "pood_classes" not in meta or "target_classes" not in meta:
-        raise CheckpointError(f"{Path(directory) / 'config.json'}: a classifier checkpoint, but not a surrogate "
-                              "(no pood_classes / target_classes: train it with `puregen-dist train-surrogate`)")
-    net = build_classifier(arch["name"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
-                           image_size=arch["image_size"])
-    net.load_state_dict(state)
+    source = Path(directory) / "config.json"
+    if not {"pood_classes", "target_classes", "mean", "std"} <= set(meta):
+        raise CheckpointError(f"{source}: a classifier checkpoint, but not a surrogate (its meta lacks "
+                              "pood_classes / target_classes / mean / std: train it with `puregen-dist "
+                              "train-surrogate`)")
+    try:
+        net = build_classifier(arch["name"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
+                               image_size=arch["image_size"])
+        net.load_state_dict(state)
+    except (KeyError, RuntimeError, UserInputError) as exc:
+        raise CheckpointError(f"{source}: the surrogate's architecture and weights do not load "
+                              f"({type(exc).__name__}: {exc})") from None
     model = Normalized(net, meta["mean"], meta["std"]).to(device).eval()
     shape = (int(arch["image_size"]), int(arch["image_size"]), int(arch["in_channels"]))
     return Surrogate(model, int(meta["pood_classes"]), tuple(int(c) for c in meta["target_classes"]), shape)

@@ -121,7 +121,7 @@ def langevin_chain(energy_fn: EnergyFn, x: Tensor, noise: NoiseFn, *, steps: int
 
 
 def differentiable_langevin(energy_fn: EnergyFn, x: Tensor, noise: Iterable[Tensor], *, step_size: float,
-                            temperature: float) -> Tensor:
+                            temperature: float, create_graph: bool = True) -> Tensor:
     """The chain of :func:`langevin_step` with gradients *through* it: x_K as a differentiable function of x_0
     (second derivatives of G, ``create_graph``), for defense-aware attacks that optimise an input through
     purification. The network's parameters get no gradient from here (callers freeze them).
@@ -132,6 +132,7 @@ def differentiable_langevin(energy_fn: EnergyFn, x: Tensor, noise: Iterable[Tens
         noise: the steps' standard normals z_0..z_{K-1}, each (B, C, H, W) (K = the number of steps; a
             generator keeps only one in memory).
         step_size, temperature: ε and T (§1.2.6).
+        create_graph: False runs the same chain without building the graph through it (no gradient to x_0).
 
     Returns:
         (B, C, H, W) x_K, unclamped.
@@ -141,9 +142,11 @@ def differentiable_langevin(energy_fn: EnergyFn, x: Tensor, noise: Iterable[Tens
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         for z in noise:
-            (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=True)
+            if not create_graph:
+                x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(energy_fn(x).sum(), x, create_graph=create_graph)
             x = x - drift * grad + step_size * z
-    return x
+    return x if create_graph else x.detach()
 
 
 def check_finite(energy: Tensor, grad: Tensor, *, where: str, ids: Tensor | None = None) -> None:

@@ -18,7 +18,7 @@ from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.identity import file_refs, iter_model_refs, replace_model_refs
 from puregen_dist.pipeline.store import KEY_RE, ArtifactStore, StoreError
 
-WEIGHT_SUFFIXES = (".safetensors", ".json")
+WEIGHT_SUFFIXES = (".safetensors", ".json", ".parquet")
 
 
 def is_artifact_key(ref: str) -> bool:
@@ -71,8 +71,9 @@ def model_fingerprints(cfg: Any) -> dict[str, str]:
 
 
 def directory_digest(directory: Path) -> str:
-    """SHA-256 (16 hex digits) over the names and contents of the weight and config files under
-    ``directory``; a missing directory is a UserInputError naming it."""
+    """SHA-256 (16 hex digits) over the names and contents of the weight, config and Parquet files under
+    ``directory`` (a checkpoint, or a poison set's directory given as ``train_on``); a missing directory is a
+    UserInputError naming it."""
     if not directory.is_dir():
         raise UserInputError(f"{directory}: model checkpoint directory not found")
     digest = hashlib.sha256()

@@ -33,7 +33,7 @@ from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.models import file_fingerprints, model_fingerprints, resolve_models
 from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
 from puregen_dist.pipeline.reference import import_reference, reference_for_key
-from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, artifact_key
+from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, StoreError, artifact_key
 from puregen_dist.plugins import load_plugins
 from puregen_dist.registry import MODELS
 from puregen_dist.types import TargetSpec
@@ -125,6 +125,10 @@ def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[
         return StageResult(key, store.manifest(key), False)
     log.info("%s: building as a Ray task (%s CPU, %s GPU)", key, resources.num_cpus, resources.num_gpus)
     manifest, built = run_task(fn, resources, *args, address=address)
+    if manifest.get("key") != key:
+        raise StoreError(f"{key}: the task that builds it computed the key {manifest.get('key')} instead: it sees "
+                         "different inputs than this process (a relative path resolved elsewhere, a file changed "
+                         "meanwhile, or another version of the code on that node)")
     return StageResult(key, manifest, built)
 
 

@@ -47,7 +47,7 @@ def _train(data, seed: int = 0):
 
 def test_narcissus_backdoors_an_undefended_classifier_on_digits(surrogate_dir):
     train, test = load_data(VICTIM)
-    cfg = NarcissusConfig(surrogate=str(surrogate_dir), target_class=0, eps=32 / 255, budget=0.05, rounds=300,
+    cfg = NarcissusConfig(surrogate=str(surrogate_dir), target_class=0, eps=32 / 255, budget=0.05, rounds=1000,
                           crop_padding=1, flip=False, device="cpu")
     poison = NarcissusAttack(cfg).craft(train, seed=0)
     assert len(poison.poison_ids) == 34 and np.all(poison.poison_labels == 0)  # clean label, 5% of 675

@@ -3,6 +3,7 @@ deterministic; bad files refused before anything is computed, pickles without ru
 
 from __future__ import annotations
 
+import copyreg
 import os
 import pickle
 from pathlib import Path
@@ -197,6 +198,26 @@ def test_toxic_pickle_with_a_code_payload_is_refused_and_never_runs(tmp_path, fu
                                              "numbers, strings, lists and tuples are accepted"):
         build_attack(ToxicConfig(path=str(tmp_path / "t"))).validate(data)
     assert not marker.exists()
+
+
+def test_a_pickle_cannot_make_pil_open_a_file_it_names(tmp_path):
+    """``copyreg._reconstructor(PngImageFile, PngImageFile, path)`` would run the plugin's constructor on any
+    path (and decode it); only ``base is object`` rebuilds are accepted, plugin classes become plain images."""
+    from PIL import PngImagePlugin
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "secret.png")
+
+    class OpensAFile:
+        def __reduce__(self):  # noqa: ANN204
+            return (copyreg._reconstructor, (PngImagePlugin.PngImageFile, PngImagePlugin.PngImageFile,
+                                             str(tmp_path / "secret.png")))
+
+    (tmp_path / "poisons.pickle").write_bytes(pickle.dumps([(OpensAFile(), 0)], protocol=2))
+    with pytest.raises(UserInputError, match=r"poisons.pickle: refuses to rebuild Image through Image"):
+        load_pickle(tmp_path / "poisons.pickle", "attack.path")
+    (tmp_path / "junk.pickle").write_bytes(b"\x80\x04\x95garbage")
+    with pytest.raises(UserInputError, match=r"junk.pickle: not a readable pickle"):
+        load_pickle(tmp_path / "junk.pickle", "attack.path")
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])

@@ -125,7 +125,7 @@ def test_validation_names_the_problem_before_any_compute(surrogate_dir, tmp_path
         NarcissusAttack(_cfg(surrogate_dir, num_poisons=11)).validate(data)
     with pytest.raises(UserInputError, match=r"attack.surrogate: .* was trained on \(16, 16, 3\)"):
         NarcissusAttack(_cfg(surrogate_dir)).validate(make_imageset(n=40, size=8, classes=4))
-    with pytest.raises(UserInputError, match="through_ebm|not found|checkpoint"):
+    with pytest.raises(UserInputError, match=r"missing/config.json: checkpoint config not found"):
         NarcissusAttack(_cfg(surrogate_dir, through_ebm=str(tmp_path / "missing"))).validate(data)
 
 
@@ -137,7 +137,7 @@ def test_craft_poisons_target_rows_within_eps_with_labels_unchanged(surrogate_di
     base = data.images[data.positions(poison.poison_ids)].astype(int)
     assert np.abs(poison.poisoned.astype(int) - base).max() <= 8
     assert poison.target.trigger.shape == (16, 16, 3) and np.abs(poison.target.trigger).max() <= 8 / 255 + 1e-7
-    assert poison.meta["trigger_rounds"] <= 3 and poison.meta["num_poisons"] == 4
+    assert poison.meta["trigger_rounds"] == 3 and poison.meta["num_poisons"] == 4
 
 
 # ------------------------------------------------------------------------------------------ defense-aware
@@ -158,6 +158,19 @@ def test_differentiable_langevin_matches_the_chain_and_its_closed_form_jacobian(
     assert torch.allclose(x.grad, torch.full_like(x0, factor), atol=1e-6)
 
 
+def test_the_purification_it_looks_through_passes_gradients_back(surrogate_dir, tiny_checkpoints):
+    ebm_dir, _ = tiny_checkpoints[3]
+    attack = NarcissusAttack(_cfg(surrogate_dir, through_ebm=str(ebm_dir), through_langevin=LangevinConfig(steps=3)))
+    purify = attack.purification(CPU, torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    out = purify(x)
+    assert out.shape == x.shape and out.requires_grad
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert not purify(x, False).requires_grad  # the warm-up's pass builds no graph
+    assert NarcissusAttack(_cfg(surrogate_dir)).purification(CPU, torch.Generator()) is None
+
+
 def test_defense_aware_narcissus_optimises_through_the_ebm(surrogate_dir, tiny_checkpoints):
     data = make_imageset(n=40, size=16, classes=4)
     ebm_dir, _ = tiny_checkpoints[3]
@@ -167,7 +180,7 @@ def test_defense_aware_narcissus_optimises_through_the_ebm(surrogate_dir, tiny_c
 
     def counting(device, generator):
         purify = original(device, generator)
-        return lambda x: (calls.append(len(x)), purify(x))[1]
+        return lambda x, *args: (calls.append(len(x)), purify(x, *args))[1]
 
     aware.purification = counting
     poison = aware.craft(data, seed=0)
