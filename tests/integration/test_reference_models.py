@@ -25,8 +25,9 @@ from puregen_dist.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
-EBM_REFERENCE, DDPM_REFERENCE = "ebm-cifar10-cpu-nf64", "ddpm-cifar10-cpu"
-RECIPES = {EBM_REFERENCE: "sweeps/ebm_cifar10_cpu_nf64.yaml", DDPM_REFERENCE: "sweeps/ddpm_cifar10_cpu.yaml"}
+EBM_REFERENCES, DDPM_REFERENCE = ("ebm-cifar10-cpu-k100", "ebm-cifar10-cpu-nf64"), "ddpm-cifar10-cpu"
+RECIPES = {"ebm-cifar10-cpu-k100": "sweeps/ebm_cifar10_cpu_k100.yaml",
+           "ebm-cifar10-cpu-nf64": "sweeps/ebm_cifar10_cpu_nf64.yaml", DDPM_REFERENCE: "sweeps/ddpm_cifar10_cpu.yaml"}
 SHIPPED = {path.name: path for path in reference.shipped_references().values()}
 
 needs_cifar = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"{CIFAR10} not present (a fresh clone has no "
@@ -74,10 +75,10 @@ def test_the_training_data_has_the_recorded_fingerprint(name):
 
 
 @needs_cifar
-@pytest.mark.skipif(EBM_REFERENCE not in SHIPPED, reason="the EBM reference is not shipped")
-def test_ebm_energy_orders_clean_below_perturbed_below_noise():
-    energy, _ = load_ebm(SHIPPED[EBM_REFERENCE])
-    purifier = EBMPurifier(energy, reference.read_reference(SHIPPED[EBM_REFERENCE])[1].train.langevin)
+@pytest.mark.parametrize("name", [n for n in EBM_REFERENCES if n in SHIPPED])
+def test_ebm_energy_orders_clean_below_perturbed_below_noise(name):
+    energy, _ = load_ebm(SHIPPED[name])
+    purifier = EBMPurifier(energy, reference.read_reference(SHIPPED[name])[1].train.langevin)
     clean, perturbed, noise = (purifier.energies(x) for x in clean_perturbed_noise())
     assert clean.mean() < perturbed.mean() < noise.mean()
     assert (clean < perturbed).float().mean() >= 0.9  # per image, not only on average
