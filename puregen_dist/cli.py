@@ -95,7 +95,7 @@ def _train_into_store(job: Any, address: str | None) -> int:
     from puregen_dist.pipeline.store import ArtifactStore
 
     store = ArtifactStore(job.store)
-    result = model_stage(job, store, tracking_dir=_parent(job.output), address=address)
+    result = model_stage(job, store, tracking_dir=_parent(job.output), address=address, progress=True)
     state = "trained" if result.built else "cached (already in the store)"
     print(f"{job.model_kind} artifact {result.key} {state} in {store.uri}")
     print(f"use it as {reference_fields(job.model_kind)}: {result.key}  (with store: {store.uri})")
@@ -148,7 +148,7 @@ def _purify_with_ray(job: PurifyJob) -> int:
     from puregen_dist.pipeline.store import ArtifactStore
 
     store = ArtifactStore(job.store)
-    poison = poison_stage(job, store)
+    poison = poison_stage(job, store, progress=True)
     purified = purify_stage(job, poison.key, store)
     timings = purified.manifest.get("timings", {})
     state = "built" if purified.built else "cached (already in the store)"
@@ -174,7 +174,7 @@ def craft_cmd(args: argparse.Namespace) -> int:
     train, _ = load_data(job.data)
     build_attack(resolve_models(job.attack, job.store, "attack")).validate(train)  # nothing written yet
     store = ArtifactStore(job.store)
-    poison = poison_stage(job, store)
+    poison = poison_stage(job, store, progress=True)
     _log_poison_set(job, store, poison.key, train)
     manifest = poison.manifest
     print(f"poison set {poison.key} {'crafted' if poison.built else 'cached (already in the store)'} in "

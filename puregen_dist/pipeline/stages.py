@@ -96,13 +96,14 @@ def warn_if_infeasible(resources: TaskResources) -> None:
 
 
 @contextlib.contextmanager
-def task_logging() -> Iterator[None]:
+def task_logging(enabled: bool) -> Iterator[None]:
     """While a Ray task body runs, send this package's INFO logs (training epochs, crafting rounds) to stderr,
-    which Ray forwards to the driver, so the progress of a long task shows where the user started it. A process
-    whose logging is configured already (the CLI, a test run calling the body directly) is left as it is;
-    everything is restored afterwards."""
+    which Ray forwards to the driver, so the progress of a long single task (``craft``, ``train-* --store``)
+    shows where the user started it; off for a sweep's tasks, whose stages have progress bars. A process whose
+    logging is configured already (the CLI, a test run calling the body directly) is left as it is; everything
+    is restored afterwards."""
     package = logging.getLogger("puregen_dist")
-    if logging.getLogger().handlers or package.handlers:
+    if not enabled or logging.getLogger().handlers or package.handlers:
         yield
         return
     handler = logging.StreamHandler(sys.stderr)
@@ -136,7 +137,7 @@ def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[
 
 
 def model_stage(job: ModelJob, store: ArtifactStore, *, tracking_dir: str | Path,
-                address: str | None = None) -> StageResult:
+                address: str | None = None, progress: bool = False) -> StageResult:
     """The model artifact of ``job``: imported from a shipped reference model with the same key when there is
     one (:mod:`puregen_dist.pipeline.reference`), else trained in a Ray task with ``job.resources``, once per key.
 
@@ -149,11 +150,13 @@ def model_stage(job: ModelJob, store: ArtifactStore, *, tracking_dir: str | Path
         manifest = store.manifest(import_reference(reference, store)[0])
         return StageResult(key, manifest, True)
     return cached_or_task(store, key, build_model_artifact, job.resources, job, store.uri,
-                          str(Path(tracking_dir).absolute()), address=address)
+                          str(Path(tracking_dir).absolute()), progress, address=address)
 
 
-def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tuple[dict[str, Any], bool]:
-    """Train ``job``'s model and commit it under its key (the body of the Ray task; callable directly).
+def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str, progress: bool = False
+                         ) -> tuple[dict[str, Any], bool]:
+    """Train ``job``'s model and commit it under its key (the body of the Ray task; callable directly);
+    ``progress``: log its epochs to the driver (:func:`task_logging`).
 
     Training writes checkpoints into a node-local work directory named by the key, so a retried task on the
     same node resumes from its last epoch; the directory is removed once the artifact is committed.
@@ -177,7 +180,7 @@ def build_model_artifact(job: ModelJob, store_uri: str, tracking_dir: str) -> tu
         store.stage_dir(staged, path)
         return {"timings": {"train_s": time.perf_counter() - start}}
 
-    with task_logging():
+    with task_logging(progress):
         result = store.get_or_build(key, build, kind=kind, config=config)
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -196,15 +199,17 @@ def poison_artifact(job: PurifyJob | CraftJob) -> tuple[str, dict[str, Any]]:
     return artifact_key("poison", config), config
 
 
-def poison_stage(job: PurifyJob | CraftJob, store: ArtifactStore) -> StageResult:
+def poison_stage(job: PurifyJob | CraftJob, store: ArtifactStore, *, progress: bool = False) -> StageResult:
     """The poisoned training set, crafted in a Ray task with ``pipeline.craft`` resources once per key."""
     key, _ = poison_artifact(job)
-    return cached_or_task(store, key, build_poison_artifact, job.pipeline.craft, job, store.uri,
+    return cached_or_task(store, key, build_poison_artifact, job.pipeline.craft, job, store.uri, progress,
                           address=job.pipeline.address)
 
 
-def build_poison_artifact(job: PurifyJob | CraftJob, store_uri: str) -> tuple[dict[str, Any], bool]:
-    """Load the data, craft the poison and commit the poisoned set (the body of the Ray task)."""
+def build_poison_artifact(job: PurifyJob | CraftJob, store_uri: str, progress: bool = False
+                          ) -> tuple[dict[str, Any], bool]:
+    """Load the data, craft the poison and commit the poisoned set (the body of the Ray task); ``progress``: log
+    the crafting to the driver (:func:`task_logging`)."""
     from puregen_dist.attacks import build_attack
     from puregen_dist.data.datasets import load_data
 
@@ -223,7 +228,7 @@ def build_poison_artifact(job: PurifyJob | CraftJob, store_uri: str) -> tuple[di
         return {"rows": rows, "timings": {"craft_s": float(poison.meta.get("craft_seconds", 0.0))},
                 "stats": numbers}
 
-    with task_logging():
+    with task_logging(progress):
         return store.get_or_build(key, build, kind="poison", config=config)
 
 
