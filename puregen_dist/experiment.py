@@ -25,8 +25,10 @@ from puregen_dist.classifiers.evaluation import (
     NAT_ACC_DEFINITION,
     POISON_SUCCESS_DEFINITION,
     PoisonSuccess,
+    TargetOutcome,
     natural_accuracy,
     poison_success,
+    target_outcome,
 )
 from puregen_dist.classifiers.training import Normalized, train_classifier
 from puregen_dist.classifiers.transfer import transfer_model
@@ -62,6 +64,8 @@ class RunMetrics:
 
     nat_acc: float
     poison_success: dict[float, PoisonSuccess] = field(default_factory=dict)
+    target: TargetOutcome | None = None
+    """Triggerless attacks: whether the target was classified as the adversarial (and as its true) label."""
     history: list[dict[str, float]] = field(default_factory=list)
     costs: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
@@ -72,6 +76,9 @@ class RunMetrics:
         for m, ps in self.poison_success.items():
             out[success_key(m)] = ps.rate
             out.update({f"{success_key(m)}_src{c}": r for c, r in ps.per_source_class.items()})
+        if self.target is not None:
+            out[Metric.TARGET_SUCCESS] = self.target.success
+            out[Metric.TARGET_CORRECT] = self.target.correct
         return out
 
 
@@ -142,6 +149,13 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
     if triggered:
         metrics.poison_success = {m: poison_success(result.model, test, target, m, cfg.classifier.eval_batch_size)
                                   for m in cfg.eval.magnifications}
+    if target.kind == "triggerless":
+        metrics.target = target_outcome(result.model, test, target, cfg.classifier.eval_batch_size)
+        tracker.log_params({"target.adversarial_label": target.adversarial_label,
+                            "target.true_labels": ",".join(map(str, np.atleast_1d(target.target_labels)))
+                            if target.target_labels is not None else "",
+                            "target.ids": ",".join(map(str, np.atleast_1d(target.target_ids)))
+                            if target.target_ids is not None else ""})
     tracker.log_metrics(metrics.as_dict(), step=cfg.classifier.epochs)
     return metrics
 
@@ -156,6 +170,9 @@ def summary_line(cfg: ExperimentConfig, metrics: RunMetrics) -> str:
     parts = [f"{cfg.name}: attack={cfg.attack.name} defense={cfg.defense.name} classifier={cfg.classifier.name}",
              f"nat_acc={metrics.nat_acc:.4f}"]
     parts += [f"{success_key(m)}={ps.rate:.4f}" for m, ps in metrics.poison_success.items()]
+    if metrics.target is not None:
+        parts.append(f"{Metric.TARGET_SUCCESS}={metrics.target.success:.0f} {Metric.TARGET_CORRECT}="
+                     f"{metrics.target.correct:.0f}")
     if metrics.run_id:
         parts.append(f"run_id={metrics.run_id}")
     return " ".join(parts)

@@ -69,6 +69,35 @@ def poison_success(
     return PoisonSuccess(float(hit.mean()) if len(hit) else 0.0, per_class, int(keep.sum()))
 
 
+@dataclass(frozen=True)
+class TargetOutcome:
+    """Triggerless success of one trial (PUREGEN_REFERENCE §6.3): ``success`` = share of the target images
+    classified as the adversarial label (1.0 / 0.0 for the usual single target), ``correct`` = share classified as
+    their true label; ``predictions`` (T,) int64."""
+
+    success: float
+    correct: float
+    predictions: np.ndarray
+
+
+def target_outcome(model: nn.Module, test: ImageSet, target: TargetSpec, batch_size: int = 512) -> TargetOutcome:
+    """Classify a triggerless attack's target image(s): ``target_images`` with ``target_labels`` (imported
+    trials), else the test rows ``target_ids``. Raises ValueError when the target has neither or no
+    adversarial label."""
+    if target.adversarial_label is None:
+        raise ValueError("target_outcome needs a triggerless target with an adversarial_label")
+    if target.target_images is not None:
+        images, labels = target.target_images, target.target_labels
+    elif target.target_ids is not None:
+        rows = test.positions(np.asarray(target.target_ids, np.int64))
+        images, labels = test.images[rows], test.labels[rows]
+    else:
+        raise ValueError("target_outcome needs target_images or target_ids")
+    predictions = predict(model, to_unit(images), batch_size)
+    correct = float((predictions == labels).mean()) if labels is not None else float("nan")
+    return TargetOutcome(float((predictions == target.adversarial_label).mean()), correct, predictions)
+
+
 def aggregate_over_targets(rates: Sequence[float]) -> dict[str, float]:
     """Mean, sample std (ddof=1; 0 for a single target) and max of per-target-class success rates."""
     values = np.asarray(rates, dtype=np.float64)

@@ -60,6 +60,8 @@ class Metric:
     POISON_M3: Final = "poison_success_m3"
     TARGET_SUCCESS: Final = "target_success"
     """Triggerless: 1.0 when the single target image is classified as the adversarial label, else 0.0."""
+    TARGET_CORRECT: Final = "target_correct"
+    """Triggerless: 1.0 when the target image is classified as its true label, else 0.0."""
 
 
 class Param:
