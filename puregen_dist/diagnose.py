@@ -47,10 +47,10 @@ class PreparedDiagnose:
 def prepare_diagnose(job: DiagnoseJob) -> PreparedDiagnose:
     """Load data and models, craft the poison; errors (bad checkpoint, no poisoned rows) before any output."""
     device = resolve_device(job.device)
-    train, _ = load_data(job.data)
+    train, test = load_data(job.data)
     attack = build_attack(job.attack)
     attack.validate(train)
-    poison = attack.craft(train, seed=job.seed)
+    poison = attack.craft(train, seed=job.seed, test=test)
     if len(poison.poison_ids) == 0:
         raise UserInputError("attack: diagnose needs an attack that poisons images (attack.name is 'none')")
     ids = poison.poison_ids[: job.num_images]

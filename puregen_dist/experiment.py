@@ -102,7 +102,7 @@ def execute(prep: Prepared, tracker: Tracker) -> RunMetrics:
     """Craft, defend, train and evaluate; log params, per-epoch and final metrics, and the config."""
     cfg = prep.cfg
     log_setup(cfg, tracker)
-    poison, craft_seconds = _timed(lambda: prep.attack.craft(prep.train, seed=cfg.seed))
+    poison, craft_seconds = _timed(lambda: prep.attack.craft(prep.train, seed=cfg.seed, test=prep.test))
     poisoned = poison.materialize()
     log.info("attack %s: %d poisoned of %d training images", cfg.attack.name, len(poison.poison_ids), len(poisoned))
     defended, defense_seconds = _timed(lambda: prep.defense.apply(poisoned, seed=cfg.seed))

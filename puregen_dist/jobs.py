@@ -137,22 +137,23 @@ class PreparedPurify:
     train: ImageSet
     attack: object
     defense: object
+    test: ImageSet | None = None
 
 
 def prepare_purify(job: PurifyJob) -> PreparedPurify:
     """Load data, build and validate attack and defense; raises UserInputError before any compute."""
-    train, _ = load_data(job.data)
+    train, test = load_data(job.data)
     attack = build_attack(job.attack)
     attack.validate(train)
     defense = build_defense(job.defense)
     defense.validate(train)
-    return PreparedPurify(job, train, attack, defense)
+    return PreparedPurify(job, train, attack, defense, test)
 
 
 def purify_job(prep: PreparedPurify, tracker: Tracker) -> PurifyResult:
     """Poison (if configured), purify in-process, and write the Parquet image set atomically."""
     job = prep.job
-    poison = prep.attack.craft(prep.train, seed=job.seed)
+    poison = prep.attack.craft(prep.train, seed=job.seed, test=prep.test)
     poisoned = poison.materialize()
     start = time.perf_counter()
     purified = prep.defense.apply(poisoned, seed=job.seed)

@@ -14,9 +14,11 @@ from puregen_dist.types import ImageSet, PoisonSet
 
 @runtime_checkable
 class Attack(Protocol):
-    """Crafts a poison set from a clean training set."""
+    """Crafts a poison set from a clean training set. ``test`` is the clean test split, for attacks whose target
+    is a test image (triggerless attacks); callers pass it when they have it, and other attacks ignore it."""
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet: ...
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet: ...
 
 
 @runtime_checkable

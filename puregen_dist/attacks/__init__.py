@@ -1,4 +1,4 @@
-"""Poisoning attacks: ``Attack.craft(train, *, surrogate, seed) -> PoisonSet``. Importing registers them."""
+"""Poisoning attacks: ``Attack.craft(train, *, surrogate, seed, test) -> PoisonSet``. Importing registers them."""
 
 from puregen_dist.attacks import badnets, imports, narcissus, none  # noqa: F401  (registers)
 from puregen_dist.registry import ATTACKS

@@ -137,7 +137,8 @@ class BadNetsAttack:
         mask[top:top + p, left:left + p] = 1.0
         return TargetSpec("triggered", target_class=cfg.target_class, trigger=pattern, trigger_mask=mask)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet:
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet:
         """Poison ``budget * N`` rows chosen with ``seed``; returns the delta-plus-lookup PoisonSet."""
         self.validate(train)
         start = time.perf_counter()

@@ -111,7 +111,8 @@ class TriggerFileAttack:
                                  f"(convention {cfg.convention}) > eps {_levels(cfg.eps)}/255 + 1/255")
         return np.ascontiguousarray(delta, np.float32)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet:
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet:
         """Stamp the trigger on the selected target-class rows (labels unchanged)."""
         self.validate(train)
         start = time.perf_counter()
@@ -180,7 +181,8 @@ class ToxicAttack:
         """Files load safely, shapes fit, indices exist (no duplicates), labels are clean, eps holds."""
         self._positions(train)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet:
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet:
         """The poisons in file order at their base rows; the seed is unused (the files are the attack)."""
         self.validate(train)
         start = time.perf_counter()
@@ -346,7 +348,8 @@ class NTGAAttack:
                                  f"{train.labels[i]} (id {train.ids[i]}); imported poisons must be clean-label")
         _check_bound(images, train.images, np.arange(len(train)), train.ids, self.cfg.eps, "attack.images")
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet:
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet:
         """Every row poisoned; the seed is unused (the files are the attack)."""
         self.validate(train)
         start = time.perf_counter()

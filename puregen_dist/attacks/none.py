@@ -19,7 +19,8 @@ class NoAttack:
     def validate(self, train: ImageSet) -> None:
         """Nothing to check."""
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int) -> PoisonSet:
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet:
         empty = np.zeros((0, *train.shape), dtype=np.uint8)
         return PoisonSet(train, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), TargetSpec("none"), 0.0)
 

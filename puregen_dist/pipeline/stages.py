@@ -220,8 +220,8 @@ def build_poison_artifact(job: PurifyJob | CraftJob, store_uri: str, progress: b
     attack_cfg = with_device(resolve_models(job.attack, store, "attack"), ray_device(), only_auto=True)
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
-        train, _ = load_data(job.data)
-        poison = build_attack(attack_cfg).craft(train, seed=job.seed)
+        train, test = load_data(job.data)
+        poison = build_attack(attack_cfg).craft(train, seed=job.seed, test=test)
         rows = store.stage_imageset(staged, poison.materialize(), poisoned_ids=poison.poison_ids)
         stage_target(store, staged, poison.target, poison.eps)
         numbers = {k: float(v) for k, v in poison.meta.items() if isinstance(v, int | float) and k != "craft_seconds"}

@@ -99,8 +99,10 @@ PARAMS = [pytest.param(cfg, id=_case_id(cfg)) for configs in CASES.values() for 
 
 
 def _craft(cfg: AttackConfig, seed: int = 0) -> tuple[ImageSet, PoisonSet]:
+    """Crafted as the pipeline does: with the clean test split (which triggerless attacks draw targets from)."""
     data = _data()
-    return data, build_attack(cfg).craft(data, seed=seed)
+    test = make_imageset(n=16, size=8, channels=3, classes=4, seed=9)
+    return data, build_attack(cfg).craft(data, seed=seed, test=test)
 
 
 def _expected_count(cfg: AttackConfig, n: int) -> int:
