@@ -15,18 +15,31 @@ step decayed ×0.1 at 3/8, 5/8 and 7/8 of the iterations (250), and after every 
 (ε = 16/255) and the pixel range. Several restarts (8) run from fresh draws; the one with the lowest final loss is
 kept. Differentiable augmentation (random translation and flip) is applied to the poisons while crafting.
 
-Wiring this core into an attack (target and adversarial class drawn from a poison key, the test image as target,
-`settings.trials`) is the next part of issue 11.
+The attack (``name: gradient_matching``): a target test image and an adversarial class (≠ its label) are drawn
+from ``poison_key`` (one trial per key, as the authors' ``--poisonkey``), and the poisons are ``num_poisons`` (or
+``budget`` × N) training images of that class ("single-class" threat model), labels unchanged. Success of a trial:
+the victim classifies the target as the adversarial class.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from puregen_dist.attacks.surrogate import load_classifier
+from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.identity import execution_only, model_ref
+from puregen_dist.config.schema import AttackConfig
+from puregen_dist.data.transforms import to_unit, unit_to_uint8
+from puregen_dist.device import resolve_device
+from puregen_dist.registry import ATTACKS
+from puregen_dist.types import ImageSet, PoisonSet, TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -153,5 +166,125 @@ def _project(delta: Tensor, poisons: Tensor, eps: float) -> Tensor:
     return (poisons.to(delta.device) + delta).clamp(0.0, 1.0) - poisons.to(delta.device)
 
 
-__all__ = ["AUGMENT_SHIFT", "Brew", "alignment_loss", "brew_poisons", "differentiable_augment",
-           "parameter_gradient", "step_schedule"]
+# ------------------------------------------------------------------------------------------ the attack
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientMatchingConfig(AttackConfig):
+    """Gradient Matching parameters; defaults are the authors' (PEERS_AND_ATTACKS §5.1). The Toxic-benchmark
+    preset: ``eps: 0.0314`` (8/255), ``num_poisons: 500``."""
+
+    name: str = "gradient_matching"
+    surrogate: str | None = model_ref("classifier")
+    """A clean classifier trained on the victim's training data (``train-classifier`` directory, a
+    ``classifier-<hex16>`` key, or ``model:<name>`` in a sweep). Required."""
+    poison_key: int = 0
+    """Draws the trial: the target test image, its adversarial class and the poisoned images (one trial per key)."""
+    eps: float = 16 / 255
+    budget: float = 0.01
+    num_poisons: int | None = None
+    iterations: int = 250
+    restarts: int = 8
+    step: float = 0.1
+    """τ of signed Adam, scaled by (poison batch / 512); ×0.1 at 3/8, 5/8, 7/8 of the iterations."""
+    batch_size: int = 512
+    """Poison batch per gradient (the authors': 512; 128 on ImageNet)."""
+    augment: bool = True
+    device: str = execution_only("auto")
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
+        check(self.num_poisons is None or self.num_poisons >= 1, "num_poisons", "must be >= 1 (or null)")
+        check(self.poison_key >= 0, "poison_key", "must be >= 0")
+        check(self.iterations >= 1 and self.restarts >= 1, "iterations", "iterations and restarts must be >= 1")
+        check(self.step > 0, "step", "must be > 0")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What a poison key draws: the target's test-set position, its adversarial label, and the positions of the
+    training images to poison (all of the adversarial class)."""
+
+    target_row: int
+    adversarial_label: int
+    poison_rows: np.ndarray
+
+
+class GradientMatchingAttack:
+    """Crafts Gradient Matching poisons for one trial; see the module docstring."""
+
+    def __init__(self, cfg: GradientMatchingConfig) -> None:
+        self.cfg = cfg
+
+    def num_poisons(self, train: ImageSet) -> int:
+        return self.cfg.num_poisons or max(1, int(round(self.cfg.budget * len(train))))
+
+    def validate(self, train: ImageSet) -> None:
+        """Before any compute: the surrogate loads and takes the dataset's images; every class has enough
+        training images for the budget (the adversarial class is drawn later)."""
+        cfg = self.cfg
+        if not cfg.surrogate:
+            raise UserInputError("attack.surrogate: required (a clean classifier: `puregen-dist "
+                                 "train-classifier` directory or classifier artifact key; `model:<name>` in a sweep)")
+        _, shape = load_classifier(cfg.surrogate)
+        if shape != train.shape:
+            raise UserInputError(f"attack.surrogate: {cfg.surrogate} was trained on {shape} (H, W, C) images, the "
+                                 f"dataset's are {train.shape}")
+        fewest = int(np.bincount(train.labels, minlength=train.num_classes).min())
+        if self.num_poisons(train) > fewest:
+            raise UserInputError(f"attack.{'num_poisons' if cfg.num_poisons else 'budget'}: asks for "
+                                 f"{self.num_poisons(train)} poisons of one class but a class has only {fewest} "
+                                 "training images")
+
+    def draw_trial(self, train: ImageSet, test: ImageSet) -> Trial:
+        """The trial of ``poison_key``: a uniformly drawn test image, a different class as its adversarial label,
+        and ``num_poisons`` training images of that class (sorted positions)."""
+        rng = np.random.default_rng([self.cfg.poison_key, 0x6D])
+        target_row = int(rng.integers(len(test)))
+        others = [c for c in range(train.num_classes) if c != int(test.labels[target_row])]
+        adversarial = int(rng.choice(others))
+        candidates = np.flatnonzero(train.labels == adversarial)
+        rows = np.sort(rng.choice(candidates, size=self.num_poisons(train), replace=False))
+        return Trial(target_row, adversarial, rows)
+
+    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+              test: ImageSet | None = None) -> PoisonSet:
+        """Draw the trial, brew the poisons on the surrogate (``seed`` drives the brew), stamp them."""
+        if test is None:
+            raise UserInputError("attack: gradient_matching needs the clean test split to draw its target from")
+        self.validate(train)
+        cfg, start = self.cfg, time.perf_counter()
+        device = resolve_device(cfg.device)
+        model, _ = load_classifier(cfg.surrogate or "", device)
+        trial = self.draw_trial(train, test)
+        poisons = to_unit(train.images[trial.poison_rows])
+        target = to_unit(test.images[[trial.target_row]])
+        labels = torch.from_numpy(train.labels[trial.poison_rows])
+
+        def report(restart: int, iteration: int, loss: float) -> None:
+            log.info("gradient matching restart %d/%d iteration %d/%d: 1 - cos %.4f", restart + 1, cfg.restarts,
+                     iteration, cfg.iterations, loss)
+
+        brew = brew_poisons(model, poisons, labels, target, torch.tensor([trial.adversarial_label]), eps=cfg.eps,
+                            iterations=cfg.iterations, restarts=cfg.restarts, step=cfg.step,
+                            batch_size=cfg.batch_size, augment=cfg.augment,
+                            generator=torch.Generator().manual_seed(seed), device=device, progress=report)
+        poisoned = unit_to_uint8(poisons + brew.delta)
+        spec = TargetSpec("triggerless", target_ids=test.ids[[trial.target_row]],
+                          target_labels=test.labels[[trial.target_row]].copy(),
+                          adversarial_label=trial.adversarial_label)
+        meta = {"craft_seconds": time.perf_counter() - start, "num_poisons": int(len(trial.poison_rows)),
+                "alignment_loss": brew.losses[-1], "restart_kept": brew.kept}
+        return PoisonSet(train, train.ids[trial.poison_rows], poisoned, train.labels[trial.poison_rows].copy(),
+                         spec, cfg.eps, meta)
+
+
+@ATTACKS.register("gradient_matching", GradientMatchingConfig)
+def build_gradient_matching(cfg: GradientMatchingConfig) -> GradientMatchingAttack:
+    return GradientMatchingAttack(cfg)
+
+
+__all__ = ["AUGMENT_SHIFT", "Brew", "GradientMatchingAttack", "GradientMatchingConfig", "Trial", "alignment_loss",
+           "brew_poisons", "differentiable_augment", "parameter_gradient", "step_schedule"]

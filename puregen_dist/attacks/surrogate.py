@@ -108,4 +108,26 @@ def load_surrogate(directory: str | Path, device: torch.device | str = "cpu") ->
     return Surrogate(model, int(meta["pood_classes"]), tuple(int(c) for c in meta["target_classes"]), shape)
 
 
-__all__ = ["TARGET_PREFIX", "Surrogate", "load_surrogate", "surrogate_meta", "surrogate_training_set"]
+def load_classifier(directory: str | Path, device: torch.device | str = "cpu") -> tuple[Normalized, tuple[int, int, int]]:
+    """A clean classifier checkpoint (``train-classifier``, or a sweep's ``kind: classifier`` model) as an eval-mode
+    model on [0, 1] images with the normalisation it was trained with, and the (H, W, C) of those images: the
+    surrogate of Gradient Matching. Raises CheckpointError naming the file when it cannot be used."""
+    config, state, _ = read_state(directory, kind="classifier")
+    meta, arch = config.get("meta", {}), config.get("model", {})
+    source = Path(directory) / "config.json"
+    if not {"mean", "std"} <= set(meta):
+        raise CheckpointError(f"{source}: the checkpoint does not record its input normalisation (mean, std); "
+                              "retrain it with this version of `puregen-dist train-classifier`")
+    try:
+        net = build_classifier(arch["name"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
+                               image_size=arch["image_size"])
+        net.load_state_dict(state)
+    except (KeyError, RuntimeError, UserInputError) as exc:
+        raise CheckpointError(f"{source}: the classifier's architecture and weights do not load "
+                              f"({type(exc).__name__}: {exc})") from None
+    shape = (int(arch["image_size"]), int(arch["image_size"]), int(arch["in_channels"]))
+    return Normalized(net, meta["mean"], meta["std"]).to(device).eval(), shape
+
+
+__all__ = ["TARGET_PREFIX", "Surrogate", "load_classifier", "load_surrogate", "surrogate_meta",
+           "surrogate_training_set"]

@@ -23,6 +23,7 @@ from conftest import make_imageset
 from puregen_dist.attacks import build_attack
 from puregen_dist.attacks.badnets import BadNetsConfig
 from puregen_dist.attacks.clean_label import CleanLabelTriggerConfig, poison_count
+from puregen_dist.attacks.gradient_matching import GradientMatchingConfig
 from puregen_dist.attacks.imports import NTGAConfig, ToxicConfig, TriggerFileConfig
 from puregen_dist.attacks.narcissus import NarcissusConfig
 from puregen_dist.attacks.surrogate import surrogate_meta
@@ -55,6 +56,9 @@ def _input_files() -> Path:
     net = build_classifier("small_cnn", in_channels=3, num_classes=3, image_size=8)
     save_classifier(root / "surrogate", net, name="small_cnn", in_channels=3, num_classes=3, image_size=8,
                     meta=surrogate_meta(2, [1], (0.5,) * 3, (0.5,) * 3))
+    clean = build_classifier("small_cnn", in_channels=3, num_classes=4, image_size=8)
+    save_classifier(root / "classifier", clean, name="small_cnn", in_channels=3, num_classes=4, image_size=8,
+                    meta={"mean": [0.5] * 3, "std": [0.5] * 3})
     return root
 
 
@@ -76,6 +80,11 @@ CASES: dict[str, list[AttackConfig]] = {
     ],
     "toxic": [ToxicConfig(path=str(FILES / "toxic"))],
     "ntga": [NTGAConfig(images=str(FILES / "ntga" / "x_train.npy"), labels=str(FILES / "ntga" / "y_train.npy"))],
+    "gradient_matching": [
+        GradientMatchingConfig(surrogate=str(FILES / "classifier"), poison_key=key, budget=0.05, iterations=2,
+                               restarts=2, batch_size=8, device="cpu", **extra)
+        for key, extra in ((0, {}), (1, {"eps": 8 / 255, "num_poisons": 4, "augment": False}))
+    ],
     "narcissus": [
         NarcissusConfig(surrogate=str(FILES / "surrogate"), target_class=1, eps=16 / 255, budget=0.1,
                         **NARCISSUS_FAST),
@@ -83,8 +92,8 @@ CASES: dict[str, list[AttackConfig]] = {
                         selection="last", **NARCISSUS_FAST),
     ],
 }
-SEED_FREE = {"toxic", "ntga"}
-"""Attacks whose poisons are files: the seed changes nothing."""
+SEED_FREE = {"toxic", "ntga", "gradient_matching"}
+"""Attacks whose poisoned rows the seed does not choose: files, or a poison key (Gradient Matching)."""
 
 
 def _case_id(cfg: AttackConfig) -> str:
@@ -92,6 +101,8 @@ def _case_id(cfg: AttackConfig) -> str:
         return f"badnets-{cfg.trigger}-{cfg.label_mode}"
     if isinstance(cfg, CleanLabelTriggerConfig):
         return f"{cfg.name}-{cfg.selection}-{cfg.num_poisons or cfg.budget}"
+    if isinstance(cfg, GradientMatchingConfig):
+        return f"{cfg.name}-key{cfg.poison_key}"
     return cfg.name
 
 
@@ -116,6 +127,8 @@ def _expected_count(cfg: AttackConfig, n: int) -> int:
         return 6
     if isinstance(cfg, NTGAConfig):
         return n
+    if isinstance(cfg, GradientMatchingConfig):
+        return cfg.num_poisons or max(1, round(cfg.budget * n))
     raise AssertionError(f"no expected poison count for attack {cfg.name!r}: add it to _expected_count")
 
 

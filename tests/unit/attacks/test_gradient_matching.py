@@ -77,3 +77,39 @@ def test_brewing_raises_the_gradient_alignment_within_eps():
     assert brew.delta.abs().max() <= 16 / 255 + 1e-6
     assert (poisons + brew.delta).min() >= 0 and (poisons + brew.delta).max() <= 1
     assert all(p.grad is None for p in model.parameters())  # the surrogate is never updated
+
+
+def test_a_poison_key_draws_a_test_target_a_different_class_and_poisons_of_that_class(tmp_path):
+    import numpy as np
+    import pytest
+
+    from conftest import make_imageset
+    from puregen_dist.attacks.gradient_matching import GradientMatchingAttack, GradientMatchingConfig
+    from puregen_dist.classifiers import build_classifier
+    from puregen_dist.classifiers.transfer import save_classifier
+    from puregen_dist.config.errors import UserInputError
+
+    train, test = make_imageset(n=80, size=8, classes=4), make_imageset(n=20, size=8, classes=4, seed=3)
+    save_classifier(tmp_path / "clf", build_classifier("small_cnn", in_channels=3, num_classes=4, image_size=8),
+                    name="small_cnn", in_channels=3, num_classes=4, image_size=8,
+                    meta={"mean": [0.5] * 3, "std": [0.5] * 3})
+    trials = []
+    for key in range(6):
+        attack = GradientMatchingAttack(GradientMatchingConfig(surrogate=str(tmp_path / "clf"), poison_key=key,
+                                                               num_poisons=5))
+        trial = attack.draw_trial(train, test)
+        assert trial.adversarial_label != test.labels[trial.target_row]
+        assert np.all(train.labels[trial.poison_rows] == trial.adversarial_label) and len(trial.poison_rows) == 5
+        again = attack.draw_trial(train, test)  # reproducible
+        assert (again.target_row, again.adversarial_label) == (trial.target_row, trial.adversarial_label)
+        assert np.array_equal(again.poison_rows, trial.poison_rows)
+        trials.append((trial.target_row, trial.adversarial_label))
+    assert len(set(trials)) > 1  # keys draw different trials
+    poison = GradientMatchingAttack(GradientMatchingConfig(surrogate=str(tmp_path / "clf"), num_poisons=5,
+                                                           iterations=2, restarts=1, device="cpu")).craft(
+        train, seed=0, test=test)
+    assert poison.target.kind == "triggerless" and poison.target.target_ids[0] in test.ids
+    with pytest.raises(UserInputError, match="needs the clean test split"):
+        GradientMatchingAttack(GradientMatchingConfig(surrogate=str(tmp_path / "clf"))).craft(train, seed=0)
+    with pytest.raises(UserInputError, match="asks for 21 poisons of one class but a class has only 20"):
+        GradientMatchingAttack(GradientMatchingConfig(surrogate=str(tmp_path / "clf"), num_poisons=21)).validate(train)
