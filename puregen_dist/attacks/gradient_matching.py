@@ -95,7 +95,7 @@ class Brew:
 
 def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targets: Tensor,
                  adversarial_labels: Tensor, *, eps: float, iterations: int = 250, restarts: int = 8,
-                 step: float = 0.1, batch_size: int = 512, augment: bool = True,
+                 step: float = 0.1, batch_size: int = 512, augment: bool = True, augment_shift: int = AUGMENT_SHIFT,
                  generator: torch.Generator, device: torch.device | str = "cpu",
                  progress: Callable[[int, int, float], None] | None = None) -> Brew:
     """Gradient Matching on ``model`` (its parameters are only differentiated, never updated; eval mode).
@@ -106,7 +106,8 @@ def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targe
         targets: (T, C, H, W) target images in [0, 1]; adversarial_labels (T,) the labels they should get.
         eps: L∞ bound in pixel units; iterations, restarts, step (τ), batch_size (poison batch): see the module
         docstring; the step is scaled by (poison batch / 512) as the authors do.
-        augment: differentiable augmentation of the poisons while crafting.
+        augment: differentiable augmentation of the poisons while crafting, translating by up to
+            ``augment_shift`` pixels.
         generator: drives the initial draws, batching and augmentation (crafting is seeded).
         progress: called as ``progress(restart, iteration, loss)`` every tenth of the iterations.
     """
@@ -118,7 +119,7 @@ def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targe
     restart_losses: list[float] = []
     for restart in range(restarts):
         delta, losses = _one_restart(model, poisons, poison_labels, target_grad, eps=eps, iterations=iterations,
-                                     step=scaled_step, batch_size=batch_size, augment=augment,
+                                     step=scaled_step, batch_size=batch_size, augment=augment, shift=augment_shift,
                                      generator=generator, device=device, restart=restart, progress=progress)
         restart_losses.append(losses[-1])
         if best is None or losses[-1] < best.losses[-1]:
@@ -129,7 +130,7 @@ def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targe
 
 
 def _one_restart(model: nn.Module, poisons: Tensor, labels: Tensor, target_grad: list[Tensor], *, eps: float,
-                 iterations: int, step: float, batch_size: int, augment: bool, generator: torch.Generator,
+                 iterations: int, step: float, batch_size: int, augment: bool, shift: int, generator: torch.Generator,
                  device: torch.device | str, restart: int,
                  progress: Callable[[int, int, float], None] | None) -> tuple[Tensor, list[float]]:
     """One restart: a Gaussian draw projected to the constraints, then signed-Adam steps (module docstring)."""
@@ -144,7 +145,7 @@ def _one_restart(model: nn.Module, poisons: Tensor, labels: Tensor, target_grad:
         for index in torch.randperm(len(poisons), generator=generator).split(batch_size):
             x = poisons[index].to(device) + delta[index.to(device)]
             if augment:
-                x = differentiable_augment(x, generator)
+                x = differentiable_augment(x, generator, shift)
             grad = parameter_gradient(model, x, labels[index].to(device), create_graph=True)
             loss = alignment_loss(grad, target_grad)
             (delta_grad,) = torch.autograd.grad(loss, delta)  # only δ: the surrogate's parameters stay untouched
@@ -190,10 +191,14 @@ class GradientMatchingConfig(AttackConfig):
     batch_size: int = 512
     """Poison batch per gradient (the authors': 512; 128 on ImageNet)."""
     augment: bool = True
+    augment_shift: int = AUGMENT_SHIFT
+    """Largest random translation (pixels) of the crafting augmentation: 4 as the authors on CIFAR-10; match the
+    victim's random-crop padding on smaller images (1 on 16×16 digits)."""
     device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
         check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check(self.augment_shift >= 0, "augment_shift", "must be >= 0 pixels")
         check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
         check(self.num_poisons is None or self.num_poisons >= 1, "num_poisons", "must be >= 1 (or null)")
         check(self.poison_key >= 0, "poison_key", "must be >= 0")
@@ -269,7 +274,7 @@ class GradientMatchingAttack:
 
         brew = brew_poisons(model, poisons, labels, target, torch.tensor([trial.adversarial_label]), eps=cfg.eps,
                             iterations=cfg.iterations, restarts=cfg.restarts, step=cfg.step,
-                            batch_size=cfg.batch_size, augment=cfg.augment,
+                            batch_size=cfg.batch_size, augment=cfg.augment, augment_shift=cfg.augment_shift,
                             generator=torch.Generator().manual_seed(seed), device=device, progress=report)
         poisoned = unit_to_uint8(poisons + brew.delta)
         spec = TargetSpec("triggerless", target_ids=test.ids[[trial.target_row]],
