@@ -89,22 +89,10 @@ def surrogate_meta(pood_classes: int, target_classes: Sequence[int], mean: Seque
 def load_surrogate(directory: str | Path, device: torch.device | str = "cpu") -> Surrogate:
     """Load a surrogate checkpoint (``train-surrogate``'s output: a classifier checkpoint whose meta holds
     :func:`surrogate_meta`). Raises CheckpointError naming the file when it is not one."""
-    config, state, _ = read_state(directory, kind="classifier")
-    meta, arch = config.get("meta", {}), config.get("model", {})
-    source = Path(directory) / "config.json"
-    if not {"pood_classes", "target_classes", "mean", "std"} <= set(meta):
-        raise CheckpointError(f"{source}: a classifier checkpoint, but not a surrogate (its meta lacks "
-                              "pood_classes / target_classes / mean / std: train it with `puregen-dist "
-                              "train-surrogate`)")
-    try:
-        net = build_classifier(arch["name"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
-                               image_size=arch["image_size"])
-        net.load_state_dict(state)
-    except (KeyError, RuntimeError, UserInputError) as exc:
-        raise CheckpointError(f"{source}: the surrogate's architecture and weights do not load "
-                              f"({type(exc).__name__}: {exc})") from None
-    model = Normalized(net, meta["mean"], meta["std"]).to(device).eval()
-    shape = (int(arch["image_size"]), int(arch["image_size"]), int(arch["in_channels"]))
+    model, shape, meta = _load_normalized(
+        directory, device, ("pood_classes", "target_classes", "mean", "std"),
+        "a classifier checkpoint, but not a surrogate (its meta lacks pood_classes / target_classes / mean / std: "
+        "train it with `puregen-dist train-surrogate`)")
     return Surrogate(model, int(meta["pood_classes"]), tuple(int(c) for c in meta["target_classes"]), shape)
 
 
@@ -112,12 +100,22 @@ def load_classifier(directory: str | Path, device: torch.device | str = "cpu") -
     """A clean classifier checkpoint (``train-classifier``, or a sweep's ``kind: classifier`` model) as an eval-mode
     model on [0, 1] images with the normalisation it was trained with, and the (H, W, C) of those images: the
     surrogate of Gradient Matching. Raises CheckpointError naming the file when it cannot be used."""
+    model, shape, _ = _load_normalized(
+        directory, device, ("mean", "std"),
+        "the checkpoint does not record its input normalisation (mean, std); retrain it with this version of "
+        "`puregen-dist train-classifier`")
+    return model, shape
+
+
+def _load_normalized(directory: str | Path, device: torch.device | str, required: tuple[str, ...], missing: str
+                     ) -> tuple[Normalized, tuple[int, int, int], dict]:
+    """(eval-mode model on [0, 1] images, (H, W, C) it was trained on, checkpoint meta) of a classifier checkpoint
+    whose meta holds ``required`` keys (else CheckpointError ``missing``, naming the file)."""
     config, state, _ = read_state(directory, kind="classifier")
     meta, arch = config.get("meta", {}), config.get("model", {})
     source = Path(directory) / "config.json"
-    if not {"mean", "std"} <= set(meta):
-        raise CheckpointError(f"{source}: the checkpoint does not record its input normalisation (mean, std); "
-                              "retrain it with this version of `puregen-dist train-classifier`")
+    if not set(required) <= set(meta):
+        raise CheckpointError(f"{source}: {missing}")
     try:
         net = build_classifier(arch["name"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
                                image_size=arch["image_size"])
@@ -126,7 +124,7 @@ def load_classifier(directory: str | Path, device: torch.device | str = "cpu") -
         raise CheckpointError(f"{source}: the classifier's architecture and weights do not load "
                               f"({type(exc).__name__}: {exc})") from None
     shape = (int(arch["image_size"]), int(arch["image_size"]), int(arch["in_channels"]))
-    return Normalized(net, meta["mean"], meta["std"]).to(device).eval(), shape
+    return Normalized(net, meta["mean"], meta["std"]).to(device).eval(), shape, meta
 
 
 __all__ = ["TARGET_PREFIX", "Surrogate", "load_classifier", "load_surrogate", "surrogate_meta",
