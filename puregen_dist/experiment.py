@@ -31,7 +31,7 @@ from puregen_dist.classifiers.evaluation import (
     target_outcome,
 )
 from puregen_dist.classifiers.training import Normalized, train_classifier
-from puregen_dist.classifiers.transfer import transfer_model
+from puregen_dist.classifiers.transfer import add_feature_dropout, transfer_model
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import ClassifierJob, SurrogateJob
 from puregen_dist.config.loading import flatten, to_yaml
@@ -213,6 +213,8 @@ def build_model(cfg: ExperimentConfig | ClassifierJob | SurrogateJob, train: Ima
         torch.manual_seed(cfg.seed)
         net = build_classifier(clf.name, in_channels=c, num_classes=train.num_classes, image_size=h)
         net = transfer_model(net, clf.transfer, clf.pretrained or "", name=clf.name, in_channels=c)
+        if clf.dropout > 0:
+            add_feature_dropout(net, clf.dropout)
     return Normalized(net, clf.mean or mean, clf.std or std)
 
 

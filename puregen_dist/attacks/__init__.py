@@ -1,6 +1,6 @@
 """Poisoning attacks: ``Attack.craft(train, *, surrogate, seed, test) -> PoisonSet``. Importing registers them."""
 
-from puregen_dist.attacks import badnets, gradient_matching, imports, narcissus, none  # noqa: F401  (registers)
+from puregen_dist.attacks import badnets, bullseye, gradient_matching, imports, narcissus, none  # noqa: F401  (registers)
 from puregen_dist.registry import ATTACKS
 
 

@@ -93,7 +93,7 @@ class Brew:
     kept: int
 
 
-def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targets: Tensor,
+def brew_poisons(model: nn.Module | Sequence[nn.Module], poisons: Tensor, poison_labels: Tensor, targets: Tensor,
                  adversarial_labels: Tensor, *, eps: float, iterations: int = 250, restarts: int = 8,
                  step: float = 0.1, batch_size: int = 512, augment: bool = True, augment_shift: int = AUGMENT_SHIFT,
                  generator: torch.Generator, device: torch.device | str = "cpu",
@@ -101,7 +101,8 @@ def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targe
     """Gradient Matching on ``model`` (its parameters are only differentiated, never updated; eval mode).
 
     Args:
-        model: the clean surrogate, (N, C, H, W) [0, 1] images -> logits.
+        model: the clean surrogate, (N, C, H, W) [0, 1] images -> logits; or an ensemble of surrogates, whose
+            alignment losses are averaged (the authors' ``--ensemble``; the step is divided by the ensemble size).
         poisons: (P, C, H, W) base images in [0, 1] (of the adversarial class); poison_labels (P,) their labels.
         targets: (T, C, H, W) target images in [0, 1]; adversarial_labels (T,) the labels they should get.
         eps: L∞ bound in pixel units; iterations, restarts, step (τ), batch_size (poison batch): see the module
@@ -111,14 +112,14 @@ def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targe
         generator: drives the initial draws, batching and augmentation (crafting is seeded).
         progress: called as ``progress(restart, iteration, loss)`` every tenth of the iterations.
     """
-    model = model.to(device).eval()
-    target_grad = parameter_gradient(model, targets.to(device), adversarial_labels.to(device), create_graph=False)
-    target_grad = [g.detach() for g in target_grad]
-    scaled_step = step * min(batch_size, len(poisons)) / 512
+    models = [m.to(device).eval() for m in ([model] if isinstance(model, nn.Module) else model)]
+    target_grads = [[g.detach() for g in parameter_gradient(m, targets.to(device), adversarial_labels.to(device),
+                                                             create_graph=False)] for m in models]
+    scaled_step = step * min(batch_size, len(poisons)) / 512 / len(models)
     best: Brew | None = None
     restart_losses: list[float] = []
     for restart in range(restarts):
-        delta, losses = _one_restart(model, poisons, poison_labels, target_grad, eps=eps, iterations=iterations,
+        delta, losses = _one_restart(models, poisons, poison_labels, target_grads, eps=eps, iterations=iterations,
                                      step=scaled_step, batch_size=batch_size, augment=augment, shift=augment_shift,
                                      generator=generator, device=device, restart=restart, progress=progress)
         restart_losses.append(losses[-1])
@@ -129,7 +130,8 @@ def brew_poisons(model: nn.Module, poisons: Tensor, poison_labels: Tensor, targe
     return best
 
 
-def _one_restart(model: nn.Module, poisons: Tensor, labels: Tensor, target_grad: list[Tensor], *, eps: float,
+def _one_restart(models: list[nn.Module], poisons: Tensor, labels: Tensor, target_grads: list[list[Tensor]], *,
+                 eps: float,
                  iterations: int, step: float, batch_size: int, augment: bool, shift: int, generator: torch.Generator,
                  device: torch.device | str, restart: int,
                  progress: Callable[[int, int, float], None] | None) -> tuple[Tensor, list[float]]:
@@ -146,8 +148,9 @@ def _one_restart(model: nn.Module, poisons: Tensor, labels: Tensor, target_grad:
             x = poisons[index].to(device) + delta[index.to(device)]
             if augment:
                 x = differentiable_augment(x, generator, shift)
-            grad = parameter_gradient(model, x, labels[index].to(device), create_graph=True)
-            loss = alignment_loss(grad, target_grad)
+            y = labels[index].to(device)
+            loss = sum(alignment_loss(parameter_gradient(m, x, y, create_graph=True), g)
+                       for m, g in zip(models, target_grads, strict=True)) / len(models)
             (delta_grad,) = torch.autograd.grad(loss, delta)  # only δ: the surrogate's parameters stay untouched
             delta.grad = delta_grad.sign()  # signed Adam
             optimizer.step()

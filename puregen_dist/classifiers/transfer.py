@@ -27,6 +27,15 @@ def head_name(net: nn.Module) -> str:
     return names[-1]
 
 
+def add_feature_dropout(net: nn.Module, rate: float) -> nn.Module:
+    """Dropout at ``rate`` on the input of ``net``'s head while ``net`` trains (a forward pre-hook: no new
+    parameters, so checkpoints load into the plain architecture). Returns ``net``."""
+    head = dict(net.named_modules())[head_name(net)]
+    head.register_forward_pre_hook(
+        lambda module, args: (nn.functional.dropout(args[0], rate, training=module.training), *args[1:]))
+    return net
+
+
 def save_classifier(directory: str | Path, net: nn.Module, *, name: str, in_channels: int, num_classes: int,
                     image_size: int, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``net``'s weights (the bare architecture, without input normalisation) and its build arguments."""

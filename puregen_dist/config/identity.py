@@ -69,6 +69,12 @@ def model_ref(kind: str, default: str | None = None, *, key_neutral: bool = Fals
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def model_refs_field(kind: str) -> Any:
+    """A dataclass field (``tuple[str, ...]``, default empty) referencing several trained models of ``kind`` (an
+    ensemble), each written as for :func:`model_ref`; resolved, keyed and planned element by element."""
+    return dataclasses.field(default=(), metadata={MODEL_KIND: kind})
+
+
 def file_ref(members: tuple[str, ...] = (), *, optional: bool = False) -> Any:
     """A ``str`` dataclass field holding the path of an input file or directory (required; with ``optional``,
     ``str | None`` defaulting to None, keyed only when set); content keys include a digest of its content
@@ -116,7 +122,9 @@ def iter_model_refs(cfg: Any, path: str = "") -> Iterator[tuple[str, str, str]]:
         value = getattr(cfg, f.name)
         dotted = f"{path}.{f.name}" if path else f.name
         if (kind := model_kind_of(f)) is not None:
-            if value:
+            if isinstance(value, tuple):
+                yield from ((f"{dotted}[{i}]", kind, ref) for i, ref in enumerate(value))
+            elif value:
                 yield dotted, kind, value
         elif dataclasses.is_dataclass(value):
             yield from iter_model_refs(value, dotted)
@@ -129,7 +137,10 @@ def replace_model_refs(cfg: Any, resolve: Callable[[str, str, str], str], path: 
     for f in config_fields(cfg):
         value = getattr(cfg, f.name)
         dotted = f"{path}.{f.name}" if path else f.name
-        if (kind := model_kind_of(f)) is not None:
+        if isinstance(value, tuple) and model_kind_of(f) is not None:
+            resolved = tuple(resolve(f"{dotted}[{i}]", model_kind_of(f), ref) for i, ref in enumerate(value))
+            new = value if resolved == value else resolved
+        elif (kind := model_kind_of(f)) is not None:
             new = resolve(dotted, kind, value) if value else value
         elif dataclasses.is_dataclass(value):
             new = replace_model_refs(value, resolve, dotted)

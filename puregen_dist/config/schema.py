@@ -127,6 +127,9 @@ class ClassifierConfig:
     """Learning-rate schedule per epoch: ``multistep`` (``milestones``, ``gamma``) or ``cosine`` (cosine annealing
     from ``lr`` to 0 over ``epochs``, as the Narcissus surrogate is trained; ``milestones`` unused)."""
     label_smoothing: float = 0.0
+    dropout: float = key_neutral_default(0.0)
+    """Dropout rate on the penultimate features (the head's input) while training, as the Bullseye Polytope
+    substitutes are trained (0.2, 0.25, 0.3); 0: none."""
     crop_padding: int = 4
     """RandomCrop padding in pixels (0 disables); images are cropped back to their size."""
     flip: bool = True
@@ -154,6 +157,7 @@ class ClassifierConfig:
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(0.0 < self.gamma <= 1.0, "gamma", "must lie in (0, 1]")
         check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must lie in [0, 1)")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must lie in [0, 1)")
         check(self.crop_padding >= 0, "crop_padding", "must be >= 0")
         check(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
               "milestones", "must be increasing epochs >= 1")

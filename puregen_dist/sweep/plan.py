@@ -138,7 +138,8 @@ def _model_label(name: str, job: ModelJob) -> str:
 
 def _target(cell: Cell) -> str:
     target = getattr(cell.config.attack, "target_class", None)
-    return "" if target is None else f" target={target}"
+    key = getattr(cell.config.attack, "poison_key", None)
+    return ("" if target is None else f" target={target}") + ("" if key is None else f" poison_key={key}")
 
 
 def format_plan(plan: SweepPlan, finished: set[str] | frozenset[str] = frozenset()) -> str:

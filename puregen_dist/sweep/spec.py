@@ -20,7 +20,9 @@ including stop), ``choice`` (``samples`` values drawn with a fixed ``seed``, wit
 possible). ``when: {dotted.key: value | [values]}`` makes an axis conditional: it expands only cells whose
 config (base plus earlier axes, defaults filled in) has one of those values; other cells keep their value.
 ``settings.seeds`` and ``settings.targets`` append a seed axis and an ``attack.target_class`` axis (the latter only
-for attacks that have a target class, i.e. triggered ones). Identical cells are merged.
+for attacks that have a target class, i.e. triggered ones); ``settings.trials: N`` appends an ``attack.poison_key``
+axis 0..N-1 for attacks drawn from a poison key (triggerless: each key its own target and poison set, crafted
+once). Identical cells are merged.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ from puregen_dist.registry import MODELS, UnknownNameError
 SWEEP_KEYS = ("name", "base", "models", "space", "settings")
 AXIS_KINDS = ("grid", "range", "choice")
 MODEL_PREFIX = "model:"
-AGGREGATED = "target_class"
-"""The attack field a sweep aggregates over (``settings.targets``): never part of a column label."""
+AGGREGATED = ("target_class", "poison_key")
+"""The attack fields a sweep aggregates over (``settings.targets``, ``settings.trials``): never part of a column
+label."""
+SETTINGS_AXES = {"attack.target_class": "target_class", "attack.poison_key": "poison_key"}
+"""Axes appended by settings, and the attack field an attack must have for them to apply."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +68,10 @@ class SweepSettings:
     """A seed axis appended to the space (empty: the base seed only)."""
     targets: tuple[int, ...] = ()
     """An ``attack.target_class`` axis for attacks that have a target class (empty: the configured one)."""
+    trials: int = 0
+    """Independent trials of attacks drawn from a poison key (Gradient Matching, Bullseye Polytope): an
+    ``attack.poison_key`` axis 0..trials-1 (0: the configured key only). Each key is its own target and poison
+    set, crafted once; the report's success rate and Wilson interval run over them."""
     storage: str = "outputs/sweeps"
     """Ray Tune ``storage_path`` (made absolute) or a pyarrow.fs URI shared by all nodes."""
     store: str = "outputs/store"
@@ -77,6 +86,7 @@ class SweepSettings:
         check_at_least(self, trial_gpus=0, max_concurrent_trials=0, max_failures=-1)
         check(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
         check(all(t >= 0 for t in self.targets), "targets", "must be >= 0")
+        check(self.trials >= 0, "trials", "must be >= 0 (0: the configured poison key only)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class Cell:
                  f"classifier={self.config.classifier.name}", f"seed={self.config.seed}"]
         if target is not None:
             parts.append(f"target={target}")
+        if (key := getattr(self.config.attack, "poison_key", None)) is not None:
+            parts.append(f"poison_key={key}")
         return "  ".join(parts)
 
 
@@ -289,10 +301,10 @@ def expand(name: str, base: Mapping[str, Any], axes: Sequence[Axis], settings: S
     for axis in axes:
         expanded = []
         for assigned, raw in partials:
-            if axis.when or axis.key == "attack.target_class":
+            if axis.when or axis.key in SETTINGS_AXES:
                 resolved = _resolved(raw, assigned, models, source)
-                if not axis.applies(resolved) or (axis.key == "attack.target_class"
-                                                  and "target_class" not in resolved["attack"]):
+                if not axis.applies(resolved) or (axis.key in SETTINGS_AXES
+                                                  and SETTINGS_AXES[axis.key] not in resolved["attack"]):
                     expanded.append((assigned, raw))
                     continue
             expanded += [({**assigned, axis.key: v}, set_dotted(raw, axis.key, v)) for v in axis.values]
@@ -307,6 +319,8 @@ def _settings_axes(settings: SweepSettings) -> list[Axis]:
         axes.append(Axis("seed", tuple(settings.seeds)))
     if settings.targets:
         axes.append(Axis("attack.target_class", tuple(settings.targets)))
+    if settings.trials:
+        axes.append(Axis("attack.poison_key", tuple(range(settings.trials))))
     return axes
 
 
@@ -368,7 +382,7 @@ def _label(cells: list[tuple[str, Built]]) -> tuple[Cell, ...]:
 def _label_fields(cfg: Any, written: Any) -> dict[str, Any]:
     """Flattened keyed fields (no execution-only ones, no target class) of a defense/attack config for
     labelling; model references shown as written (``model:<name>`` by its name)."""
-    fields = {k: v for k, v in flatten_dict(key_dict(cfg)).items() if k != AGGREGATED}
+    fields = {k: v for k, v in flatten_dict(key_dict(cfg)).items() if k not in AGGREGATED}
     for name in model_fields(cfg):
         ref = written.get(name) if isinstance(written, Mapping) else None
         if isinstance(ref, str) and name in fields:

@@ -22,6 +22,7 @@ from published_poisons import unit_trigger, write_ntga, write_toxic, write_trigg
 from conftest import make_imageset
 from puregen_dist.attacks import build_attack
 from puregen_dist.attacks.badnets import BadNetsConfig
+from puregen_dist.attacks.bullseye import BullseyeConfig
 from puregen_dist.attacks.clean_label import CleanLabelTriggerConfig, poison_count
 from puregen_dist.attacks.gradient_matching import GradientMatchingConfig
 from puregen_dist.attacks.imports import NTGAConfig, ToxicConfig, TriggerFileConfig
@@ -85,6 +86,12 @@ CASES: dict[str, list[AttackConfig]] = {
                                restarts=2, batch_size=8, device="cpu", **extra)
         for key, extra in ((0, {}), (1, {"eps": 8 / 255, "num_poisons": 4, "augment": False}))
     ],
+    "bullseye_polytope": [
+        BullseyeConfig(substitutes=(str(FILES / "classifier"),), poison_key=key, target_class=0, poison_class=2,
+                       iterations=3, device="cpu", **extra)
+        for key, extra in ((0, {}), (1, {"eps": 8 / 255, "num_poisons": 3, "mode": "end2end", "net_repeat": 2,
+                                         "dropout": (0.2,)}))
+    ],
     "narcissus": [
         NarcissusConfig(surrogate=str(FILES / "surrogate"), target_class=1, eps=16 / 255, budget=0.1,
                         **NARCISSUS_FAST),
@@ -92,8 +99,8 @@ CASES: dict[str, list[AttackConfig]] = {
                         selection="last", **NARCISSUS_FAST),
     ],
 }
-SEED_FREE = {"toxic", "ntga", "gradient_matching"}
-"""Attacks whose poisoned rows the seed does not choose: files, or a poison key (Gradient Matching)."""
+SEED_FREE = {"toxic", "ntga", "gradient_matching", "bullseye_polytope"}
+"""Attacks whose poisoned rows the seed does not choose: files, or a poison key (Gradient Matching, Bullseye)."""
 
 
 def _case_id(cfg: AttackConfig) -> str:
@@ -101,7 +108,7 @@ def _case_id(cfg: AttackConfig) -> str:
         return f"badnets-{cfg.trigger}-{cfg.label_mode}"
     if isinstance(cfg, CleanLabelTriggerConfig):
         return f"{cfg.name}-{cfg.selection}-{cfg.num_poisons or cfg.budget}"
-    if isinstance(cfg, GradientMatchingConfig):
+    if isinstance(cfg, GradientMatchingConfig | BullseyeConfig):
         return f"{cfg.name}-key{cfg.poison_key}"
     return cfg.name
 
@@ -129,6 +136,8 @@ def _expected_count(cfg: AttackConfig, n: int) -> int:
         return n
     if isinstance(cfg, GradientMatchingConfig):
         return cfg.num_poisons or max(1, round(cfg.budget * n))
+    if isinstance(cfg, BullseyeConfig):
+        return cfg.num_poisons
     raise AssertionError(f"no expected poison count for attack {cfg.name!r}: add it to _expected_count")
 
 

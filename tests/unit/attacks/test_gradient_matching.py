@@ -113,3 +113,25 @@ def test_a_poison_key_draws_a_test_target_a_different_class_and_poisons_of_that_
         GradientMatchingAttack(GradientMatchingConfig(surrogate=str(tmp_path / "clf"))).craft(train, seed=0)
     with pytest.raises(UserInputError, match="asks for 21 poisons of one class but a class has only 20"):
         GradientMatchingAttack(GradientMatchingConfig(surrogate=str(tmp_path / "clf"), num_poisons=21)).validate(train)
+
+
+def test_an_ensemble_averages_its_members_alignment():
+    model, other = _model(), _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    poisons, targets = _colour_images(8, 2, gen), _colour_images(1, 0, gen)
+    labels, adversarial = torch.full((8,), 2), torch.tensor([2])
+    kwargs = {"eps": 16 / 255, "iterations": 10, "restarts": 1, "batch_size": 8, "augment": False}
+    ensemble = brew_poisons([model, other], poisons, labels, targets, adversarial,
+                            generator=torch.Generator().manual_seed(0), **kwargs)
+
+    def loss_on(m, delta):
+        return float(alignment_loss(parameter_gradient(m, poisons + delta, labels, create_graph=False),
+                                    parameter_gradient(m, targets, adversarial, create_graph=False)))
+
+    zero = torch.zeros_like(poisons)
+    assert (loss_on(model, ensemble.delta) + loss_on(other, ensemble.delta)
+            < loss_on(model, zero) + loss_on(other, zero))  # both members' alignment improved on average
+    assert ensemble.delta.abs().max() <= 16 / 255 + 1e-6

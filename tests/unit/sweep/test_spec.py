@@ -50,6 +50,25 @@ def test_target_axis_skips_attacks_without_a_target_class():
     assert {c.col for c in sweep.cells} == {"none", "badnets"}  # target classes are aggregated, not labelled
 
 
+def test_trials_axis_draws_poison_keys_for_triggerless_attacks_only():
+    classifier = {"kind": "classifier", "data": {"dataset": "digits", "train_per_class": 5},
+                  "classifier": {"name": "small_cnn", "epochs": 1}}
+    sweep = _sweep({"attack": {"grid": [{"name": "none"}, {"name": "gradient_matching",
+                                                            "surrogate": "model:clean"}]}},
+                   {"trials": 3, "targets": [1, 2]}, models={"clean": classifier})
+    assert [(c.config.attack.name, getattr(c.config.attack, "poison_key", None)) for c in sweep.cells] == [
+        ("none", None), ("gradient_matching", 0), ("gradient_matching", 1), ("gradient_matching", 2)]
+    assert {c.col for c in sweep.cells} == {"none", "gradient_matching"}  # trials are aggregated, not labelled
+    assert "poison_key=2" in sweep.cells[-1].describe()
+    bullseye = _sweep({"attack": {"grid": [{"name": "bullseye_polytope",
+                                             "substitutes": ["model:clean", "model:clean"]}]}},
+                      {"trials": 2}, models={"clean": classifier})
+    key = sweep.model_keys()["clean"]
+    assert [c.config.attack.substitutes for c in bullseye.cells] == [(key, key)] * 2  # each reference resolved
+    with pytest.raises(ConfigError, match="trials"):
+        _sweep(settings={"trials": -1})
+
+
 def test_choice_is_seeded_and_duplicates_merge():
     space = {"defense": {"grid": [{"name": "jpeg"}]},
              "defense.quality": {"choice": [10, 20, 30, 40, 50], "samples": 3, "seed": 7}}
