@@ -62,7 +62,7 @@ NO_DEFENSE = "none"
 NAT_ACC, POISON_M1, POISON_M3, TARGET_SUCCESS = (Metric.NAT_ACC, Metric.POISON_M1, Metric.POISON_M3,
                                                  Metric.TARGET_SUCCESS)
 TARGET_SUCCESS_DEFINITION = (
-    "share of runs (targets × seeds) whose single target image is classified as the adversarial label, "
+    "share of runs (trials, i.e. poison keys, × seeds) whose single target image is classified as the adversarial label, "
     "with a 95% Wilson score interval"
 )
 REQUIRED_TAGS = (Tag.CELL_ID, Tag.ROW, Tag.COL, Tag.ATTACK_KIND)
@@ -305,7 +305,7 @@ def to_markdown(table: ReportTable) -> str:
     lines = _markdown_grid(table, 1, table.cols)
     lines += [
         "",
-        f"*Cells in percent, over the runs of each cell (target classes × seeds; n = {_n_range(table)} "
+        f"*Cells in percent, over the runs of each cell (target classes or trials × seeds; n = {_n_range(table)} "
         "runs per cell). Triggered attacks: poison success at m=1, mean ± std (max over target classes of "
         "the per-target mean) / natural accuracy mean ± std. Triggerless attacks: success rate [95% Wilson "
         "interval] / natural accuracy mean ± std. No attack: natural accuracy mean ± std. std is the sample "
