@@ -95,7 +95,7 @@ def efficacy(data_cfg: dict, *, arch: str = "hlb_small", epochs: int = 12, eps: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=sorted(DATA), default="cifar10")
-    parser.add_argument("--per-class", type=int, default=100, help="CIFAR-10 training images per class")
+    parser.add_argument("--per-class", type=int, default=100, help="training images per class (0: all)")
     parser.add_argument("--arch", default="hlb_small")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--eps", type=float, default=16, help="L-inf bound in 0-255 units")
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the per-trial results here")
     args = parser.parse_args()
-    data_cfg = dict(DATA[args.data], **({"train_per_class": args.per_class} if args.data == "cifar10" else {}))
+    data_cfg = dict(DATA[args.data], **({"train_per_class": args.per_class} if args.per_class else {}))
     result = efficacy(data_cfg, arch=args.arch, epochs=args.epochs, eps=args.eps / 255, poisons=args.poisons,
                       iterations=args.iterations, restarts=args.restarts, shift=args.shift, keys=tuple(args.keys),
                       threads=args.threads)

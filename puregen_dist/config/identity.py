@@ -123,7 +123,7 @@ def iter_model_refs(cfg: Any, path: str = "") -> Iterator[tuple[str, str, str]]:
         dotted = f"{path}.{f.name}" if path else f.name
         if (kind := model_kind_of(f)) is not None:
             if isinstance(value, tuple):
-                yield from ((f"{dotted}[{i}]", kind, ref) for i, ref in enumerate(value))
+                yield from ((f"{dotted}.{i}", kind, ref) for i, ref in enumerate(value))  # MLflow tag-safe
             elif value:
                 yield dotted, kind, value
         elif dataclasses.is_dataclass(value):
@@ -138,7 +138,7 @@ def replace_model_refs(cfg: Any, resolve: Callable[[str, str, str], str], path: 
         value = getattr(cfg, f.name)
         dotted = f"{path}.{f.name}" if path else f.name
         if isinstance(value, tuple) and model_kind_of(f) is not None:
-            resolved = tuple(resolve(f"{dotted}[{i}]", model_kind_of(f), ref) for i, ref in enumerate(value))
+            resolved = tuple(resolve(f"{dotted}.{i}", model_kind_of(f), ref) for i, ref in enumerate(value))
             new = value if resolved == value else resolved
         elif (kind := model_kind_of(f)) is not None:
             new = resolve(dotted, kind, value) if value else value

@@ -1,8 +1,10 @@
 """Gradient Matching succeeds where random noise of the same budget does not (issue 11), on real CIFAR-10 images
-(the shared JPEG copy; skipped without it): per trial (poison key 0-5) a target test image and an adversarial
-class; 2% of a small training set, all of that class, carry a Gradient-Matching perturbation (eps 16/255) brewed
-on a clean HLB-small; a fresh HLB-small trained from scratch on the poisoned set is compared with one trained on the
-same rows carrying random ±eps sign noise. Digits are not used: no trial flips there, with any perturbation
+(the shared JPEG copy; skipped without it): per trial (poison keys 0-3) a target test image and an adversarial
+class; 2% of a 1,000-image training set (20 images, all of that class) carry a Gradient-Matching perturbation
+(eps 16/255, 1 restart x 80 steps) brewed on a clean HLB-small; a fresh HLB-small trained from scratch (12 epochs)
+on the poisoned set is compared with one trained on the same rows carrying random ±eps sign noise. Measured:
+2/4 flipped against 0/4 (keys 0-5: 3/6 against 0/6; `python benchmarks/gradient_matching_efficacy.py`); on 500
+images and 10 epochs the effect vanishes (1/6 each). Digits are not used: no trial flips there, with any perturbation
 (docs/attacks.md, "What it does at CPU scale"). Runs ``benchmarks/gradient_matching_efficacy.py``'s measurement."""
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+PER_CLASS, EPOCHS, POISONS, KEYS = 100, 12, 20, (0, 1, 2, 3)
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"{CIFAR10} not present (real CIFAR-10 is not "
                                 "shipped with the repository)")
@@ -33,4 +36,4 @@ def test_gradient_matching_beats_random_noise_of_the_same_budget_on_cifar10():
           f"{counts['noise']}/{n}, clean {counts['clean']}/{n}")
     assert counts["gm"] >= 2 and counts["gm"] >= counts["noise"] + 2
     raised = sum(t["gm"]["p_adv"] > t["noise"]["p_adv"] for t in result["trials"])
-    assert raised >= n - 1  # the target's adversarial probability rises in (almost) every trial
+    assert raised == n  # the target's adversarial probability rises in every trial

@@ -65,6 +65,8 @@ def test_trials_axis_draws_poison_keys_for_triggerless_attacks_only():
                       {"trials": 2}, models={"clean": classifier})
     key = sweep.model_keys()["clean"]
     assert [c.config.attack.substitutes for c in bullseye.cells] == [(key, key)] * 2  # each reference resolved
+    from puregen_dist.sweep.plan import used_models
+    assert used_models(bullseye.cells[0].config) == {"attack.substitutes.0": key, "attack.substitutes.1": key}
     with pytest.raises(ConfigError, match="trials"):
         _sweep(settings={"trials": -1})
 
