@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from puregen_dist.attacks.surrogate import load_classifier
 from puregen_dist.config.errors import UserInputError, check
-from puregen_dist.config.identity import execution_only, model_ref
+from puregen_dist.config.identity import execution_only, model_ref, model_refs_field
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.data.transforms import to_unit, unit_to_uint8
 from puregen_dist.device import resolve_device
@@ -131,8 +131,7 @@ def brew_poisons(model: nn.Module | Sequence[nn.Module], poisons: Tensor, poison
 
 
 def _one_restart(models: list[nn.Module], poisons: Tensor, labels: Tensor, target_grads: list[list[Tensor]], *,
-                 eps: float,
-                 iterations: int, step: float, batch_size: int, augment: bool, shift: int, generator: torch.Generator,
+                 eps: float, iterations: int, step: float, batch_size: int, augment: bool, shift: int, generator: torch.Generator,
                  device: torch.device | str, restart: int,
                  progress: Callable[[int, int, float], None] | None) -> tuple[Tensor, list[float]]:
     """One restart: a Gaussian draw projected to the constraints, then signed-Adam steps (module docstring)."""
@@ -182,6 +181,9 @@ class GradientMatchingConfig(AttackConfig):
     surrogate: str | None = model_ref("classifier")
     """A clean classifier trained on the victim's training data (``train-classifier`` directory, a
     ``classifier-<hex16>`` key, or ``model:<name>`` in a sweep). Required."""
+    ensemble: tuple[str, ...] = model_refs_field("classifier", key_neutral=True)
+    """More clean classifiers brewed on together with ``surrogate`` (the authors' ``--ensemble``: the alignment
+    losses are averaged and the step divided by the ensemble size); empty: ``surrogate`` alone."""
     poison_key: int = 0
     """Draws the trial: the target test image, its adversarial class and the poisoned images (one trial per key)."""
     eps: float = 16 / 255
@@ -236,10 +238,11 @@ class GradientMatchingAttack:
         if not cfg.surrogate:
             raise UserInputError("attack.surrogate: required (a clean classifier: `puregen-dist "
                                  "train-classifier` directory or classifier artifact key; `model:<name>` in a sweep)")
-        _, shape = load_classifier(cfg.surrogate)
-        if shape != train.shape:
-            raise UserInputError(f"attack.surrogate: {cfg.surrogate} was trained on {shape} (H, W, C) images, the "
-                                 f"dataset's are {train.shape}")
+        for key, ref in [("surrogate", cfg.surrogate), *((f"ensemble[{i}]", r) for i, r in enumerate(cfg.ensemble))]:
+            _, shape = load_classifier(ref)
+            if shape != train.shape:
+                raise UserInputError(f"attack.{key}: {ref} was trained on {shape} (H, W, C) images, the "
+                                     f"dataset's are {train.shape}")
         fewest = int(np.bincount(train.labels, minlength=train.num_classes).min())
         if self.num_poisons(train) > fewest:
             raise UserInputError(f"attack.{'num_poisons' if cfg.num_poisons else 'budget'}: asks for "
@@ -265,7 +268,7 @@ class GradientMatchingAttack:
         self.validate(train)
         cfg, start = self.cfg, time.perf_counter()
         device = resolve_device(cfg.device)
-        model, _ = load_classifier(cfg.surrogate or "", device)
+        models = [load_classifier(ref, device)[0] for ref in (cfg.surrogate or "", *cfg.ensemble)]
         trial = self.draw_trial(train, test)
         poisons = to_unit(train.images[trial.poison_rows])
         target = to_unit(test.images[[trial.target_row]])
@@ -275,7 +278,7 @@ class GradientMatchingAttack:
             log.info("gradient matching restart %d/%d iteration %d/%d: 1 - cos %.4f", restart + 1, cfg.restarts,
                      iteration, cfg.iterations, loss)
 
-        brew = brew_poisons(model, poisons, labels, target, torch.tensor([trial.adversarial_label]), eps=cfg.eps,
+        brew = brew_poisons(models, poisons, labels, target, torch.tensor([trial.adversarial_label]), eps=cfg.eps,
                             iterations=cfg.iterations, restarts=cfg.restarts, step=cfg.step,
                             batch_size=cfg.batch_size, augment=cfg.augment, augment_shift=cfg.augment_shift,
                             generator=torch.Generator().manual_seed(seed), device=device, progress=report)

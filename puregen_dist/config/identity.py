@@ -53,12 +53,15 @@ def key_neutral_default(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={KEY_NEUTRAL_DEFAULT: True})
 
 
+def at_key_neutral_default(field: dataclasses.Field, value: Any) -> bool:
+    """Whether ``field`` was declared key-neutral (:func:`key_neutral_default`) and holds its default."""
+    return bool(field.metadata.get(KEY_NEUTRAL_DEFAULT, False)) and value == field.default
+
+
 def left_out_of_key(field: dataclasses.Field, value: Any) -> bool:
     """Whether ``field`` holding ``value`` stays out of content keys: execution-only fields always, fields
     declared with :func:`key_neutral_default` while they hold their default."""
-    if is_execution_only(field):
-        return True
-    return bool(field.metadata.get(KEY_NEUTRAL_DEFAULT, False)) and value == field.default
+    return is_execution_only(field) or at_key_neutral_default(field, value)
 
 
 def model_ref(kind: str, default: str | None = None, *, key_neutral: bool = False) -> Any:
@@ -69,10 +72,12 @@ def model_ref(kind: str, default: str | None = None, *, key_neutral: bool = Fals
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def model_refs_field(kind: str) -> Any:
+def model_refs_field(kind: str, *, key_neutral: bool = False) -> Any:
     """A dataclass field (``tuple[str, ...]``, default empty) referencing several trained models of ``kind`` (an
-    ensemble), each written as for :func:`model_ref`; resolved, keyed and planned element by element."""
-    return dataclasses.field(default=(), metadata={MODEL_KIND: kind})
+    ensemble), each written as for :func:`model_ref`; resolved, keyed and planned element by element.
+    ``key_neutral``: left out of content keys while empty (see :func:`key_neutral_default`)."""
+    return dataclasses.field(default=(), metadata={MODEL_KIND: kind, **({KEY_NEUTRAL_DEFAULT: True} if key_neutral
+                                                                          else {})})
 
 
 def file_ref(members: tuple[str, ...] = (), *, optional: bool = False) -> Any:

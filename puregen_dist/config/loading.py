@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 import yaml
 
 from puregen_dist.config.errors import ConfigError, FieldError
-from puregen_dist.config.identity import config_fields, left_out_of_key
+from puregen_dist.config.identity import at_key_neutral_default, config_fields, left_out_of_key
 from puregen_dist.config.schema import ExperimentConfig, RegistryConfig
 from puregen_dist.registry import UnknownNameError, registry_for
 
@@ -126,12 +126,19 @@ def key_dict(cfg: Any) -> Any:
     return _plain(cfg, keyed=True)
 
 
-def _plain(cfg: Any, *, keyed: bool) -> Any:
+def cell_dict(cfg: Any) -> Any:
+    """:func:`to_dict` without key-neutral fields at their default: what a sweep cell's id hashes, so adding a
+    key-neutral option never renames the cells (and re-runs the trials) of existing sweeps."""
+    return _plain(cfg, keyed=False, neutral=True)
+
+
+def _plain(cfg: Any, *, keyed: bool, neutral: bool = False) -> Any:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: _plain(getattr(cfg, f.name), keyed=keyed) for f in config_fields(cfg)
-                if not (keyed and left_out_of_key(f, getattr(cfg, f.name)))}
+        dropped = left_out_of_key if keyed else at_key_neutral_default if neutral else None
+        return {f.name: _plain(getattr(cfg, f.name), keyed=keyed, neutral=neutral) for f in config_fields(cfg)
+                if dropped is None or not dropped(f, getattr(cfg, f.name))}
     if isinstance(cfg, (tuple, list)):
-        return [_plain(v, keyed=keyed) for v in cfg]
+        return [_plain(v, keyed=keyed, neutral=neutral) for v in cfg]
     return cfg
 
 

@@ -36,7 +36,15 @@ from typing import Any
 from puregen_dist.config.errors import ConfigError, FieldError, UserInputError, check, check_at_least
 from puregen_dist.config.generative import ModelJob, PipelineConfig
 from puregen_dist.config.identity import model_fields, replace_model_refs
-from puregen_dist.config.loading import build, deep_merge, key_dict, load_yaml, parse_overrides, to_dict
+from puregen_dist.config.loading import (
+    build,
+    cell_dict,
+    deep_merge,
+    key_dict,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+)
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.pipeline.stages import model_artifact
 from puregen_dist.pipeline.store import artifact_key
@@ -366,7 +374,7 @@ Built = tuple[dict[str, Any], dict[str, Any], ExperimentConfig]
 def _dedupe(configs: list[Built]) -> list[tuple[str, Built]]:
     seen: dict[str, Built] = {}
     for built in configs:
-        seen.setdefault(artifact_key("cell", to_dict(built[2])), built)
+        seen.setdefault(artifact_key("cell", cell_dict(built[2])), built)
     return list(seen.items())
 
 

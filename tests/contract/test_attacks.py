@@ -84,7 +84,7 @@ CASES: dict[str, list[AttackConfig]] = {
     "gradient_matching": [
         GradientMatchingConfig(surrogate=str(FILES / "classifier"), poison_key=key, budget=0.05, iterations=2,
                                restarts=2, batch_size=8, device="cpu", **extra)
-        for key, extra in ((0, {}), (1, {"eps": 8 / 255, "num_poisons": 4, "augment": False}))
+        for key, extra in ((0, {}), (1, {"eps": 8 / 255, "num_poisons": 4, "augment": False, "ensemble": (str(FILES / "classifier"),)}))
     ],
     "bullseye_polytope": [
         BullseyeConfig(substitutes=(str(FILES / "classifier"),), poison_key=key, target_class=0, poison_class=2,

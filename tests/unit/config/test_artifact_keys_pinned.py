@@ -24,12 +24,14 @@ def test_quickstart_model_keys_are_pinned(quickstart_plan):
 
 def test_quickstart_poison_and_purified_keys_are_pinned(quickstart_plan):
     """Re-pinned once, deliberately, in issue 10: the quickstart's additive trigger was renamed ``blend`` ->
-    ``sign`` (``blend`` is now Chen et al.'s alpha-blend), which changes its value and so its keys."""
+    ``sign`` (``blend`` is now Chen et al.'s alpha-blend), which changes its value and so its keys. Cell ids were
+    re-pinned once more in issue 11, when they stopped hashing key-neutral fields at their default (so adding
+    such an option, as ``classifier.dropout``, never renames cells again); artifact keys did not change."""
     _, plan = quickstart_plan
     by_row = {(t.cell.row, t.cell.config.seed): t for t in plan.trials if t.cell.col == "badnets"}
     ebm = by_row[("puregen_ebm", 0)]
     assert (ebm.cell.cell_id, ebm.poison_key, ebm.train_key) == (
-        "cell-073898231155d412", "poison-1df535d87074ae4b", "purified-b33a8c83cb63bb2d")
+        "cell-4422d279d7be65d3", "poison-1df535d87074ae4b", "purified-b33a8c83cb63bb2d")
     assert ebm.model_keys == {"ebm": "ebm-9c82639b93ba71ef"}
     assert by_row[("jpeg", 0)].train_key == "purified-4067270d78c2ccb6"
     assert by_row[("puregen_ddpm", 0)].train_key == "purified-a2c41611a62ab023"
@@ -42,5 +44,5 @@ def test_transfer_recipe_classifier_key_is_pinned(tmp_path):
                                   "ddpm": "ddpm-f1f224735f30a6cb"}
     plan = plan_sweep(sweep, ArtifactStore(str(tmp_path)))
     first = plan.trials[0]
-    assert (first.cell.cell_id, first.poison_key) == ("cell-93dd12f351b6c3da", "poison-912a3595f76049d9")
+    assert (first.cell.cell_id, first.poison_key) == ("cell-4cc06557e67c4476", "poison-912a3595f76049d9")
     assert first.model_keys == {"classifier": "classifier-d112b509199e4b51"}
