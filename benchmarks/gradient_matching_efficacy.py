@@ -6,7 +6,8 @@ Prints one line per trial (the target's adversarial-class probability and predic
 success counts. Examples (results: docs/attacks.md, "What it does at CPU scale"):
 
     python benchmarks/gradient_matching_efficacy.py --data cifar10 --keys 0 1 2 3 4 5
-    python benchmarks/gradient_matching_efficacy.py --data digits --arch small_cnn --eps 32 --poisons 50
+    python benchmarks/gradient_matching_efficacy.py --data digits --per-class 20 --arch small_cnn --epochs 15 \
+        --eps 32 --poisons 20 --iterations 150 --shift 1
 """
 
 from __future__ import annotations

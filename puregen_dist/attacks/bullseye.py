@@ -162,8 +162,7 @@ def _input_std(model: nn.Module, channels: int) -> Tensor:
 def _distance(substitutes: Sequence[Substitute], x: Tensor, target_features: Sequence[list[Tensor]],
               mode: Mode) -> Tensor:
     """The ensemble objective without dropout (the distance ratio reported before and after crafting)."""
-    return torch.stack([bullseye_loss(feature_blocks(sub.model, x, mode), target)
-                        for sub, target in zip(substitutes, target_features, strict=True)]).mean()
+    return ensemble_loss([Substitute(sub.model) for sub in substitutes], x, target_features, mode, net_repeat=1)
 
 
 # ------------------------------------------------------------------------------------------ the attack
