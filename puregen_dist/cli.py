@@ -156,6 +156,10 @@ def _purify_with_ray(job: PurifyJob) -> int:
           f"{state}: {purified.manifest.get('rows')} images, "
           f"{timings.get('images_per_second', float('nan')):.2f} images/s, "
           f"{timings.get('seconds_per_image_per_device', float('nan')):.4f} s/image/device")
+    stats = purified.manifest.get("stats", {})
+    if stats.get("rows_reused"):
+        print(f"purified {stats['rows_purified']:.0f} changed rows; reused {stats['rows_reused']:.0f} purified "
+              "clean rows (the clean training set is purified once per defense, models and seed)")
     print(f"artifact: {store.imageset_path(purified.key)}")
     return 0
 

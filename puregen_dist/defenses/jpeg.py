@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,7 @@ from puregen_dist.types import ImageSet
 class JPEGConfig(DefenseConfig):
     """JPEG defense parameters."""
 
+    rowwise: ClassVar[bool] = True
     name: str = "jpeg"
     quality: int = 75
     """PIL JPEG quality in [1, 95] (the paper's tables use 25, 50, 75, 85)."""

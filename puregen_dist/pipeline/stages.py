@@ -28,15 +28,17 @@ from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import CraftJob, ModelJob, PurifyJob, TaskResources
 from puregen_dist.config.identity import with_device
 from puregen_dist.config.loading import key_dict
+from puregen_dist.config.schema import NoAttackConfig
+from puregen_dist.data.io import read_imageset
 from puregen_dist.pipeline.actors import ray_device
 from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.models import file_fingerprints, model_fingerprints, resolve_models
-from puregen_dist.pipeline.purify import ensure_ray, purify_parquet
+from puregen_dist.pipeline.purify import PurifyStats, ensure_ray, purify_parquet
 from puregen_dist.pipeline.reference import import_reference, reference_for_key
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, StoreError, artifact_key
 from puregen_dist.plugins import load_plugins
 from puregen_dist.registry import MODELS
-from puregen_dist.types import TargetSpec
+from puregen_dist.types import ImageSet, TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -273,19 +275,110 @@ def purified_artifact(job: PurifyJob, poison_key: str) -> tuple[str, dict[str, A
     return artifact_key("purified", config, inputs=[poison_key]), config
 
 
+def clean_source(job: PurifyJob) -> PurifyJob | None:
+    """The job whose poison set is ``job``'s clean training set (attack ``none``, same data, seed, defense and
+    pipeline) when ``job``'s purified set can be assembled from the clean set's purified rows: a row-wise
+    defense (``DefenseConfig.rowwise``) on a poisoned set. None otherwise (purify the whole set)."""
+    if not job.defense.rowwise or job.attack.name == NoAttackConfig.name:
+        return None
+    return dataclasses.replace(job, attack=NoAttackConfig())
+
+
 def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> StageResult:
-    """The purified set of (poison set, defense, models, seed) through Ray Data, once per key. Model
-    references may be checkpoint directories or model artifact keys of ``store``."""
+    """The purified set of (poison set, defense, models, seed), once per key. Model references may be
+    checkpoint directories or model artifact keys of ``store``.
+
+    A row-wise defense purifies each image once (PUREGEN_REFERENCE §5.6): the clean training set is purified
+    once per (data, defense, models, seed) -- itself a cached purified set, shared by every poison set -- and a
+    poison set only purifies its rows that differ from the clean set (the poisons); the two are assembled by
+    id. Purification being a function of (image, id, seed), the result equals purifying the whole poison set
+    (same key); its manifest's ``stats`` say how many rows were purified and how many reused.
+    """
     key, config = purified_artifact(job, poison_key)
+    if store.exists(key):
+        return StageResult(key, store.manifest(key), False)
+    clean_job = clean_source(job)
+    clean: tuple[str, str] | None = None
+    if clean_job is not None:
+        clean_poison = poison_stage(clean_job, store).key
+        clean = clean_poison, purify_stage(clean_job, clean_poison, store).key
 
     def build(staged: StagedArtifact) -> dict[str, Any]:
         ensure_ray(job.pipeline.address)
+        if clean is not None:
+            return assemble_purified(job, poison_key, *clean, store, staged)
         stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
                                ray_cfg=job.pipeline, store_uri=store.uri)
-        return {"rows": stats.images, "timings": {"purify_s": stats.seconds,
-                                                  "images_per_second": stats.images_per_second,
-                                                  "seconds_per_image_per_device":
-                                                      stats.seconds_per_image_per_device}}
+        return {"rows": stats.images, "timings": _purify_timings(stats),
+                "stats": {"rows_purified": float(stats.images), "rows_reused": 0.0}}
 
     manifest, built = store.get_or_build(key, build, kind="purified", config=config, inputs=[poison_key])
     return StageResult(key, manifest, built)
+
+
+def _purify_timings(stats: PurifyStats) -> dict[str, float]:
+    return {"purify_s": stats.seconds, "images_per_second": stats.images_per_second,
+            "seconds_per_image_per_device": stats.seconds_per_image_per_device}
+
+
+def assemble_purified(job: PurifyJob, poison_key: str, clean_key: str, clean_purified_key: str,
+                      store: ArtifactStore, staged: StagedArtifact) -> dict[str, Any]:
+    """Stage the purified set of ``poison_key``: rows identical to the clean set ``clean_key`` (same id, same
+    bytes) take their image from its purified set ``clean_purified_key``; the other rows (poisons, and any
+    row an attack added or changed) are purified now through the same Ray Data pipeline. Labels, ids and
+    poisoned flags are the poison set's."""
+    poisoned, flags = store.get_imageset(poison_key)
+    clean, _ = store.get_imageset(clean_key)
+    changed = changed_rows(poisoned, clean)
+    del clean
+    images = poisoned.images.copy()
+    stats = None
+    if changed.any():
+        images[changed], stats = purify_rows(job, poisoned.take(changed), flags[changed], store, staged.key)
+    reused = ~changed
+    if reused.any():
+        purified_clean, _ = store.get_imageset(clean_purified_key)
+        images[reused] = purified_clean.images[purified_clean.positions(poisoned.ids[reused])]
+    rows = store.stage_imageset(staged, poisoned.replace(images=images), poisoned_ids=poisoned.ids[flags])
+    log.info("%s: purified %d changed rows, reused %d purified clean rows of %s", staged.key,
+             int(changed.sum()), int(reused.sum()), clean_purified_key)
+    return {"rows": rows, "timings": _purify_timings(stats) if stats is not None else {},
+            "stats": {"rows_purified": float(changed.sum()), "rows_reused": float(reused.sum())}}
+
+
+def changed_rows(data: ImageSet, clean: ImageSet) -> np.ndarray:
+    """(N,) bool over ``data``'s rows: True where ``clean`` has no row with the same id, or its image differs
+    in any byte. Both sets sorted by id (as the store reads them)."""
+    if len(clean) == 0:
+        return np.ones(len(data), dtype=bool)
+    at = np.clip(np.searchsorted(clean.ids, data.ids), 0, len(clean) - 1)
+    same = clean.ids[at] == data.ids
+    rows = np.flatnonzero(same)
+    same[rows] = (clean.images[at[rows]] == data.images[rows]).reshape(len(rows), -1).all(axis=1)
+    return ~same
+
+
+def purify_rows(job: PurifyJob, rows: ImageSet, poisoned: np.ndarray, store: ArtifactStore,
+                key: str) -> tuple[np.ndarray, PurifyStats]:
+    """The images of ``rows`` (sorted by id) purified through Ray Data, in the same order. The rows travel
+    through two staging directories of the store (every worker reaches it), removed afterwards."""
+    source, sink = store.begin(key), store.begin(key)
+    try:
+        store.stage_imageset(source, rows, poisoned_ids=rows.ids[poisoned])
+        stats = purify_parquet(source.uri, sink.uri, job.defense, seed=job.seed, ray_cfg=job.pipeline,
+                               store_uri=store.uri)
+        purified, _ = read_imageset(sink.uri)
+    finally:
+        store.abort(source)
+        store.abort(sink)
+    if not np.array_equal(purified.ids, rows.ids):
+        raise RuntimeError(f"{key}: purifying {len(rows)} rows gave back other ids")
+    return purified.images, stats
+
+
+def rows_to_purify(job: PurifyJob, poison_key: str, store: ArtifactStore) -> int:
+    """How many rows :func:`purify_stage` will purify for ``poison_key`` (for progress bars): all of them, or,
+    when assembled from the clean set, its poisoned rows (footers and one column only)."""
+    if clean_source(job) is None:
+        return int(store.manifest(poison_key).get("rows", 0))
+    return store.count_poisoned(poison_key)

@@ -43,6 +43,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -505,6 +506,12 @@ class ArtifactStore:
             return read_imageset([self._p(key, name) for name in names], filesystem=self.fs)
         except UserInputError as exc:
             raise StoreError(f"artifact {key!r} in store {self.uri}: {exc}") from None
+
+    def count_poisoned(self, key: str) -> int:
+        """How many rows of image set ``key`` are flagged poisoned (reads that one column only)."""
+        names = self._parquet_files(key, self.manifest(key))
+        table = pq.read_table([self._p(key, name) for name in names], columns=["poisoned"], filesystem=self.fs)
+        return int(pc.sum(table.column("poisoned")).as_py() or 0)
 
     def _verify_present(self, key: str, name: str, expected: Mapping[str, Any]) -> None:
         try:

@@ -16,7 +16,7 @@ from puregen_dist.config.generative import ModelJob, PurifyJob
 from puregen_dist.config.identity import iter_model_refs
 from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.pipeline.reference import reference_for_key
-from puregen_dist.pipeline.stages import model_artifact, poison_artifact, purified_artifact
+from puregen_dist.pipeline.stages import clean_source, model_artifact, poison_artifact, purified_artifact
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.sweep.spec import Cell, Sweep
 from puregen_dist.tracking.names import artifact_tag
@@ -33,6 +33,8 @@ class ArtifactPlan:
     label: str
     reference: Path | None = None
     """A shipped reference model with this key (:mod:`puregen_dist.pipeline.reference`): imported, not trained."""
+    source: str | None = None
+    """Purified sets: the key of the poison set they purify."""
 
     @property
     def action(self) -> str:
@@ -112,10 +114,25 @@ def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
         train_key = poison_key
         if cell.config.defense.pipeline != "none":
             train_key, _ = purified_artifact(job, poison_key)
-            purified.setdefault(train_key, ArtifactPlan("purified", train_key, store.exists(train_key), job,
-                                                        f"{cell.row} on {poison_key}"))
+            cached = store.exists(train_key)
+            if not cached and (clean_job := clean_source(job)) is not None:
+                _plan_clean_rows(clean_job, cell, store, poisons, purified)
+            purified.setdefault(train_key, ArtifactPlan("purified", train_key, cached, job,
+                                                        f"{cell.row} on {poison_key}", source=poison_key))
         trials.append(TrialPlan(cell, poison_key, train_key, used_models(cell.config)))
     return SweepPlan(sweep, list(models.values()), list(poisons.values()), list(purified.values()), trials)
+
+
+def _plan_clean_rows(clean_job: PurifyJob, cell: Cell, store: ArtifactStore, poisons: dict[str, ArtifactPlan],
+                     purified: dict[str, ArtifactPlan]) -> None:
+    """Plan the clean training set and its purified set, ahead of a poisoned set that reuses its purified
+    clean rows (:func:`~puregen_dist.pipeline.stages.purify_stage`)."""
+    clean_key, _ = poison_artifact(clean_job)
+    poisons.setdefault(clean_key, ArtifactPlan("poison", clean_key, store.exists(clean_key), clean_job,
+                                               f"none seed={cell.config.seed} (clean rows)"))
+    key, _ = purified_artifact(clean_job, clean_key)
+    purified.setdefault(key, ArtifactPlan("purified", key, store.exists(key), clean_job,
+                                          f"{cell.row} on {clean_key} (clean rows, shared)", source=clean_key))
 
 
 def used_models(cfg: ExperimentConfig) -> dict[str, str]:

@@ -31,6 +31,7 @@ from puregen_dist.pipeline.stages import (
     build_model_artifact,
     build_poison_artifact,
     purify_stage,
+    rows_to_purify,
     submit_task,
     task_result,
 )
@@ -212,15 +213,14 @@ def _purify_all(plan: SweepPlan, todo: list[ArtifactPlan], store: ArtifactStore,
     Ray Data reports them, else per finished set)."""
     from puregen_dist.sweep.progress import report_rows
 
-    poison_of = {a.key: next(t.poison_key for t in plan.trials if t.train_key == a.key) for a in todo}
-    rows = {a.key: int(store.manifest(poison_of[a.key]).get("rows", 0)) for a in todo}
+    rows = {a.key: rows_to_purify(a.job, a.source, store) for a in todo}
     with progress("purified sets", sum(rows.values()), "rows") as bar:
         written = 0
         for index, artifact in enumerate(todo):
             start, detail = time.perf_counter(), f"set {index + 1}/{len(todo)}: {artifact.label}"
             log.info("purifying %s through Ray Data", artifact.label)
             with report_rows(_RowsOfSet(bar, written, rows[artifact.key], detail)):
-                result: StageResult = purify_stage(artifact.job, poison_of[artifact.key], store)
+                result: StageResult = purify_stage(artifact.job, artifact.source, store)
             written += rows[artifact.key]
             bar.update(written, detail if index + 1 < len(todo) else f"{len(todo)} sets")
             log.info("%s %s in %.1fs", result.key, "built" if result.built else "cached",

@@ -40,14 +40,59 @@ def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, 
     assert main(["-q", "purify", str(config), "--set", "defense.batch_size=32"]) == 0  # execution-only change
     assert "cached (already in the store)" in capsys.readouterr().out
     store = ArtifactStore(tmp_path / "store")
+    # the clean set (attack none) and its purified set are built once, beside the poison set's
     kinds = sorted(m["kind"] for m in store.ls())
-    assert kinds == ["poison", "purified"]
-    purified_key = next(m["key"] for m in store.ls() if m["kind"] == "purified")
+    assert kinds == ["poison", "poison", "purified", "purified"]
+    purified_key = first.split("purified set ")[1].split()[0]
     via_ray, poisoned = store.get_imageset(purified_key)
-    assert main(["-q", "purify", str(config), "--no-ray"]) == 0
+    assert store.manifest(purified_key)["stats"] == {"rows_purified": 8.0, "rows_reused": 32.0}
+    assert "purified 8 changed rows; reused 32 purified clean rows" in first
+    assert main(["-q", "purify", str(config), "--no-ray"]) == 0  # the whole set, in process
     local, local_poisoned = read_imageset(tmp_path / "local.parquet")
     assert np.array_equal(via_ray.ids, local.ids) and np.array_equal(via_ray.images, local.images)
+    assert np.array_equal(via_ray.labels, local.labels)
     assert np.array_equal(poisoned, local_poisoned) and poisoned.sum() == 8
+
+
+@pytest.mark.parametrize("defense", [{"name": "puregen_ebm", "langevin": {"steps": 3}, "batch_size": 8},
+                                     {"name": "jpeg", "quality": 25}], ids=["ebm", "jpeg"])
+def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_checkpoints, defense):
+    """Two poison sets of the same data and seed share one purified clean set; each purifies only its poisons,
+    and the assembled set equals purifying the whole poison set through the same pipeline, byte for byte."""
+    from puregen_dist.config.generative import PurifyJob
+    from puregen_dist.config.loading import build
+    from puregen_dist.pipeline.purify import purify_parquet
+    from puregen_dist.pipeline.stages import poison_stage, purify_stage, rows_to_purify
+
+    if defense["name"] == "puregen_ebm":
+        defense = {**defense, "ebm": str(tiny_checkpoints[1][0])}
+    store = ArtifactStore(tmp_path / "store")
+    base = {"seed": 2, "store": str(tmp_path / "store"), "data": {"dataset": "digits", "train_per_class": 5},
+            "defense": defense, "pipeline": {"actors": 1, "batch_size": 16}}
+    results = []
+    for attack in ({"name": "badnets", "budget": 0.1, "target_class": 1},
+                   {"name": "badnets", "budget": 0.2, "target_class": 7}):
+        job = build(PurifyJob, {**base, "attack": attack}, source="test")
+        poison = poison_stage(job, store)
+        expected_rows = store.count_poisoned(poison.key)
+        assert rows_to_purify(job, poison.key, store) == expected_rows
+        result = purify_stage(job, poison.key, store)
+        assert result.built
+        assert result.manifest["stats"] == {"rows_purified": float(expected_rows),
+                                            "rows_reused": float(50 - expected_rows)}
+        whole = tmp_path / f"whole-{len(results)}"
+        purify_parquet(store.imageset_path(poison.key), str(whole), job.defense, seed=job.seed,
+                       ray_cfg=job.pipeline, store_uri=store.uri)
+        assembled, flags = store.get_imageset(result.key)
+        reference, reference_flags = read_imageset(whole)
+        for name in ("ids", "labels", "images"):
+            assert np.array_equal(getattr(assembled, name), getattr(reference, name)), name
+        assert np.array_equal(flags, reference_flags) and flags.sum() == expected_rows > 0
+        results.append(result)
+    kinds = sorted(m["kind"] for m in store.ls())
+    assert kinds == ["poison"] * 3 + ["purified"] * 3  # one clean set and its purified set, shared
+    clean = [m for m in store.ls() if m["kind"] == "purified" and m["key"] not in {r.key for r in results}]
+    assert clean[0]["stats"] == {"rows_purified": 50.0, "rows_reused": 0.0}
 
 
 def test_retrained_model_changes_the_purified_key(tiny_checkpoints):

@@ -4,6 +4,7 @@ driver: test_sweep_resume.py)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +66,17 @@ def test_sweep_builds_once_runs_8_trials_and_reports(ray_session, tmp_path, caps
     path = sweep_file(tmp_path)
     assert main(["-q", "sweep", str(path), "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "poison sets: 2 (2 to build, 0 cached)" in plan and "purified sets: 2 (2 to build" in plan
+    # per seed: the poisoned set and the clean set, whose purified rows the poisoned set's purified set reuses
+    assert "poison sets: 4 (4 to build, 0 cached)" in plan and "purified sets: 4 (4 to build" in plan
+    assert plan.count("(clean rows, shared)") == 2
     assert "trials: 8 (8 to run, 0 already finished)" in plan
 
     assert main(["-q", "sweep", str(path)]) == 0
     out = capsys.readouterr().out
     store = ArtifactStore(tmp_path / "store")
     kinds = sorted(m["kind"] for m in store.ls())
-    assert kinds == ["poison", "poison", "purified", "purified"]  # each built exactly once
+    assert kinds == ["poison"] * 4 + ["purified"] * 4  # each built exactly once
+    assert sorted(m["stats"]["rows_purified"] for m in store.ls() if m["kind"] == "purified") == [12, 12, 120, 120]
     _, parents, children = child_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
@@ -145,8 +149,8 @@ def test_gradient_matching_trials_report_wilson_intervals_and_rerun_builds_nothi
     assert len(rows) == 2 and all("[" in row and "]" in row for row in rows), out  # rate [Wilson interval]
     store = ArtifactStore(tmp_path / "store")
     kinds = sorted(m["kind"] for m in store.ls())
-    assert kinds == ["classifier", "ebm"] + ["poison"] * 6 + ["purified"] * 6
-    crafted = [m for m in store.ls() if m["kind"] == "poison"]
+    assert kinds == ["classifier", "ebm"] + ["poison"] * 7 + ["purified"] * 7  # + the clean set, purified once
+    crafted = [m for m in store.ls() if m["kind"] == "poison" and m["config"]["attack"]["name"] != "none"]
     assert sorted(m["config"]["attack"]["poison_key"] for m in crafted) == list(range(6))
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gradient-matching-digits")
@@ -212,7 +216,10 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
     assert out.splitlines()[-1] == f"browse: mlflow ui --backend-store-uri {uri}"
     assert (tmp_path / "outputs" / "quickstart" / "report" / "report_heatmap.png").is_file()
     # one progress line per stage start/end (plain lines: stderr is not a terminal), Ray's logs in the file
-    assert "models: 3/3 trained" in err and "purified sets: 960/960 rows" in err
+    # 3 defenses purify the 160 clean rows once each, then only the poisons of the 2 poison sets (not 6 x 160)
+    assert "models: 3/3 trained" in err
+    done, total = re.findall(r"purified sets: (\d+)/(\d+) rows", err)[-1]
+    assert done == total and 3 * 160 < int(total) < 4 * 160, err
     assert "trials: 8/8 finished, 8/8 epochs" in err
     assert len(out.splitlines()) + len(err.splitlines()) <= 100  # about two screens
     (log_file,) = (tmp_path / "outputs" / "quickstart" / "logs").glob("sweep-*.log")

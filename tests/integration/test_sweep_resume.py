@@ -83,4 +83,4 @@ def test_killed_driver_resumes_without_rebuilding(tmp_path):
     assert len(finished) == 8 and len(set(finished)) == 8  # exactly one finished run per cell
     after = {m["key"]: m["created"] for m in store.ls()}
     assert all(after[key] == created for key, created in built.items())  # nothing rebuilt
-    assert len(after) == 4
+    assert len(after) == 8  # per seed: poison set, clean set, and their purified sets

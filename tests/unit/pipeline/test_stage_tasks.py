@@ -22,11 +22,14 @@ from puregen_dist.pipeline.models import model_fingerprints, resolve_models
 from puregen_dist.pipeline.stages import (
     build_model_artifact,
     build_poison_artifact,
+    changed_rows,
+    clean_source,
     model_artifact,
     poison_artifact,
     read_target,
 )
 from puregen_dist.pipeline.store import ArtifactStore, StoreError
+from puregen_dist.types import ImageSet
 
 TINY_EBM = {"seed": 1, "data": {"dataset": "digits", "train_per_class": 6},
             "ebm": {"nf": 8, "in_channels": 1, "image_size": 16},
@@ -162,3 +165,27 @@ def test_a_generative_model_trains_on_a_poison_set_artifact(tmp_path):
         resolve_models(on_poison, None, "job")
     manifest, built = build_model_artifact(on_poison, store.uri, str(tmp_path))
     assert built and manifest["key"] == key and manifest["config"]["models"] == {"train_on": poison_key}
+
+
+def test_changed_rows_finds_new_ids_and_changed_bytes_only():
+    rng = np.random.default_rng(0)
+    clean = ImageSet(rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), np.zeros(6, np.int64),
+                     np.arange(10, 16, dtype=np.int64), ("a",))
+    images = clean.images[[0, 1, 2, 4]].copy()
+    images[1, 3, 3, 2] ^= 1  # one bit of one pixel
+    data = ImageSet(np.concatenate([images, clean.images[:1]]), np.zeros(5, np.int64),
+                    np.array([10, 11, 12, 14, 99], np.int64), ("a",))  # id 99: a row the attack added
+    assert changed_rows(data, clean).tolist() == [False, True, False, False, True]
+    empty = ImageSet(clean.images[:0], clean.labels[:0], clean.ids[:0], ("a",))
+    assert changed_rows(data, empty).all()
+
+
+def test_clean_source_only_for_rowwise_defenses_of_poisoned_sets():
+    def job(attack: str, defense: dict) -> PurifyJob:
+        return build(PurifyJob, {"attack": {"name": attack}, "defense": defense}, source="test")
+
+    ebm = {"name": "puregen_ebm", "ebm": "some/dir"}
+    assert clean_source(job("badnets", ebm)).attack.name == "none"
+    assert clean_source(job("badnets", {"name": "jpeg"})).defense.name == "jpeg"
+    assert clean_source(job("none", ebm)) is None
+    assert clean_source(job("badnets", {"name": "puregen_filt", "ebm": "x", "ddpm": "y"})) is None
