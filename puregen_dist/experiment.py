@@ -69,6 +69,8 @@ class RunMetrics:
     history: list[dict[str, float]] = field(default_factory=list)
     costs: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The trained classifier (eval mode, on [0, 1] images); not logged."""
 
     def as_dict(self) -> dict[str, float]:
         """Flat final metrics, as logged."""
@@ -144,7 +146,7 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
     metrics = RunMetrics(
         nat_acc=natural_accuracy(result.model, test, cfg.classifier.eval_batch_size),
         history=result.history, costs={**(costs or {}), "train_seconds": result.seconds},
-        run_id=getattr(tracker, "run_id", None),
+        run_id=getattr(tracker, "run_id", None), model=result.model.eval(),
     )
     if triggered:
         metrics.poison_success = {m: poison_success(result.model, test, target, m, cfg.classifier.eval_batch_size)

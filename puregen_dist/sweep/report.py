@@ -61,6 +61,14 @@ NO_DEFENSE = "none"
 """Row label of the undefended baseline: always the first row."""
 NAT_ACC, POISON_M1, POISON_M3, TARGET_SUCCESS = (Metric.NAT_ACC, Metric.POISON_M1, Metric.POISON_M3,
                                                  Metric.TARGET_SUCCESS)
+FLOORS = {"floor_m1_mean": Metric.FLOOR_M1, "floor_m3_mean": Metric.FLOOR_M3,
+          "floor_target_rate": Metric.FLOOR_TARGET_SUCCESS}
+"""Report statistic -> the floor metric it averages over a cell's runs (:mod:`puregen_dist.sweep.floors`)."""
+FLOOR_DEFINITION = (
+    "the same measurement (mean over the cell's runs) on the classifier trained on the clean training set with the "
+    "same defense, classifier and seed (the row's attack-none cell): the triggered test images it already sends "
+    "to the target class, or the share of targets it already classifies as the adversarial label"
+)
 TARGET_SUCCESS_DEFINITION = (
     "share of runs (trials, i.e. poison keys, × seeds) whose single target image is classified as the adversarial label, "
     "with a 95% Wilson score interval"
@@ -83,6 +91,7 @@ CSV_COLUMNS = (
     "poison_m3_mean", "poison_m3_std", "poison_m3_max_over_targets", "poison_m3_n", "poison_m3_n_targets",
     "target_success_rate", "target_success_successes", "target_success_n",
     "target_success_ci_low", "target_success_ci_high",
+    "floor_m1_mean", "floor_m3_mean", "floor_target_rate",
 )
 """Columns of :attr:`ReportTable.stats` and of :func:`to_csv_rows` (rates as fractions in [0, 1])."""
 COUNT_COLUMNS = [c for c in CSV_COLUMNS if c.endswith(("n_runs", "_n", "_n_targets", "_successes"))]
@@ -144,7 +153,7 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
         "defense": _column(runs, param_column(Param.DEFENSE_NAME)).fillna(runs[tag_column(Tag.ROW)]),
         "steps": pd.to_numeric(_column(runs, param_column(Param.LANGEVIN_STEPS)), errors="coerce"),
     })
-    for metric in (NAT_ACC, POISON_M1, POISON_M3, TARGET_SUCCESS):
+    for metric in (NAT_ACC, POISON_M1, POISON_M3, TARGET_SUCCESS, *FLOORS.values()):
         values = pd.to_numeric(_column(runs, metric_column(metric)), errors="coerce").astype(float)
         tidy[metric] = values.where(np.isfinite(values))
     return tidy
@@ -191,7 +200,8 @@ def build_table(runs: pd.DataFrame) -> ReportTable:
     groups = tidy.groupby(KEYS)
     stats = pd.concat([groups.size().rename("n_runs"), _summary(groups[NAT_ACC], "nat_acc"),
                        _triggered(tidy, POISON_M1, "poison_m1"), _triggered(tidy, POISON_M3, "poison_m3"),
-                       _triggerless(tidy)], axis=1)
+                       _triggerless(tidy), groups[list(FLOORS.values())].mean().set_axis(list(FLOORS), axis=1)],
+                      axis=1)
     cells = [(r, c) for r in rows for c in cols if (r, c) in stats.index]
     order = pd.MultiIndex.from_tuples(cells, names=KEYS)
     stats = stats.reindex(order).reset_index()
@@ -257,9 +267,16 @@ def _mean_std(cell: pd.Series, prefix: str) -> str:
     return f"{_pct(cell[f'{prefix}_mean'])} ± {_pct(cell[f'{prefix}_std'])}"
 
 
+def _floor(cell: pd.Series, column: str) -> str:
+    """``, floor F`` (percent) when the cell has the floor statistic ``column``, else empty."""
+    value = cell.get(column)
+    return "" if value is None or pd.isna(value) else f", floor {_pct(value)}"
+
+
 def format_cell(cell: pd.Series | None, magnification: int = 1) -> str:
     """One table cell (a line of :attr:`ReportTable.stats`) in percent: ``ps ± std (max m) / nat ± std``
-    (triggered), ``rate [low, high] / nat ± std`` (triggerless, 95% Wilson), ``nat ± std`` (no attack, or an
+    (triggered; ``(max m, floor f)`` when the clean classifier's floor was measured), ``rate [low, high] / nat ±
+    std`` (triggerless, 95% Wilson; ``(floor f)``), ``nat ± std`` (no attack, or an
     availability attack, whose effect is the natural accuracy);
     ``—`` for a missing cell or metric."""
     if cell is None:
@@ -269,13 +286,15 @@ def format_cell(cell: pd.Series | None, magnification: int = 1) -> str:
         prefix = "poison_m1" if magnification == 1 else "poison_m3"
         attack = _mean_std(cell, prefix)
         if attack != "—":
-            attack += f" (max {_pct(cell[f'{prefix}_max_over_targets'])})"
+            attack += f" (max {_pct(cell[f'{prefix}_max_over_targets'])}{_floor(cell, f'floor_m{magnification}_mean')})"
         return f"{attack} / {nat}"
     if cell["attack_kind"] == TRIGGERLESS:
         attack = "—"
         if pd.notna(cell["target_success_rate"]):
             attack = (f"{_pct(cell['target_success_rate'])} [{_pct(cell['target_success_ci_low'])}, "
                       f"{_pct(cell['target_success_ci_high'])}]")
+            if floor := _floor(cell, "floor_target_rate"):
+                attack += f" ({floor.removeprefix(', ')})"
         return f"{attack} / {nat}"
     return nat
 
@@ -315,6 +334,8 @@ def to_markdown(table: ReportTable) -> str:
         f"- Triggerless success: {TARGET_SUCCESS_DEFINITION}.",
         f"- Natural accuracy: {NAT_ACC_DEFINITION}.",
     ]
+    if table.stats[list(FLOORS)].notna().any().any():
+        lines.append(f"- Floor: {FLOOR_DEFINITION}.")
     m3 = set(table.stats.loc[table.stats["poison_m3_mean"].notna(), "col"])
     if m3:
         lines += ["", "Triggered attacks at trigger magnification m=3 (same statistics):", ""]

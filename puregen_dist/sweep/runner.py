@@ -36,6 +36,7 @@ from puregen_dist.pipeline.stages import (
     task_result,
 )
 from puregen_dist.pipeline.store import ArtifactStore, artifact_key
+from puregen_dist.sweep.floors import cell_runs, log_floors
 from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
 from puregen_dist.sweep.spec import Sweep
 from puregen_dist.sweep.trial import run_trial, trial_spec
@@ -102,6 +103,7 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
         specs = [trial_spec(t, sweep=sweep.name, store_uri=store.uri, tracking_uri=uri,
                             parent_run_id=parent.run_id) for t in pending]
         failed = run_trials(sweep, plan, specs, trainable or run_trial, echo, progress) if specs else []
+        log_floors(plan.trials, store, uri, cell_runs(uri, sweep.name))
         report_dir, markdown = _report(sweep, uri, parent, echo)
     except BaseException:
         parent.close("FAILED")

@@ -22,7 +22,8 @@ config (base plus earlier axes, defaults filled in) has one of those values; oth
 ``settings.seeds`` and ``settings.targets`` append a seed axis and an ``attack.target_class`` axis (the latter only
 for attacks that have a target class, i.e. triggered ones); ``settings.trials: N`` appends an ``attack.poison_key``
 axis 0..N-1 for attacks drawn from a poison key (triggerless: each key its own target and poison set, crafted
-once). Identical cells are merged.
+once). ``space`` may also be a list of such mappings: the union of their cells, in order. Identical cells are
+merged.
 """
 
 from __future__ import annotations
@@ -178,10 +179,23 @@ def sweep_from_dict(data: Mapping[str, Any], *, source: str) -> Sweep:
     base = _mapping(data.get("base", {}), source, "base")
     settings = build(SweepSettings, data.get("settings", {}), source=source, path="settings")
     models = _models(_mapping(data.get("models", {}), source, "models"), source)
-    space = _flatten_space(_mapping(data.get("space", {}), source, "space"))
-    axes = tuple(_axis(key, spec, source) for key, spec in space.items())
-    cells = expand(name, base, axes, settings, models, source)
-    return Sweep(name, source, dict(data), models, axes, settings, cells)
+    spaces = _spaces(data.get("space", {}), source)
+    cells = expand(name, base, spaces, settings, models, source)
+    return Sweep(name, source, dict(data), models, tuple(a for axes in spaces for a in axes), settings, cells)
+
+
+def _spaces(space: Any, source: str) -> list[tuple[Axis, ...]]:
+    """The axes of ``space``: one mapping of axes, or a list of them (a union of cross products, e.g. some
+    defenses crossed with every attack and others with a few)."""
+    parts = space if isinstance(space, list) else [space]
+    if not parts:
+        raise ConfigError(f"{source}: space: an empty list (give a mapping of axes, or a list of them)")
+    spaces = []
+    for index, part in enumerate(parts):
+        where = "space" if part is space else f"space[{index}]"
+        flat = _flatten_space(_mapping(part, source, where))
+        spaces.append(tuple(_axis(key, spec, source, where) for key, spec in flat.items()))
+    return spaces
 
 
 def _mapping(value: Any, source: str, key: str) -> dict[str, Any]:
@@ -247,9 +261,9 @@ def _with_recipe(spec: dict[str, Any], source: str, key: str) -> dict[str, Any]:
     return deep_merge(recipe, spec)
 
 
-def _axis(key: str, spec: Any, source: str) -> Axis:
+def _axis(key: str, spec: Any, source: str, space: str = "space") -> Axis:
     """Parse one ``space`` entry (a list is a grid)."""
-    where = f"{source}: space.{key}"
+    where = f"{source}: {space}.{key}"
     if isinstance(spec, list):
         spec = {"grid": spec}
     if not isinstance(spec, Mapping):
@@ -299,12 +313,19 @@ def _when(spec: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
 # ------------------------------------------------------------------------------------------ expansion
 
 
-def expand(name: str, base: Mapping[str, Any], axes: Sequence[Axis], settings: SweepSettings,
+def expand(name: str, base: Mapping[str, Any], spaces: Sequence[Sequence[Axis]], settings: SweepSettings,
            models: Mapping[str, ModelJob], source: str) -> tuple[Cell, ...]:
-    """The explicit cells: the cross product of the axes (conditional ones only where they apply), the seed
-    and target axes of ``settings``, duplicates merged; each validated as an ExperimentConfig."""
+    """The explicit cells: for each space, the cross product of its axes (conditional ones only where they
+    apply) and the seed and target axes of ``settings``; the spaces' cells in order, duplicates merged; each
+    validated as an ExperimentConfig."""
     base = deep_merge(base, {"name": name, "tracking": {**base.get("tracking", {}), "experiment": name}})
-    axes = [*axes, *_settings_axes(settings)]
+    configs = [cell for axes in spaces for cell in _cross(base, [*axes, *_settings_axes(settings)], models, source)]
+    return _label(_dedupe(configs))
+
+
+def _cross(base: Mapping[str, Any], axes: Sequence[Axis], models: Mapping[str, ModelJob], source: str
+           ) -> list[tuple[dict[str, Any], dict[str, Any], ExperimentConfig]]:
+    """(assigned axis values, raw config, built config) of every cell of one space."""
     partials: list[tuple[dict[str, Any], dict[str, Any]]] = [({}, dict(base))]
     for axis in axes:
         expanded = []
@@ -317,8 +338,7 @@ def expand(name: str, base: Mapping[str, Any], axes: Sequence[Axis], settings: S
                     continue
             expanded += [({**assigned, axis.key: v}, set_dotted(raw, axis.key, v)) for v in axis.values]
         partials = expanded
-    configs = [(assigned, raw, _build_cell(raw, assigned, models, source)) for assigned, raw in partials]
-    return _label(_dedupe(configs))
+    return [(assigned, raw, _build_cell(raw, assigned, models, source)) for assigned, raw in partials]
 
 
 def _settings_axes(settings: SweepSettings) -> list[Axis]:
@@ -371,10 +391,15 @@ Built = tuple[dict[str, Any], dict[str, Any], ExperimentConfig]
 """(assignments, raw config as written, validated config) of one cell."""
 
 
+def cell_id_of(cfg: ExperimentConfig) -> str:
+    """A cell's id: the content key of its keyed config (key-neutral fields at their default left out)."""
+    return artifact_key("cell", cell_dict(cfg))
+
+
 def _dedupe(configs: list[Built]) -> list[tuple[str, Built]]:
     seen: dict[str, Built] = {}
     for built in configs:
-        seen.setdefault(artifact_key("cell", cell_dict(built[2])), built)
+        seen.setdefault(cell_id_of(built[2]), built)
     return list(seen.items())
 
 

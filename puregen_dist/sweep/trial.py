@@ -15,7 +15,7 @@ from typing import Any
 
 from puregen_dist.classifiers.evaluation import NAT_ACC_DEFINITION, POISON_SUCCESS_DEFINITION
 from puregen_dist.config.loading import build, to_dict
-from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.config.schema import ExperimentConfig, NoAttackConfig
 from puregen_dist.data.datasets import load_data
 from puregen_dist.experiment import RunMetrics, log_samples, log_setup, train_and_evaluate
 from puregen_dist.pipeline.models import resolve_models
@@ -23,6 +23,7 @@ from puregen_dist.pipeline.stages import read_target
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.plugins import load_plugins
 from puregen_dist.protocols import Tracker
+from puregen_dist.sweep.floors import store_clean_model
 from puregen_dist.sweep.plan import TrialPlan
 from puregen_dist.tracking.names import AttackKind, Metric, Tag, definition_tag
 from puregen_dist.tracking.reader import finished_cells  # re-exported: resume's view of MLflow
@@ -70,8 +71,11 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     train = poisoned if train_key == poison_key else store.get_imageset(train_key)[0]
     _, test = load_data(cfg.data)
     log_samples(tracker, poisoned.ids[flags], poisoned, train, target)
-    return train_and_evaluate(cfg, train, test, target, tracker, report=report,
-                              costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())))
+    metrics = train_and_evaluate(cfg, train, test, target, tracker, report=report,
+                                 costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())))
+    if cfg.attack.name == NoAttackConfig.name:  # the clean classifier of this row: the floor of attacked cells
+        store_clean_model(store, cfg, train_key, metrics.model, train.shape, train.num_classes, metrics.nat_acc)
+    return metrics
 
 
 def resolve_trial_models(cfg: ExperimentConfig, store: ArtifactStore) -> ExperimentConfig:

@@ -68,11 +68,7 @@ class MLflowTracker:
             self.client.log_batch(self.run_id, params=batch[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        now = mlflow.utils.time.get_current_time_millis()
-        batch = [mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        _log_metric_batches(self.client, self.run_id, metrics, step or 0)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         batch = [mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()]
@@ -97,6 +93,21 @@ class MLflowTracker:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.close("FAILED" if exc_type else "FINISHED")
+
+
+def log_metrics_to_run(uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Add ``metrics`` to the existing run ``run_id`` (finished or not; its status is unchanged): results
+    computed after a run ended, such as a sweep cell's floor."""
+    _log_metric_batches(MlflowClient(uri), run_id, metrics, step)
+
+
+def _log_metric_batches(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """The finite values of ``metrics`` at ``step``, in batches of MLflow's 1,000-metric limit."""
+    now = mlflow.utils.time.get_current_time_millis()
+    batch = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()
+             if v is not None and math.isfinite(float(v))]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
 def _param_value(value: Any) -> str:

@@ -62,6 +62,12 @@ class Metric:
     """Triggerless: 1.0 when the single target image is classified as the adversarial label, else 0.0."""
     TARGET_CORRECT: Final = "target_correct"
     """Triggerless: 1.0 when the target image is classified as its true label, else 0.0."""
+    FLOOR_PREFIX: Final = "floor_"
+    """Prefix of a metric's floor: the same measurement on a classifier trained on the clean training set with
+    the same defense, classifier and seed (``floor_poison_success_m1``, ``floor_target_success``)."""
+    FLOOR_M1: Final = "floor_poison_success_m1"
+    FLOOR_M3: Final = "floor_poison_success_m3"
+    FLOOR_TARGET_SUCCESS: Final = "floor_target_success"
 
 
 class Param:

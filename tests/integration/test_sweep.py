@@ -265,3 +265,41 @@ def test_relative_data_root_resolves_inside_trials(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     _, _, children = child_runs(tmp_path, "rel")
     assert [r.info.status for r in children] == ["FINISHED"]
+
+
+def test_attacked_cells_get_the_floor_of_the_rows_clean_classifier(ray_session, tmp_path, capsys):
+    """An attack-none cell stores its classifier; after the trials each attacked cell of the same row gets the
+    clean classifier's success on the same triggered images (the floor), logged to its run and in the report."""
+    from puregen_dist.attacks.surrogate import load_classifier
+    from puregen_dist.classifiers.evaluation import poison_success
+    from puregen_dist.data.datasets import load_data
+    from puregen_dist.pipeline.stages import read_target
+    from puregen_dist.sweep.spec import load_sweep
+
+    path = sweep_file(tmp_path, "floors")
+    overrides = ["space.classifier.name=[small_cnn]", "space.defense.grid=[{name: none}, {name: jpeg, quality: 50}]",
+                 "space.attack.grid=[{name: none}, {name: badnets, target_class: 0, budget: 0.1, label_mode: dirty}]",
+                 "settings.seeds=[0]"]
+    args = ["-q", "sweep", str(path), *[a for o in overrides for a in ("--set", o)]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore(tmp_path / "store")
+    clean_models = [m for m in store.ls() if m["kind"] == "classifier"]
+    assert len(clean_models) == 2  # one clean classifier per row (none, jpeg)
+    client, _, children = child_runs(tmp_path, "floors")
+    attacked = [r for r in children if r.data.tags["col"] == "badnets"]
+    assert len(attacked) == 2 and all("floor_poison_success_m1" in r.data.metrics for r in attacked)
+    # the logged floor is the clean classifier of the same row on that cell's triggered test images
+    sweep = load_sweep(path, overrides)
+    cell = next(c for c in sweep.cells if c.row == "none" and c.col == "badnets")
+    run = next(r for r in attacked if r.data.tags["cell_id"] == cell.cell_id)
+    model_key = next(m["key"] for m in clean_models if m["inputs"][0].startswith("poison-"))  # row none
+    model, _ = load_classifier(store.get_dir(model_key))
+    rate = poison_success(model, load_data(cell.config.data)[1], read_target(store, run.data.tags["artifact.poison"]))
+    assert run.data.metrics["floor_poison_success_m1"] == pytest.approx(rate.rate)
+    assert ", floor " in out and "- Floor: the same measurement" in out
+    # a second invocation finds the floors logged and logs nothing again
+    assert main(args) == 0
+    _, _, again = child_runs(tmp_path, "floors")
+    history = client.get_metric_history(run.info.run_id, "floor_poison_success_m1")
+    assert len(history) == 1 and len(again) == len(children)

@@ -23,6 +23,7 @@ from puregen_dist.sweep.report import (
     CSV_COLUMNS,
     build_table,
     fetch_runs,
+    format_cell,
     latest_per_cell,
     steps_plot_png,
     to_csv_rows,
@@ -164,6 +165,20 @@ def test_markdown_cells_and_caption():
     assert "sample std (ddof=1)" in text and "Wilson" in text
     assert "Natural accuracy: top-1 accuracy" in text and "magnification m" in text
     assert "m=3" in text  # the second table, m3 was recorded
+
+
+def test_floors_are_averaged_and_shown_beside_the_figure():
+    runs = golden_runs()
+    triggered = runs["tags.col"] == "badnets"
+    runs.loc[triggered, "metrics.floor_poison_success_m1"] = [0.01, 0.03] * 4
+    runs.loc[runs["tags.col"] == "bullseye", "metrics.floor_target_success"] = 0.0
+    table = build_table(runs)
+    cell = table.cell("none", "badnets")
+    assert cell["floor_m1_mean"] == pytest.approx(0.02) and pd.isna(cell["floor_m3_mean"])
+    assert format_cell(cell) == "70.0 ± 18.3 (max 85.0, floor 2.0) / 94.0 ± 2.2"
+    assert format_cell(cell, 3) == "90.0 ± 14.1 (max 100.0) / 94.0 ± 2.2"  # no floor recorded at m=3
+    assert format_cell(table.cell("none", "bullseye")) == "80.0 [37.6, 96.4] (floor 0.0) / 90.0 ± 0.0"
+    assert "floor" not in format_cell(build_table(golden_runs()).cell("none", "badnets"))
 
 
 def test_csv_rows_long_format(tmp_path):

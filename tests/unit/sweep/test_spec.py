@@ -42,6 +42,26 @@ def test_conditional_axis_expands_only_matching_cells():
     assert [c.row for c in sweep.cells] == ["none", "jpeg (quality=25)", "jpeg (quality=50)", "jpeg (quality=75)"]
 
 
+def test_a_list_of_spaces_is_the_union_of_their_cells():
+    """Some defenses crossed with every attack, others with one: two spaces; shared cells appear once."""
+    attacks = [{"name": "none"}, {"name": "badnets", "budget": 0.1}, {"name": "badnets", "budget": 0.2}]
+    sweep = _sweep([{"attack": {"grid": attacks}, "defense": {"grid": [{"name": "none"}, {"name": "jpeg"}]}},
+                    {"attack": {"grid": attacks[:2]}, "defense": [{"name": "none"}, {"name": "jpeg", "quality": 25}]}],
+                   {"seeds": [0, 1]})
+    cells = [(c.config.defense.name, getattr(c.config.defense, "quality", None), c.config.attack.name,
+              getattr(c.config.attack, "budget", None)) for c in sweep.cells if c.config.seed == 0]
+    assert cells == [("none", None, "none", None), ("jpeg", 75, "none", None), ("none", None, "badnets", 0.1),
+                     ("jpeg", 75, "badnets", 0.1), ("none", None, "badnets", 0.2), ("jpeg", 75, "badnets", 0.2),
+                     ("jpeg", 25, "none", None), ("jpeg", 25, "badnets", 0.1)]  # (none, ...) of space 2: merged
+    assert len(sweep.cells) == 2 * 8 and [c.index for c in sweep.cells] == list(range(16))
+    assert {c.row for c in sweep.cells} == {"none", "jpeg (quality=75)", "jpeg (quality=25)"}
+    assert len(sweep.axes) == 4
+    with pytest.raises(ConfigError, match=r"space\[1\]\.defense: expected a list or a mapping"):
+        _sweep([{"defense": [{"name": "none"}]}, {"defense": 3}])
+    with pytest.raises(ConfigError, match="space: an empty list"):
+        sweep_from_dict({"name": "t", "base": BASE, "space": []}, source="sweep.yaml")
+
+
 def test_target_axis_skips_attacks_without_a_target_class():
     sweep = _sweep({"attack": {"grid": [{"name": "none"}, {"name": "badnets", "budget": 0.1}]}},
                    {"targets": [1, 2]})
