@@ -57,8 +57,9 @@ def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, 
 @pytest.mark.parametrize("defense", [{"name": "puregen_ebm", "langevin": {"steps": 3}, "batch_size": 8},
                                      {"name": "jpeg", "quality": 25}], ids=["ebm", "jpeg"])
 def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_checkpoints, defense):
-    """Two poison sets of the same data and seed share one purified clean set; each purifies only its poisons,
-    and the assembled set equals purifying the whole poison set through the same pipeline, byte for byte."""
+    """Two poison sets of the same data and seed share one purified clean set; each purifies only its poisons
+    (5 rows: one batch, in one Ray task; 10 rows: through Ray Data), and the assembled set equals purifying the
+    whole poison set through the same pipeline, byte for byte."""
     from puregen_dist.config.generative import PurifyJob
     from puregen_dist.config.loading import build
     from puregen_dist.pipeline.purify import purify_parquet
@@ -68,7 +69,7 @@ def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_che
         defense = {**defense, "ebm": str(tiny_checkpoints[1][0])}
     store = ArtifactStore(tmp_path / "store")
     base = {"seed": 2, "store": str(tmp_path / "store"), "data": {"dataset": "digits", "train_per_class": 5},
-            "defense": defense, "pipeline": {"actors": 1, "batch_size": 16}}
+            "defense": defense, "pipeline": {"actors": 1, "batch_size": 8}}
     results = []
     for attack in ({"name": "badnets", "budget": 0.1, "target_class": 1},
                    {"name": "badnets", "budget": 0.2, "target_class": 7}):
