@@ -94,6 +94,10 @@ def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_che
     assert kinds == ["poison"] * 3 + ["purified"] * 3  # one clean set and its purified set, shared
     clean = [m for m in store.ls() if m["kind"] == "purified" and m["key"] not in {r.key for r in results}]
     assert clean[0]["stats"] == {"rows_purified": 50.0, "rows_reused": 0.0}
+    for result in results:  # reported cost: the shared clean purification plus the set's own rows
+        timings = result.manifest["timings"]
+        assert timings["changed_rows_purify_s"] > 0
+        assert timings["purify_s"] == pytest.approx(clean[0]["timings"]["purify_s"] + timings["changed_rows_purify_s"])
 
 
 def test_retrained_model_changes_the_purified_key(tiny_checkpoints):
