@@ -81,6 +81,7 @@ REPORT_FILES = {
     "csv": "report.csv",
     "heatmap": "report_heatmap.png",
     "langevin_steps": "report_langevin_steps.png",
+    "diffusion_steps": "report_diffusion_steps.png",
 }
 """Key of :func:`write_report`'s result -> file name in the output directory."""
 
@@ -144,14 +145,12 @@ def _column(runs: pd.DataFrame, name: str) -> pd.Series:
 
 def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per run: ``row``, ``col``, ``kind``, ``target`` (a number or NaN), the report's metrics
-    (NaN where absent or not finite), ``defense`` (param ``defense.name``, else the row) and ``steps``
-    (param ``defense.langevin.steps``, NaN where absent)."""
+    (NaN where absent or not finite) and ``defense`` (param ``defense.name``, else the row)."""
     tidy = pd.DataFrame({
         "row": runs[tag_column(Tag.ROW)], "col": runs[tag_column(Tag.COL)],
         "kind": runs[tag_column(Tag.ATTACK_KIND)],
         "target": pd.to_numeric(_column(runs, tag_column(Tag.TARGET_CLASS)), errors="coerce"),
         "defense": _column(runs, param_column(Param.DEFENSE_NAME)).fillna(runs[tag_column(Tag.ROW)]),
-        "steps": pd.to_numeric(_column(runs, param_column(Param.LANGEVIN_STEPS)), errors="coerce"),
     })
     for metric in (NAT_ACC, POISON_M1, POISON_M3, TARGET_SUCCESS, *FLOORS.values()):
         values = pd.to_numeric(_column(runs, metric_column(metric)), errors="coerce").astype(float)
@@ -391,29 +390,38 @@ def _draw_heatmap(figure: Any, ax: Any, grid: np.ndarray, cmap_name: str, title:
     figure.colorbar(image, ax=ax, label="percent")
 
 
-def steps_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """Over the runs with param ``defense.langevin.steps``: one line per (``defense`` = param
-    ``defense.name``, ``attack`` label, ``steps``) with the mean ``poison`` success (m=1; where no run has
-    it: the mean ``target_success``) and mean ``nat`` accuracy; (defense, attack) pairs in order of first
-    appearance."""
+STEP_PLOTS = {"langevin_steps": (Param.LANGEVIN_STEPS, "Langevin steps"),
+              "diffusion_steps": (Param.DIFFUSION_STEPS, "DDPM depth t (diffusion steps)")}
+""":data:`REPORT_FILES` key -> (the purification-length param it plots against, its axis label)."""
+
+
+def steps_curves(runs: pd.DataFrame, param: str = Param.LANGEVIN_STEPS) -> pd.DataFrame:
+    """Over the runs with ``param`` (``defense.langevin.steps`` or ``defense.diffusion.steps``): one line per
+    (``defense`` = param ``defense.name``, ``attack`` label, ``steps``) with the mean ``poison`` success (m=1;
+    where no run has it: the mean ``target_success``) and mean ``nat`` accuracy; (defense, attack) pairs in
+    order of first appearance, only those run at two or more values of ``param`` (a DDPM run also records the
+    unused Langevin default)."""
     tidy = _tidy(runs).rename(columns={"col": "attack"})
+    tidy["steps"] = pd.to_numeric(_column(runs, param_column(param)), errors="coerce")
     tidy = tidy[tidy["steps"].notna()].astype({"steps": int})
-    grouped = tidy.groupby(["defense", "attack", "steps"], sort=False)
+    varied = tidy.groupby(["defense", "attack"], sort=False)["steps"].transform("nunique") >= 2
+    grouped = tidy[varied].groupby(["defense", "attack", "steps"], sort=False)
     means = grouped[[POISON_M1, TARGET_SUCCESS, NAT_ACC]].mean()
     curves = pd.DataFrame({"poison": means[POISON_M1].combine_first(means[TARGET_SUCCESS]),
                            "nat": means[NAT_ACC]})
     return curves.reset_index()
 
 
-def steps_plot_png(runs: pd.DataFrame, path: str | Path) -> bool:
-    """Mean poison success (m=1; triggerless: success rate) and mean natural accuracy against Langevin steps
-    (:func:`steps_curves`), one line per (``defense.name``, attack label), in two panels.
+def steps_plot_png(runs: pd.DataFrame, path: str | Path, param: str = Param.LANGEVIN_STEPS,
+                   label: str = "Langevin steps") -> bool:
+    """Mean poison success (m=1; triggerless: success rate) and mean natural accuracy against ``param``
+    (:func:`steps_curves`), one line per (``defense.name``, attack label), in two panels; x axis ``label``.
 
     Returns:
-        False (nothing written) when fewer than two distinct step counts occur among the runs with that param.
+        False (nothing written) when no (defense, attack) pair was run at two or more values of ``param``.
     """
-    curves = steps_curves(runs)
-    if curves["steps"].nunique() < 2:
+    curves = steps_curves(runs, param)
+    if curves.empty:
         return False
     figure = _new_figure(width=11, height=4.4)
     poison_ax, nat_ax = figure.subplots(1, 2, sharex=True)
@@ -423,8 +431,8 @@ def steps_plot_png(runs: pd.DataFrame, path: str | Path) -> bool:
         if curve["poison"].notna().any():
             poison_ax.plot(curve["steps"], curve["poison"] * 100, **style)
         nat_ax.plot(curve["steps"], curve["nat"] * 100, **style)
-    poison_ax.set(title="poison success (m=1)", xlabel="Langevin steps", ylabel="poison success (%)")
-    nat_ax.set(title="natural accuracy", xlabel="Langevin steps", ylabel="natural accuracy (%)")
+    poison_ax.set(title="poison success (m=1)", xlabel=label, ylabel="poison success (%)")
+    nat_ax.set(title="natural accuracy", xlabel=label, ylabel="natural accuracy (%)")
     for ax in (poison_ax, nat_ax):
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
@@ -442,14 +450,15 @@ def write_text(text: str, path: str | Path) -> Path:
 
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv``, ``report_heatmap.png`` and, when Langevin steps vary,
-    ``report_langevin_steps.png`` into ``out_dir`` (each atomically).
+    """Write ``report.md``, ``report.csv``, ``report_heatmap.png`` and, when a defense was run at several
+    Langevin steps / DDPM depths, ``report_langevin_steps.png`` / ``report_diffusion_steps.png`` into
+    ``out_dir`` (each atomically).
 
-    A ``report_langevin_steps.png`` left in ``out_dir`` by an earlier report is removed when the steps do not
-    vary, so every file there describes ``runs``.
+    A steps plot left in ``out_dir`` by an earlier report is removed when its steps do not vary, so every file
+    there describes ``runs``.
 
     Returns:
-        :data:`REPORT_FILES` key -> path written (``langevin_steps`` only when written).
+        :data:`REPORT_FILES` key -> path written (the steps plots only when written).
     """
     out_dir = Path(out_dir)
     table = build_table(runs)
@@ -458,11 +467,12 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         "csv": write_csv(to_csv_rows(table), out_dir / REPORT_FILES["csv"], CSV_COLUMNS),
         "heatmap": heatmap_png(table, out_dir / REPORT_FILES["heatmap"]),
     }
-    steps_path = out_dir / REPORT_FILES["langevin_steps"]
-    if steps_plot_png(runs, steps_path):
-        paths["langevin_steps"] = steps_path
-    else:
-        steps_path.unlink(missing_ok=True)
+    for name, (param, label) in STEP_PLOTS.items():
+        steps_path = out_dir / REPORT_FILES[name]
+        if steps_plot_png(runs, steps_path, param, label):
+            paths[name] = steps_path
+        else:
+            steps_path.unlink(missing_ok=True)
     return paths
 
 

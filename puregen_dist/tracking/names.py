@@ -76,6 +76,7 @@ class Param:
     SEED: Final = "seed"
     DEFENSE_NAME: Final = "defense.name"
     LANGEVIN_STEPS: Final = "defense.langevin.steps"
+    DIFFUSION_STEPS: Final = "defense.diffusion.steps"
 
 
 DEFINITION_TAG_PREFIX: Final = "metric."

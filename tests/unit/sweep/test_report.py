@@ -220,6 +220,24 @@ def test_write_report_with_varied_langevin_steps(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_diffusion_steps_get_their_own_plot_and_defaults_of_other_defenses_are_ignored(tmp_path):
+    runs = [_record("none", "badnets", "triggered", 0, 0, {"poison_success_m1": 0.9, "nat_acc": 0.95},
+                    **{"defense.name": "none"})]
+    for t in (25, 75, 125):  # a DDPM run also records the (unused) Langevin default: never a Langevin curve
+        runs.append(_record(f"puregen_ddpm (diffusion.steps={t})", "badnets", "triggered", 0, 0,
+                            {"poison_success_m1": 1.0 / t, "nat_acc": 0.9 - t / 1000},
+                            **{"defense.name": "puregen_ddpm", "defense.diffusion.steps": str(t),
+                               "defense.langevin.steps": "150"}))
+    runs = runs_frame(runs)
+    curves = report.steps_curves(runs, "defense.diffusion.steps")
+    assert curves["steps"].tolist() == [25, 75, 125] and set(curves["defense"]) == {"puregen_ddpm"}
+    assert curves["nat"].tolist() == pytest.approx([0.875, 0.825, 0.775])
+    assert report.steps_curves(runs).empty
+    paths = write_report(runs, tmp_path)
+    assert set(paths) == {"markdown", "csv", "heatmap", "diffusion_steps"}
+    assert paths["diffusion_steps"].read_bytes()[:8] == PNG_MAGIC
+
+
 def test_steps_plot_only_when_steps_vary(tmp_path):
     assert not steps_plot_png(steps_runs((150,)), tmp_path / "s.png")
     assert not (tmp_path / "s.png").exists()
