@@ -184,7 +184,7 @@ def build_stages(plan: SweepPlan, store: ArtifactStore, tracking_uri: str,
                    lambda a: (build_poison_artifact, a.job.pipeline.craft, (a.job, store.uri)))
     todo = [a for a in plan.purified if not a.cached]
     if todo:
-        _purify_all(plan, todo, store, progress)
+        _purify_all(todo, store, progress)
 
 
 def _run_tasks(artifacts: list[ArtifactPlan], bar: Progress,
@@ -209,8 +209,7 @@ def _run_tasks(artifacts: list[ArtifactPlan], bar: Progress,
             bar.tick()
 
 
-def _purify_all(plan: SweepPlan, todo: list[ArtifactPlan], store: ArtifactStore,
-                progress: ProgressFactory) -> None:
+def _purify_all(todo: list[ArtifactPlan], store: ArtifactStore, progress: ProgressFactory) -> None:
     """The purified sets ``todo``, one after another through Ray Data; the bar counts rows written (live when
     Ray Data reports them, else per finished set)."""
     from puregen_dist.sweep.progress import report_rows
