@@ -284,6 +284,13 @@ def report_cmd(args: argparse.Namespace) -> int:
     out_dir = Path(args.report_dir or Path(args.output_dir) / "report")
     markdown, paths = render_report(uri, args.experiment, out_dir, args.parent)
     print(markdown)
+    if args.paper:
+        from puregen_dist.sweep.paper import paper_comparison
+        from puregen_dist.sweep.report import read_stats_csv, write_text
+
+        beside = paper_comparison(read_stats_csv(paths["csv"]))
+        paths["paper"] = write_text(beside, out_dir / "report_paper.md")
+        print(f"Beside the paper ({args.paper}):\n\n{beside}")
     for path in paths.values():
         print(path)
     return 0
@@ -425,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "sqlite under --output-dir)")
             cmd.add_argument("--parent", help="only the trials of this parent (sweep invocation) run id")
             cmd.add_argument("--report-dir", help="where to write the files (default: OUTPUT_DIR/report)")
+            cmd.add_argument("--paper", choices=["table1"], help="also write report_paper.md: every attacked "
+                             "cell beside the paper's published numbers (Tables 1, 2, 4, 10)")
             continue
         if name == "quickstart":
             cmd.set_defaults(config=None, set=[], dry_run=False)

@@ -259,7 +259,7 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def _mean_std(cell: pd.Series, prefix: str) -> str:
+def mean_std(cell: pd.Series, prefix: str) -> str:
     """``mean ± std`` in percent of the statistics ``<prefix>_mean`` / ``_std``; ``—`` when absent."""
     if pd.isna(cell[f"{prefix}_mean"]):
         return "—"
@@ -272,6 +272,24 @@ def _floor(cell: pd.Series, column: str) -> str:
     return "" if value is None or pd.isna(value) else f", floor {_pct(value)}"
 
 
+def attack_text(cell: pd.Series, magnification: int = 1) -> str:
+    """The attack half of a cell in percent: ``ps ± std (max m, floor f)`` (triggered, at ``magnification``),
+    ``rate [low, high] (floor f)`` (triggerless, 95% Wilson); ``—`` when the metric is absent."""
+    if cell["attack_kind"] == TRIGGERED:
+        prefix = "poison_m1" if magnification == 1 else "poison_m3"
+        attack = mean_std(cell, prefix)
+        if attack != "—":
+            attack += f" (max {_pct(cell[f'{prefix}_max_over_targets'])}{_floor(cell, f'floor_m{magnification}_mean')})"
+        return attack
+    if pd.isna(cell.get("target_success_rate")):
+        return "—"
+    attack = (f"{_pct(cell['target_success_rate'])} [{_pct(cell['target_success_ci_low'])}, "
+              f"{_pct(cell['target_success_ci_high'])}]")
+    if floor := _floor(cell, "floor_target_rate"):
+        attack += f" ({floor.removeprefix(', ')})"
+    return attack
+
+
 def format_cell(cell: pd.Series | None, magnification: int = 1) -> str:
     """One table cell (a line of :attr:`ReportTable.stats`) in percent: ``ps ± std (max m) / nat ± std``
     (triggered; ``(max m, floor f)`` when the clean classifier's floor was measured), ``rate [low, high] / nat ±
@@ -280,21 +298,9 @@ def format_cell(cell: pd.Series | None, magnification: int = 1) -> str:
     ``—`` for a missing cell or metric."""
     if cell is None:
         return "—"
-    nat = _mean_std(cell, "nat_acc")
-    if cell["attack_kind"] == TRIGGERED:
-        prefix = "poison_m1" if magnification == 1 else "poison_m3"
-        attack = _mean_std(cell, prefix)
-        if attack != "—":
-            attack += f" (max {_pct(cell[f'{prefix}_max_over_targets'])}{_floor(cell, f'floor_m{magnification}_mean')})"
-        return f"{attack} / {nat}"
-    if cell["attack_kind"] == TRIGGERLESS:
-        attack = "—"
-        if pd.notna(cell["target_success_rate"]):
-            attack = (f"{_pct(cell['target_success_rate'])} [{_pct(cell['target_success_ci_low'])}, "
-                      f"{_pct(cell['target_success_ci_high'])}]")
-            if floor := _floor(cell, "floor_target_rate"):
-                attack += f" ({floor.removeprefix(', ')})"
-        return f"{attack} / {nat}"
+    nat = mean_std(cell, "nat_acc")
+    if cell["attack_kind"] in (TRIGGERED, TRIGGERLESS):
+        return f"{attack_text(cell, magnification)} / {nat}"
     return nat
 
 
@@ -347,6 +353,20 @@ def to_csv_rows(table: ReportTable) -> list[dict[str, Any]]:
     (None where a statistic does not apply; rates as fractions in [0, 1])."""
     lines = table.stats.to_dict("records")
     return [{k: None if pd.isna(v) else v for k, v in line.items()} for line in lines]
+
+
+def read_stats_csv(path: str | Path) -> pd.DataFrame:
+    """A ``report.csv`` written by :func:`write_report` read back as :attr:`ReportTable.stats` (same columns and
+    dtypes; labels as strings), e.g. to render a committed report without its MLflow database."""
+    try:
+        stats = pd.read_csv(path, dtype={"row": str, "col": str, "attack_kind": str}, keep_default_na=False,
+                            na_values=[""])
+    except (OSError, pd.errors.ParserError) as err:
+        raise UserInputError(f"{path}: not a readable report CSV ({err})") from err
+    missing = [c for c in CSV_COLUMNS if c not in stats.columns]
+    if missing:
+        raise UserInputError(f"{path}: not a report CSV, columns {missing} missing")
+    return stats.reindex(columns=list(CSV_COLUMNS)).astype({c: "Int64" for c in COUNT_COLUMNS})
 
 
 def heatmap_png(table: ReportTable, path: str | Path) -> Path:
@@ -484,7 +504,7 @@ def render_report(tracking_uri: str, experiment: str, out_dir: str | Path,
 
 
 __all__ = [
-    "CSV_COLUMNS", "REPORT_FILES", "ReportTable", "build_table", "fetch_runs", "format_cell", "heatmap_png",
-    "latest_per_cell", "render_report", "steps_curves", "steps_plot_png", "to_csv_rows", "to_markdown",
+    "CSV_COLUMNS", "attack_text", "mean_std", "REPORT_FILES", "ReportTable", "build_table", "fetch_runs", "format_cell", "heatmap_png",
+    "latest_per_cell", "read_stats_csv", "render_report", "steps_curves", "steps_plot_png", "to_csv_rows", "to_markdown",
     "write_report", "write_text",
 ]

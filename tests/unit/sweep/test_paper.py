@@ -1,0 +1,59 @@
+"""The report beside the paper's published cells (puregen_dist.sweep.paper), and the report CSV read back."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from puregen_dist.config.errors import UserInputError
+from puregen_dist.sweep.paper import attack_key, paper_cells, paper_comparison
+from puregen_dist.sweep.report import build_table, format_cell, read_stats_csv, write_report
+from tests.unit.sweep.test_report import golden_runs
+
+
+@pytest.mark.parametrize("col, key", [("narcissus (eps=0.0313725)", "narcissus-8"),
+                                      ("narcissus (eps=0.0627451, rounds=200)", "narcissus-16"),
+                                      ("narcissus", "narcissus-16"), ("gradient_matching", "gradient_matching"),
+                                      ("badnets (label_mode=dirty)", "badnets")])
+def test_attack_key_from_the_column_label(col, key):
+    assert attack_key(col) == key
+
+
+def test_paper_cells_pick_the_published_row():
+    ebm = paper_cells("puregen_ebm", "narcissus (eps=0.0313725)")
+    assert [(c.poison, c.nat, c.source) for c in ebm] == [("1.39 ± 0.8 (max 2.50)", "92.92", "T1 ResNet-18"),
+                                                          ("1.89", "91.94", "T2 HLB")]
+    assert [c.poison for c in paper_cells("jpeg (quality=25)", "narcissus (eps=0.0627451)")] == ["11.85 (max 36.90)"]
+    assert paper_cells("jpeg (quality=75)", "narcissus (eps=0.0627451)") == []  # Table 4 gives JPEG-25 only
+    assert [c.source for c in paper_cells("jpeg (quality=75)", "narcissus (eps=0.0313725)")] == [
+        "T1 ResNet-18", "T2 HLB"]
+    assert [c.source for c in paper_cells("puregen_filt", "narcissus (eps=0.0313725)")] == ["T10 ResNet-18"]
+    assert paper_cells("puregen_ebm", "gradient_matching")[0].poison == "1.00"
+    assert paper_cells("puregen_ebm", "badnets") == []
+
+
+def test_report_csv_reads_back_to_the_same_cells(tmp_path):
+    table = build_table(golden_runs())
+    back = read_stats_csv(write_report(golden_runs(), tmp_path)["csv"])
+    assert list(back.columns) == list(table.stats.columns)
+    for (_, ours), (_, read) in zip(table.stats.iterrows(), back.iterrows(), strict=True):
+        assert format_cell(read, 1) == format_cell(ours, 1) and format_cell(read, 3) == format_cell(ours, 3)
+
+
+def test_comparison_has_one_line_per_attacked_cell(tmp_path):
+    stats = read_stats_csv(write_report(golden_runs(), tmp_path)["csv"])
+    lines = [line for line in paper_comparison(stats).splitlines() if line.startswith("| ")][1:]
+    assert [tuple(line.split(" | ")[:2]) for line in lines] == [
+        ("| badnets", "none"), ("| badnets", "puregen_ebm"), ("| bullseye", "none"), ("| bullseye", "puregen_ebm")]
+    none_badnets = lines[0].split(" | ")
+    assert none_badnets[2] == "70.0 ± 18.3 (max 85.0)" and none_badnets[3] == "90.0 ± 14.1 (max 100.0)"
+    assert none_badnets[-1] == "— |"  # the paper has no BadNets column
+    bullseye = lines[3].split(" | ")
+    assert bullseye[2] == "20.0 [3.6, 62.4]" and bullseye[3] == "—"  # triggerless: no m = 3
+
+
+def test_read_stats_csv_names_the_file(tmp_path):
+    bad = tmp_path / "other.csv"
+    pd.DataFrame({"row": ["none"], "value": [1]}).to_csv(bad, index=False)
+    with pytest.raises(UserInputError, match="other.csv: not a report CSV"):
+        read_stats_csv(bad)
