@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from puregen_dist.atomic import atomic_write_text
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import (
     ClassifierJob,
@@ -282,7 +283,15 @@ def report_cmd(args: argparse.Namespace) -> int:
         raise UserInputError(f"{uri}: no MLflow database there (pass --tracking-uri, or --output-dir of the "
                              "sweep)")
     out_dir = Path(args.report_dir or Path(args.output_dir) / "report")
+    if args.with_runs:
+        from puregen_dist.tracking.reader import snapshot_database
+
+        uri = f"sqlite:///{snapshot_database(uri, out_dir / RUNS_DATABASE).resolve()}"
     markdown, paths = render_report(uri, args.experiment, out_dir, args.parent)
+    if args.with_runs:
+        paths["runs"] = out_dir / RUNS_DATABASE
+        source = {"experiment": args.experiment, "parent": args.parent, "paper": args.paper}
+        paths["source"] = atomic_write_text(out_dir / RUNS_SOURCE, json.dumps(source, indent=1) + "\n")
     print(markdown)
     if args.paper:
         from puregen_dist.sweep.paper import paper_comparison
@@ -415,6 +424,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 DEFAULT_STORE = "outputs/store"
+RUNS_DATABASE = "mlflow.db"
+"""File name of the MLflow database a report is published with (``report --with-runs``)."""
+RUNS_SOURCE = "source.json"
+"""Beside it: the experiment, parent run and paper table the report was rendered with."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "sqlite under --output-dir)")
             cmd.add_argument("--parent", help="only the trials of this parent (sweep invocation) run id")
             cmd.add_argument("--report-dir", help="where to write the files (default: OUTPUT_DIR/report)")
+            cmd.add_argument("--with-runs", action="store_true", help=f"copy the sqlite MLflow database into "
+                             f"the report directory ({RUNS_DATABASE}) and render the report from that copy, so "
+                             "the published numbers can be re-derived from their runs")
             cmd.add_argument("--paper", choices=["table1"], help="also write report_paper.md: every attacked "
                              "cell beside the paper's published numbers (Tables 1, 2, 4, 10)")
             continue

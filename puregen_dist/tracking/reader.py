@@ -12,6 +12,8 @@ MLflow is imported in function bodies only: importing this module imports neithe
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -146,6 +148,35 @@ def missing_database(tracking_uri: str) -> Path | None:
         return None
     db = Path(tracking_uri.removeprefix("sqlite:///"))
     return None if db.is_file() else db
+
+
+def snapshot_database(tracking_uri: str, dest: str | Path) -> Path:
+    """A consistent copy at ``dest`` of the sqlite database behind ``tracking_uri`` (sqlite's online backup, so a
+    sweep may be writing to it meanwhile; then VACUUM), moved into place atomically: a report published with the
+    runs it came from, which anyone can re-derive with ``--tracking-uri sqlite:///<dest>``.
+
+    Raises:
+        UserInputError: not a ``sqlite:///`` URI, or no database there.
+    """
+    import sqlite3
+
+    if not tracking_uri.startswith("sqlite:///"):
+        raise UserInputError(f"--with-runs copies a sqlite database; the tracking URI is {tracking_uri} (export "
+                             "the runs from that server instead)")
+    if (missing := missing_database(tracking_uri)) is not None:
+        raise UserInputError(f"{tracking_uri}: no MLflow database at {missing}")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        with contextlib.closing(sqlite3.connect(tracking_uri.removeprefix("sqlite:///"))) as source, \
+                contextlib.closing(sqlite3.connect(tmp)) as copy:
+            source.backup(copy)
+            copy.execute("VACUUM")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def _active_experiment_id(client: Any, experiment: str, tracking_uri: str) -> str:

@@ -1,0 +1,52 @@
+"""Published results re-derive from their MLflow runs: every ``docs/results/<name>/`` written by
+``puregen-dist report EXPERIMENT --report-dir docs/results/<name> --with-runs [--paper table1]`` holds the MLflow
+database it was rendered from (``mlflow.db``) and ``source.json``; rendering again from that database must give
+the committed files byte for byte, and every table a document quotes (between ``<!-- results: FILE -->`` and
+``<!-- /results -->``) must be the committed file."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from puregen_dist.sweep.paper import paper_comparison
+from puregen_dist.sweep.report import REPORT_FILES, read_stats_csv, render_report
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "results"
+QUOTE = re.compile(r"<!-- results: (?P<file>[\w./-]+) -->\n(?P<body>.*?)<!-- /results -->", re.S)
+PUBLISHED = sorted(p.parent for p in RESULTS.glob("*/source.json"))
+
+
+def quotes() -> list[tuple[str, str, str]]:
+    """(document, results file, quoted text) of every quoted table in docs/."""
+    found = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        for match in QUOTE.finditer(doc.read_text(encoding="utf-8")):
+            found.append((doc.name, match["file"], match["body"]))
+    return found
+
+
+def test_documents_quote_the_committed_results():
+    assert PUBLISHED, "no published results under docs/results"
+    for doc, name, body in quotes():
+        path = RESULTS / name
+        assert path.is_file(), f"{doc} quotes {name}, which is not in docs/results"
+        assert body == path.read_text(encoding="utf-8"), f"{doc}: the quoted {name} differs from the committed file"
+
+
+@pytest.mark.parametrize("published", PUBLISHED, ids=[p.name for p in PUBLISHED])
+def test_published_report_rederives_from_its_runs(published, tmp_path):
+    source = json.loads((published / "source.json").read_text())
+    database = shutil.copy(published / "mlflow.db", tmp_path / "mlflow.db")  # reading must not touch the repo
+    _, paths = render_report(f"sqlite:///{database}", source["experiment"], tmp_path / "report", source["parent"])
+    for name in ("markdown", "csv"):
+        committed = published / REPORT_FILES[name]
+        assert paths[name].read_text() == committed.read_text(), f"{committed} does not re-derive from its runs"
+    if source["paper"]:
+        beside = paper_comparison(read_stats_csv(paths["csv"]))
+        assert beside == (published / "report_paper.md").read_text()
