@@ -4,6 +4,7 @@ driver: test_sweep_resume.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -93,9 +94,13 @@ def test_sweep_builds_once_runs_8_trials_and_reports(ray_session, tmp_path, caps
     # the report printed at the end of the sweep matches the runs
     nat = np.mean([r.data.metrics["nat_acc"] for r in children if r.data.tags["row"] == "jpeg"]) * 100
     assert f"{nat:.1f}" in out
-    assert main(["-q", "report", "t", "--output-dir", str(tmp_path / "out")]) == 0
+    published = tmp_path / "published"
+    assert main(["-q", "report", "t", "--output-dir", str(tmp_path / "out"), "--report-dir", str(published),
+                 "--with-runs", "--paper", "table1"]) == 0
     report = capsys.readouterr().out
-    assert f"{nat:.1f}" in report and (tmp_path / "out" / "report" / "report.csv").is_file()
+    assert f"{nat:.1f}" in report and "Beside the paper (table1)" in report
+    assert {"report.csv", "report_paper.md", "mlflow.db", "source.json"} <= {p.name for p in published.iterdir()}
+    assert json.loads((published / "source.json").read_text())["experiment"] == "t"
 
     # a second invocation runs nothing and builds nothing
     before = {m["key"]: m["created"] for m in store.ls()}

@@ -195,3 +195,21 @@ def test_missing_or_deleted_experiment(db):
 
 def test_success_key_names():
     assert success_key(1.0) == "poison_success_m1" and success_key(1.5) == "poison_success_m1p5"
+
+
+def test_snapshot_reads_the_same_runs_and_leaves_no_temporary(db, tmp_path):
+    uri, parents, _ = db
+    copy = reader.snapshot_database(uri, tmp_path / "published" / "mlflow.db")
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["mlflow.db"]
+    original = read_runs(uri, "exp", parent_run_id=parents["P"])
+    again = read_runs(f"sqlite:///{copy}", "exp", parent_run_id=parents["P"])
+    assert again["run_id"].tolist() == original["run_id"].tolist()
+    assert again[metric_column("nat_acc")].tolist() == original[metric_column("nat_acc")].tolist()
+
+
+def test_snapshot_needs_an_existing_sqlite_database(tmp_path):
+    with pytest.raises(UserInputError, match="copies a sqlite database; the tracking URI is http://"):
+        reader.snapshot_database("http://127.0.0.1:5000", tmp_path / "mlflow.db")
+    with pytest.raises(UserInputError, match="no MLflow database at"):
+        reader.snapshot_database(f"sqlite:///{tmp_path / 'typo.db'}", tmp_path / "mlflow.db")
+    assert not (tmp_path / "mlflow.db").exists()
