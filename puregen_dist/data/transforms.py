@@ -12,8 +12,9 @@ from torch import Tensor
 
 
 def to_unit(images: np.ndarray) -> Tensor:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]. A read-only array (Ray's zero-copy objects) is
+    copied first: torch.from_numpy wants a writable buffer even though the float conversion copies anyway."""
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def to_sym(images: np.ndarray) -> Tensor:
