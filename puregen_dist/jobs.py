@@ -13,7 +13,7 @@ from puregen_dist.attacks import build_attack
 from puregen_dist.attacks.surrogate import surrogate_training_set
 from puregen_dist.classifiers.evaluation import natural_accuracy
 from puregen_dist.classifiers.training import train_classifier
-from puregen_dist.classifiers.transfer import save_classifier
+from puregen_dist.classifiers.transfer import save_trained_classifier
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import ClassifierJob, DDPMJob, EBMJob, ModelJob, PurifyJob, SurrogateJob
 from puregen_dist.config.loading import flatten
@@ -87,16 +87,14 @@ def _train_and_save_classifier(job: ClassifierJob | SurrogateJob, train: ImageSe
     network as a classifier checkpoint in ``job.output`` with ``meta`` (plus accuracy, epochs, and the input
     normalisation the network was trained with)."""
     clf = job.classifier
-    h, _, c = train.shape
     model = build_model(job, train)
     result = train_classifier(model, train, clf, seed=job.seed, report=tracker.log_metrics,
                               on_epoch_end=lambda epoch, m: {"test_acc": natural_accuracy(m, test,
                                                                                           clf.eval_batch_size)})
     accuracy = natural_accuracy(model, test, clf.eval_batch_size)
     tracker.log_metrics({"nat_acc": accuracy, "train_seconds": result.seconds}, step=clf.epochs)
-    meta = {**meta, "nat_acc": accuracy, "epochs": clf.epochs, "mean": list(model.mean), "std": list(model.std)}
-    return save_classifier(job.output, model.net, name=clf.name, in_channels=c, num_classes=train.num_classes,
-                           image_size=h, meta=meta)
+    return save_trained_classifier(job.output, model, name=clf.name, epochs=clf.epochs, shape=train.shape,
+                                   num_classes=train.num_classes, nat_acc=accuracy, meta=meta)
 
 
 @MODELS.register(SurrogateJob.model_kind, SurrogateJob)

@@ -43,6 +43,19 @@ def save_classifier(directory: str | Path, net: nn.Module, *, name: str, in_chan
     return save_checkpoint(directory, net, kind=KIND, model_config=config, meta=meta)
 
 
+def save_trained_classifier(directory: str | Path, model: Any, *, name: str, epochs: int,
+                            shape: tuple[int, int, int], num_classes: int, nat_acc: float,
+                            meta: Mapping[str, Any] | None = None) -> Path:
+    """:func:`save_classifier` for a network trained on (H, W, C) = ``shape`` images: ``model`` is the
+    ``Normalized`` wrapper training returns; its bare network is saved, and the meta records the natural
+    accuracy, the epochs and the input normalisation (mean, std) it was trained with, beside ``meta``."""
+    h, _, c = shape
+    meta = {**(meta or {}), "nat_acc": nat_acc, "epochs": epochs, "mean": list(model.mean),
+            "std": list(model.std)}
+    return save_classifier(directory, model.net, name=name, in_channels=c, num_classes=num_classes,
+                           image_size=h, meta=meta)
+
+
 def load_pretrained(net: nn.Module, directory: str | Path, *, name: str, in_channels: int) -> nn.Module:
     """Load every weight of a pretrained classifier into ``net`` except its head, which is re-initialised
     (its shape may differ: another number of classes). Returns ``net``.

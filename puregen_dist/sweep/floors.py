@@ -49,17 +49,15 @@ def store_clean_model(store: ArtifactStore, cfg: ExperimentConfig, train_key: st
                       shape: tuple[int, int, int], num_classes: int, nat_acc: float) -> str:
     """Commit the classifier an attack-``none`` trial trained (``model``: a ``Normalized`` network on [0, 1]
     images of ``shape`` (H, W, C)) as a classifier checkpoint, once per key; returns the key."""
-    from puregen_dist.classifiers.transfer import save_classifier
+    from puregen_dist.classifiers.transfer import save_trained_classifier
 
     key, config = clean_model_key(cfg, train_key)
     if store.exists(key):
         return key
-    h, _, c = shape
     with tempfile.TemporaryDirectory() as tmp:
-        meta = {"nat_acc": nat_acc, "epochs": cfg.classifier.epochs, "mean": list(model.mean),
-                "std": list(model.std)}
-        directory = save_classifier(f"{tmp}/model", model.net, name=cfg.classifier.name, in_channels=c,
-                                    num_classes=num_classes, image_size=h, meta=meta)
+        directory = save_trained_classifier(f"{tmp}/model", model, name=cfg.classifier.name,
+                                            epochs=cfg.classifier.epochs, shape=shape, num_classes=num_classes,
+                                            nat_acc=nat_acc)
         store.put_dir(key, directory, kind=CLEAN_MODEL_KIND, config=config, inputs=[train_key])
     return key
 
