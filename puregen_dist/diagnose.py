@@ -7,12 +7,15 @@ tables, logged to the tracker (ρ also as metrics against the step)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from puregen_dist.atomic import atomic_write_text
 from puregen_dist.attacks import build_attack
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import DiagnoseJob
@@ -24,7 +27,13 @@ from puregen_dist.generative.ddpm import DDPMPurifier, load_ddpm
 from puregen_dist.generative.diagnostics import ddpm_l2_trajectories, ebm_l2_trajectories, energy_groups
 from puregen_dist.generative.purifiers import EBMPurifier, load_ebm, purify_imageset
 from puregen_dist.generative.survival import SurvivalCurve, ddpm_survival, ebm_survival, make_pattern
-from puregen_dist.plots import energy_histogram_png, survival_png, trajectories_png, write_csv
+from puregen_dist.plots import (
+    energy_histogram_png,
+    survival_markdown,
+    survival_png,
+    trajectories_png,
+    write_csv,
+)
 from puregen_dist.protocols import Tracker
 from puregen_dist.types import ImageSet
 
@@ -87,9 +96,26 @@ def run_diagnose(prep: PreparedDiagnose, tracker: Tracker) -> list[Path]:
         paths += _survival(prep, out, "ddpm", tracker, survival_rows)
     if survival_rows:
         paths.append(write_csv(survival_rows, out / "survival.csv"))
+        defaults = {"ebm": job.langevin.steps, "ddpm": job.diffusion.steps}
+        paths.append(atomic_write_text(out / "survival.md", survival_markdown(survival_rows, defaults)))
     for path in paths:
         tracker.log_artifact(path, "diagnostics")
     return paths
+
+
+def survival_rows_from_metrics(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> list[dict[str, Any]]:
+    """The ``survival.csv`` rows (model, pattern, step, rho_mean, clean_change_mean) rebuilt from the tracker
+    metrics :func:`_survival` logged (``<model>_rho_<pattern>`` and ``<model>_clean_change`` against the step),
+    e.g. to re-derive a published ρ table from its MLflow run."""
+    rows = []
+    for name, history in metrics.items():
+        model, sep, pattern = name.partition("_rho_")
+        if not sep:
+            continue
+        change = dict(metrics[f"{model}_clean_change"])
+        rows += [{"model": model, "pattern": pattern, "step": int(step), "rho_mean": value,
+                  "clean_change_mean": change[step]} for step, value in history]
+    return rows
 
 
 def _energy_figure(prep: PreparedDiagnose, out: Path) -> list[Path]:

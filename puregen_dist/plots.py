@@ -119,6 +119,47 @@ def trajectories_png(traj: Trajectories, path: str | Path, title: str, xlabel: s
     return _save_png(figure, path)
 
 
+SURVIVAL_TABLE_COLUMNS = 11
+"""At most this many steps per model in :func:`survival_markdown` (evenly thinned; the marked step always kept)."""
+
+
+def survival_markdown(rows: Sequence[Mapping[str, Any]], marked: Mapping[str, int] | None = None) -> str:
+    """ρ per perturbation family against purification steps as Markdown, one table per model.
+
+    Args:
+        rows: ``survival.csv`` rows (keys ``model``, ``pattern``, ``step``, ``rho_mean``,
+            ``clean_change_mean``); each (model, step) has the same clean change for every pattern.
+        marked: model -> its default step, shown in bold and never thinned away.
+
+    Returns:
+        For each model (EBM first): a header line, then ``| pattern | step ... |`` with ρ to three
+        decimals (patterns sorted, the attack's own perturbations last) and a last ``clean change`` line (relative
+        change of clean images).
+    """
+    marked = marked or {}
+    blocks = []
+    for model in sorted({r["model"] for r in rows}, key=lambda m: (m != "ebm", m)):
+        mine = [r for r in rows if r["model"] == model]
+        steps = sorted({int(r["step"]) for r in mine})
+        shown = steps
+        if len(steps) > SURVIVAL_TABLE_COLUMNS:
+            keep = {steps[-1]} | ({marked[model]} if marked.get(model) in steps else set())
+            stride = -(-len(steps) // (SURVIVAL_TABLE_COLUMNS - len(keep)))
+            shown = sorted(set(steps[::stride]) | keep)
+        head = [f"**{t}**" if t == marked.get(model) else str(t) for t in shown]
+        lines = [f"{model.upper()}: ρ by purification step", "", "| pattern | " + " | ".join(head) + " |",
+                 "|---|" + "---|" * len(shown)]
+        value = {(r["pattern"], int(r["step"])): r for r in mine}
+        patterns = sorted({r["pattern"] for r in mine}, key=lambda p: (p == "attack", p))
+        for pattern in patterns:
+            cells = [f"{float(value[pattern, t]['rho_mean']):.3f}" for t in shown]
+            lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+        cells = [f"{float(value[patterns[0], t]['clean_change_mean']):.3f}" for t in shown]
+        lines.append("| clean change | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
 def survival_png(curve: SurvivalCurve, path: str | Path, title: str, xlabel: str,
                  default_step: int | None = None) -> Path:
     """Trigger survival ρ of each perturbation family against purification steps (left axis, with the 0 and 1

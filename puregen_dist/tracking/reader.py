@@ -150,6 +150,24 @@ def missing_database(tracking_uri: str) -> Path | None:
     return None if db.is_file() else db
 
 
+def latest_metric_histories(tracking_uri: str, experiment: str) -> dict[str, list[tuple[int, float]]]:
+    """Metric name -> [(step, value)] sorted by step, of the latest FINISHED run of ``experiment`` (e.g. the
+    ρ curves a ``diagnose`` run logged against the purification step).
+
+    Raises:
+        UserInputError: no database at a ``sqlite:///`` URI, no such experiment, or no finished run in it.
+    """
+    from mlflow.tracking import MlflowClient
+
+    runs = read_runs(tracking_uri, experiment)
+    if runs.empty:
+        raise UserInputError(f"no finished run in MLflow experiment {experiment!r} at {tracking_uri}")
+    run_id = runs.sort_values(["start_time", "run_id"]).iloc[-1]["run_id"]
+    client = MlflowClient(tracking_uri)
+    names = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in names}
+
+
 def snapshot_database(tracking_uri: str, dest: str | Path) -> Path:
     """A consistent copy at ``dest`` of the sqlite database behind ``tracking_uri`` (sqlite's online backup, so a
     sweep may be writing to it meanwhile; then VACUUM), moved into place atomically: a report published with the

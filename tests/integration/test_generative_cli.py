@@ -12,6 +12,9 @@ from PIL import Image
 
 from puregen_dist.cli import main
 from puregen_dist.data.io import read_imageset
+from puregen_dist.diagnose import survival_rows_from_metrics
+from puregen_dist.plots import survival_markdown
+from puregen_dist.tracking.reader import latest_metric_histories
 
 DATA = {"dataset": "digits", "train_per_class": 3}
 ATTACK = {"name": "badnets", "budget": 0.2, "trigger": "sign"}
@@ -75,6 +78,13 @@ def test_diagnose_measures_trigger_survival_per_step(tmp_path, tiny_checkpoints)
     history = client.get_metric_history(run.info.run_id, "ebm_rho_sign")
     assert sorted(m.step for m in history) == [0, 2, 4, 6]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "ddpm_rho_attack")] == [0, 3]
+    # the ρ table is written beside the CSV and re-derives from the MLflow run alone
+    table = (out / "survival.md").read_text()
+    assert "| pattern | 0 | 2 | **4** | 6 |" in table and "| pattern | 0 | **3** |" in table
+    assert table.index("| smooth4 |") < table.index("| attack |")  # the attack's own perturbations last
+    rederived = survival_markdown(survival_rows_from_metrics(latest_metric_histories(
+        f"sqlite:///{out / 'mlflow.db'}", "diag")), {"ebm": 4, "ddpm": 3})
+    assert rederived == table
 
 
 @pytest.mark.parametrize(("data", "kind"), [

@@ -1,7 +1,8 @@
-"""Published results re-derive from their MLflow runs: every ``docs/results/<name>/`` written by
-``puregen-dist report EXPERIMENT --report-dir docs/results/<name> --with-runs [--paper table1]`` holds the MLflow
-database it was rendered from (``mlflow.db``) and ``source.json``; rendering again from that database must give
-the committed files byte for byte, and every table a document quotes (between ``<!-- results: FILE -->`` and
+"""Published results re-derive from their MLflow runs: every ``docs/results/<name>/`` holds the MLflow database
+its numbers came from (``mlflow.db``) and ``source.json``: a sweep report written by ``puregen-dist report
+EXPERIMENT --report-dir docs/results/<name> --with-runs [--paper table1]`` must render again from that database
+byte for byte; a ``diagnose`` run's ρ table (``survival.md``, ``"kind": "diagnose"``) must rebuild from the
+metrics its run logged; and every table a document quotes (between ``<!-- results: FILE -->`` and
 ``<!-- /results -->``) must be the committed file."""
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from puregen_dist.diagnose import survival_rows_from_metrics
+from puregen_dist.plots import survival_markdown
 from puregen_dist.sweep.paper import paper_comparison
 from puregen_dist.sweep.report import REPORT_FILES, read_stats_csv, render_report
+from puregen_dist.tracking.reader import latest_metric_histories
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
@@ -43,6 +47,10 @@ def test_documents_quote_the_committed_results():
 def test_published_report_rederives_from_its_runs(published, tmp_path):
     source = json.loads((published / "source.json").read_text())
     database = shutil.copy(published / "mlflow.db", tmp_path / "mlflow.db")  # reading must not touch the repo
+    if source.get("kind") == "diagnose":  # the ρ table of a `diagnose` run, from the metrics it logged
+        rows = survival_rows_from_metrics(latest_metric_histories(f"sqlite:///{database}", source["experiment"]))
+        assert survival_markdown(rows, source["marked"]) == (published / "survival.md").read_text()
+        return
     _, paths = render_report(f"sqlite:///{database}", source["experiment"], tmp_path / "report", source["parent"])
     for name in ("markdown", "csv"):
         committed = published / REPORT_FILES[name]

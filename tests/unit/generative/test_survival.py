@@ -160,3 +160,17 @@ def test_gaussian_survival_is_rotation_invariant_and_matches_the_empirical_covar
     high, low = (gaussian_survival(cov, 0.9, torch.zeros(1, 2, 2, 2).index_fill_(1, torch.tensor([c]), 1.0))
                  for c in (0, 1))
     assert high[0] > 0.95 > 0.2 > low[0]  # the high-variance channel survives, the quiet one is removed
+
+
+def test_survival_table_thins_long_curves_and_keeps_the_default_and_last_step():
+    from puregen_dist.plots import SURVIVAL_TABLE_COLUMNS, survival_markdown
+
+    rows = [{"model": "ebm", "pattern": p, "step": s, "rho_mean": 1.0 - s / 1000, "clean_change_mean": s / 1000}
+            for p in ("attack", "sign") for s in range(0, 501, 10)]
+    table = survival_markdown(rows, {"ebm": 150})
+    header = next(line for line in table.splitlines() if line.startswith("| pattern |"))
+    steps = header.strip("| ").split(" | ")[1:]
+    assert len(steps) <= SURVIVAL_TABLE_COLUMNS and "**150**" in steps and steps[-1] == "500" and steps[0] == "0"
+    lines = table.splitlines()
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| sign", "| attack", "| clean change"]
+    assert lines[-1].endswith("| 0.500 |") and "| 0.850 |" in lines[5]  # attack ρ at step 150 = 1 - 0.15
