@@ -156,7 +156,7 @@ class PureGenConfig(DefenseConfig):
     of a model artifact in the job's store (``ebm-<hex16>``, printed by ``train-ebm --store``)."""
 
     pipeline: ClassVar[PipelineKind] = "actor_pool"
-    rowwise: ClassVar[bool] = True  # per-sample seeding; PureGen-Filt's global ranking is not
+    rowwise: ClassVar[bool] = True  # per-sample seeding (PureGen-Filt: of the rows its global ranking selects)
     ebm: str | None = model_ref("ebm")
     ddpm: str | None = model_ref("ddpm")
     langevin: LangevinConfig = field(default_factory=LangevinConfig)

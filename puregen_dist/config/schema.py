@@ -44,10 +44,11 @@ class DefenseConfig(RegistryConfig):
     """True: the actor pool first ranks all images by EBM energy and purifies only the top fraction
     (PureGen-Filt's two passes)."""
     rowwise: ClassVar[bool] = False
-    """True: each purified row is a function of (image, id, seed) alone, so a poisoned set's purified set is
-    assembled from its clean rows purified once (shared by every poison set of the same data and seed) and its
-    changed rows purified on their own (:func:`~puregen_dist.pipeline.stages.purify_stage`). False (the safe
-    default for plugins): the whole set is purified each time."""
+    """True: each purified row is a function of (image, id, seed) alone (with ``rank_by_energy``: each row it
+    selects), so a poisoned set's purified set is assembled from its clean rows purified once (shared by every
+    poison set of the same data and seed) and its other rows purified on their own
+    (:func:`~puregen_dist.pipeline.stages.purify_stage`). False (the safe default for plugins): the whole set is
+    purified each time."""
 
 
 @dataclass(frozen=True, kw_only=True)

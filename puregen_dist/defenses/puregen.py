@@ -86,7 +86,6 @@ class PureGenFiltConfig(PureGenConfig):
     """PureGen-Filt, T = [0, 125, 1], k = 0.5: the EBM ranks, the configured stages purify the top-k."""
 
     rank_by_energy: ClassVar[bool] = True
-    rowwise: ClassVar[bool] = False  # which rows get purified depends on every row's energy
     name: str = "puregen_filt"
     langevin: LangevinConfig = field(default_factory=lambda: LangevinConfig(steps=0))
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(steps=125))

@@ -231,10 +231,12 @@ def validate_defense(defense_cfg: Any, source: ParquetInput) -> None:
 
 
 def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: int,
-                   ray_cfg: RayPurifyConfig | None = None, store_uri: str | None = None) -> PurifyStats:
+                   ray_cfg: RayPurifyConfig | None = None, store_uri: str | None = None,
+                   select_ids: np.ndarray | None = None) -> PurifyStats:
     """Purify the Parquet image set at ``input_path`` (a file or a directory of files) into Parquet files in
     ``output_dir`` (same schema and metadata, same rows and ids, images replaced); starts local Ray if needed.
     Model artifact keys in ``defense_cfg`` are looked up in ``store_uri`` (by the driver and by each actor).
+    ``select_ids`` replaces the energy ranking of a ``rank_by_energy`` defense (only those rows purified).
 
     Raises UserInputError (naming the file, checkpoint or URI) before any Ray work for bad inputs.
     """
@@ -249,7 +251,9 @@ def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: 
     log.info("purifying %d images (%d file(s)) with %s on a Ray Data %s", source.rows, len(source.files),
              defense_cfg.name, kind.replace("_", " "))
     start = time.perf_counter()
-    select = top_energy_ids(defense_cfg, source, ray_cfg, store_uri) if defense_cfg.rank_by_energy else None
+    select = select_ids
+    if select is None and defense_cfg.rank_by_energy:
+        select = top_energy_ids(defense_cfg, source, ray_cfg, store_uri)
     dataset = read_dataset(source, ray_cfg)
     if kind == "task_pool":
         dataset, workers = map_data_defense(dataset, defense_cfg, seed, source, ray_cfg), ray_cfg.cpu_tasks

@@ -33,7 +33,13 @@ from puregen_dist.data.io import read_imageset
 from puregen_dist.pipeline.actors import ray_device
 from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.models import file_fingerprints, model_fingerprints, resolve_models
-from puregen_dist.pipeline.purify import PurifyStats, ensure_ray, purify_parquet
+from puregen_dist.pipeline.purify import (
+    PurifyStats,
+    ensure_ray,
+    inspect_input,
+    purify_parquet,
+    top_energy_ids,
+)
 from puregen_dist.pipeline.reference import import_reference, reference_for_key
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, StoreError, artifact_key
 from puregen_dist.plugins import load_plugins
@@ -326,30 +332,44 @@ def assemble_purified(job: PurifyJob, poison_key: str, clean_key: str, clean_pur
     """Stage the purified set of ``poison_key``: rows identical to the clean set ``clean_key`` (same id, same
     bytes) take their image from its purified set ``clean_purified_key``; the other rows (poisons, and any
     row an attack added or changed) are purified now through the same Ray Data pipeline. Labels, ids and
-    poisoned flags are the poison set's."""
+    poisoned flags are the poison set's.
+
+    A defense that ranks by energy (PureGen-Filt) purifies only the rows its ranking of *this* set selects:
+    a selected row is reused when it is unchanged and the clean set's ranking selected it too, purified now
+    otherwise; unselected rows keep the poison set's image."""
+    start = time.perf_counter()
     poisoned, flags = store.get_imageset(poison_key)
     clean, _ = store.get_imageset(clean_key)
     changed = changed_rows(poisoned, clean)
     del clean
+    todo, reuse = changed, ~changed
+    if job.defense.rank_by_energy:
+        selected = np.isin(poisoned.ids, top_energy_ids(job.defense, inspect_input(store.imageset_path(poison_key)),
+                                                        job.pipeline, store.uri))
+        clean_selected = np.isin(poisoned.ids, top_energy_ids(
+            job.defense, inspect_input(store.imageset_path(clean_key)), job.pipeline, store.uri))
+        todo, reuse = selected & (changed | ~clean_selected), selected & ~changed & clean_selected
     images = poisoned.images.copy()
-    stats = None
-    if changed.any():
-        images[changed], stats = purify_rows(job, poisoned.take(changed), flags[changed], store, staged.key)
-    reused = ~changed
-    if reused.any():
+    if todo.any():
+        images[todo], _ = purify_rows(job, poisoned.take(todo), flags[todo], store, staged.key)
+    if reuse.any():
         purified_clean, _ = store.get_imageset(clean_purified_key)
-        images[reused] = purified_clean.images[purified_clean.positions(poisoned.ids[reused])]
+        images[reuse] = purified_clean.images[purified_clean.positions(poisoned.ids[reuse])]
     rows = store.stage_imageset(staged, poisoned.replace(images=images), poisoned_ids=poisoned.ids[flags])
-    log.info("%s: purified %d changed rows, reused %d purified clean rows of %s", staged.key,
-             int(changed.sum()), int(reused.sum()), clean_purified_key)
-    return {"rows": rows, "timings": _assembled_timings(store.manifest(clean_purified_key), stats, rows),
-            "stats": {"rows_purified": float(changed.sum()), "rows_reused": float(reused.sum())}}
+    log.info("%s: purified %d rows, reused %d purified clean rows of %s", staged.key, int(todo.sum()),
+             int(reuse.sum()), clean_purified_key)
+    stats = {"rows_purified": float(todo.sum()), "rows_reused": float(reuse.sum())}
+    if job.defense.rank_by_energy:
+        stats["rows_unselected"] = float(len(poisoned) - todo.sum() - reuse.sum())
+    return {"rows": rows, "timings": _assembled_timings(store.manifest(clean_purified_key),
+                                                        time.perf_counter() - start, rows),
+            "stats": stats}
 
 
-def _assembled_timings(clean: dict[str, Any], own: PurifyStats | None, rows: int) -> dict[str, float]:
+def _assembled_timings(clean: dict[str, Any], spent: float, rows: int) -> dict[str, float]:
     """Timings of an assembled purified set, as if it had been purified whole (what a trial reports as its
-    defense cost): the clean set's purification plus this set's own rows (``changed_rows_purify_s``)."""
-    spent = float(own.seconds) if own is not None else 0.0
+    defense cost): the clean set's purification plus this set's own work (``changed_rows_purify_s``: reading,
+    ranking, purifying its rows)."""
     total = float(clean.get("timings", {}).get("purify_s", 0.0)) + spent
     timings = {"purify_s": total, "changed_rows_purify_s": spent}
     if total > 0:
@@ -387,7 +407,7 @@ def purify_rows(job: PurifyJob, rows: ImageSet, poisoned: np.ndarray, store: Art
     try:
         store.stage_imageset(source, rows, poisoned_ids=rows.ids[poisoned])
         stats = purify_parquet(source.uri, sink.uri, job.defense, seed=job.seed, ray_cfg=job.pipeline,
-                               store_uri=store.uri)
+                               store_uri=store.uri, select_ids=rows.ids if job.defense.rank_by_energy else None)
         purified, _ = read_imageset(sink.uri)
     finally:
         store.abort(source)
@@ -401,10 +421,15 @@ def purify_in_task(defense_cfg: Any, seed: int, rows: ImageSet, store_uri: str) 
     """The body of :func:`purify_rows`' Ray task: ``rows`` through the data defense, in process, on the device
     Ray assigned (CUDA only with a GPU); (N, H, W, C) uint8 in ``rows``' order."""
     from puregen_dist.defenses import build_defense
+    from puregen_dist.generative.purifiers import purify_imageset
 
     load_plugins()
     cfg = with_device(resolve_models(defense_cfg, store_uri), ray_device(), only_auto=True)
-    return build_defense(cfg).apply(rows, seed=seed).images
+    defense = build_defense(cfg)
+    if cfg.rank_by_energy:  # the rows were selected already: purify every one (no ranking among them)
+        return purify_imageset(defense.purifier, rows, seed=seed, batch_size=cfg.batch_size,
+                               device=defense.device).images
+    return defense.apply(rows, seed=seed).images
 
 
 def rows_to_purify(job: PurifyJob, poison_key: str, store: ArtifactStore) -> int:

@@ -54,19 +54,25 @@ def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, 
     assert np.array_equal(poisoned, local_poisoned) and poisoned.sum() == 8
 
 
+FILT = {"name": "puregen_filt", "diffusion": {"steps": 2}, "batch_size": 8}
+
+
 @pytest.mark.parametrize("defense", [{"name": "puregen_ebm", "langevin": {"steps": 3}, "batch_size": 8},
-                                     {"name": "jpeg", "quality": 25}], ids=["ebm", "jpeg"])
+                                     {"name": "jpeg", "quality": 25}, FILT], ids=["ebm", "jpeg", "filt"])
 def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_checkpoints, defense):
     """Two poison sets of the same data and seed share one purified clean set; each purifies only its poisons
     (5 rows: one batch, in one Ray task; 10 rows: through Ray Data), and the assembled set equals purifying the
-    whole poison set through the same pipeline, byte for byte."""
+    whole poison set through the same pipeline, byte for byte. PureGen-Filt ranks each set afresh: it purifies
+    the selected rows that are poisons or that the clean ranking left out, and reuses the rest of its selection."""
     from puregen_dist.config.generative import PurifyJob
     from puregen_dist.config.loading import build
     from puregen_dist.pipeline.purify import purify_parquet
     from puregen_dist.pipeline.stages import poison_stage, purify_stage, rows_to_purify
 
+    if defense["name"].startswith("puregen"):
+        defense = {**defense, "ebm": str(tiny_checkpoints[1][0]), "ddpm": str(tiny_checkpoints[1][1])}
     if defense["name"] == "puregen_ebm":
-        defense = {**defense, "ebm": str(tiny_checkpoints[1][0])}
+        del defense["ddpm"]
     store = ArtifactStore(tmp_path / "store")
     base = {"seed": 2, "store": str(tmp_path / "store"), "data": {"dataset": "digits", "train_per_class": 5},
             "defense": defense, "pipeline": {"actors": 1, "batch_size": 8}}
@@ -79,8 +85,12 @@ def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_che
         assert rows_to_purify(job, poison.key, store) == expected_rows
         result = purify_stage(job, poison.key, store)
         assert result.built
-        assert result.manifest["stats"] == {"rows_purified": float(expected_rows),
-                                            "rows_reused": float(50 - expected_rows)}
+        stats = result.manifest["stats"]
+        if defense["name"] == "puregen_filt":
+            assert stats["rows_purified"] + stats["rows_reused"] == 25 == stats["rows_unselected"]  # k = 0.5
+            assert 0 < stats["rows_reused"] and stats["rows_purified"] < 25
+        else:
+            assert stats == {"rows_purified": float(expected_rows), "rows_reused": float(50 - expected_rows)}
         whole = tmp_path / f"whole-{len(results)}"
         purify_parquet(store.imageset_path(poison.key), str(whole), job.defense, seed=job.seed,
                        ray_cfg=job.pipeline, store_uri=store.uri)
@@ -93,7 +103,7 @@ def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_che
     kinds = sorted(m["kind"] for m in store.ls())
     assert kinds == ["poison"] * 3 + ["purified"] * 3  # one clean set and its purified set, shared
     clean = [m for m in store.ls() if m["kind"] == "purified" and m["key"] not in {r.key for r in results}]
-    assert clean[0]["stats"] == {"rows_purified": 50.0, "rows_reused": 0.0}
+    assert clean[0]["stats"] == {"rows_purified": 50.0, "rows_reused": 0.0}  # the whole set went through
     for result in results:  # reported cost: the shared clean purification plus the set's own rows
         timings = result.manifest["timings"]
         assert timings["changed_rows_purify_s"] > 0
