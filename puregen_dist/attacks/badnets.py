@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from puregen_dist.attacks.triggers import apply_trigger
-from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.errors import UserInputError, check, check_budget, check_eps
 from puregen_dist.config.identity import file_ref, key_neutral_default
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.data.transforms import to_unit, unit_to_uint8
@@ -77,8 +77,8 @@ class BadNetsConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         check(self.target_class >= 0, "target_class", "must be >= 0")
-        check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
-        check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check_budget(self.budget)
+        check_eps(self.eps, 16)
         if self.trigger == "blend":
             if self.alpha is None:
                 object.__setattr__(self, "alpha", CHEN_ALPHA)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from puregen_dist.attacks.triggers import apply_trigger
-from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.errors import UserInputError, check, check_budget, check_eps
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.data.transforms import to_unit, unit_to_uint8
 from puregen_dist.types import ImageSet, PoisonSet, TargetSpec
@@ -38,8 +38,8 @@ class CleanLabelTriggerConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         check(self.target_class >= 0, "target_class", "must be >= 0")
-        check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 8/255 = 0.0314)")
-        check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
+        check_eps(self.eps, 8)
+        check_budget(self.budget)
         check(self.num_poisons is None or self.num_poisons >= 1, "num_poisons", "must be >= 1 (or null)")
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from puregen_dist.attacks.surrogate import load_classifier
-from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.errors import UserInputError, check, check_budget, check_eps
 from puregen_dist.config.identity import execution_only, model_ref, model_refs_field
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.data.transforms import to_unit, unit_to_uint8
@@ -202,9 +202,9 @@ class GradientMatchingConfig(AttackConfig):
     device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
-        check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check_eps(self.eps, 16)
         check(self.augment_shift >= 0, "augment_shift", "must be >= 0 pixels")
-        check(0.0 < self.budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
+        check_budget(self.budget)
         check(self.num_poisons is None or self.num_poisons >= 1, "num_poisons", "must be >= 1 (or null)")
         check(self.poison_key >= 0, "poison_key", "must be >= 0")
         check(self.iterations >= 1 and self.restarts >= 1, "iterations", "iterations and restarts must be >= 1")

@@ -38,17 +38,13 @@ from puregen_dist.attacks.safe_load import (
     require_file,
     to_uint8,
 )
-from puregen_dist.config.errors import UserInputError, check
+from puregen_dist.config.errors import UserInputError, check, check_eps
 from puregen_dist.config.identity import file_ref
 from puregen_dist.config.schema import AttackConfig
 from puregen_dist.registry import ATTACKS
 from puregen_dist.types import ImageSet, PoisonSet, TargetSpec
 
 Shape = tuple[int, int, int]
-
-
-def _check_eps(eps: float) -> None:
-    check(0.0 < eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 8/255 = 0.0314)")
 
 
 def _levels(eps: float) -> str:
@@ -156,7 +152,7 @@ class ToxicConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         check(bool(self.path), "path", "required: the directory holding the three pickles")
-        _check_eps(self.eps)
+        check_eps(self.eps, 8)
 
 
 @dataclass(frozen=True)
@@ -327,7 +323,7 @@ class NTGAConfig(AttackConfig):
     def __post_init__(self) -> None:
         check(bool(self.images), "images", "required: the poisoned images .npy")
         check(bool(self.labels), "labels", "required: the labels .npy")
-        _check_eps(self.eps)
+        check_eps(self.eps, 8)
 
 
 class NTGAAttack:

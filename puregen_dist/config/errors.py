@@ -30,3 +30,13 @@ def check_at_least(cfg: object, **minimums: float) -> None:
     """``check(cfg.key >= minimum, key, "must be >= minimum")`` for each keyword, in order."""
     for key, minimum in minimums.items():
         check(getattr(cfg, key) >= minimum, key, f"must be >= {minimum}")
+
+
+def check_eps(eps: float, typical: int = 16) -> None:
+    """``eps`` (a perturbation bound in pixel units) must lie in (0, 1]; the message cites ``typical``/255."""
+    check(0.0 < eps <= 1.0, "eps", f"must lie in (0, 1] (pixel units; {typical}/255 = {typical / 255:.4f})")
+
+
+def check_budget(budget: float) -> None:
+    """``budget`` (the poisoned fraction of the training set) must lie in (0, 1]."""
+    check(0.0 < budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from puregen_dist.config.errors import check, check_at_least
+from puregen_dist.config.errors import check, check_at_least, check_eps
 from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
 from puregen_dist.config.schema import (
     AttackConfig,
@@ -375,7 +375,7 @@ class SurvivalConfig:
     def __post_init__(self) -> None:
         bad = [p for p in self.patterns if not re.fullmatch(r"sign|smooth[1-9][0-9]*|attack", p)]
         check(not bad, "patterns", f"unknown pattern(s) {bad}; expected sign, smooth<k> (k >= 1) or attack")
-        check(0.0 < self.eps <= 1.0, "eps", "must lie in (0, 1] (pixel units; 16/255 = 0.0627)")
+        check_eps(self.eps, 16)
         check_at_least(self, num_images=1, langevin_steps=1)
 
 
