@@ -17,7 +17,7 @@ class Attack(Protocol):
     """Crafts a poison set from a clean training set. ``test`` is the clean test split, for attacks whose target
     is a test image (triggerless attacks); callers pass it when they have it, and other attacks ignore it."""
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet: ...
 
 

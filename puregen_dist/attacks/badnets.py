@@ -27,7 +27,6 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from puregen_dist.attacks.triggers import apply_trigger
 from puregen_dist.config.errors import UserInputError, check, check_budget, check_eps
@@ -137,7 +136,7 @@ class BadNetsAttack:
         mask[top:top + p, left:left + p] = 1.0
         return TargetSpec("triggered", target_class=cfg.target_class, trigger=pattern, trigger_mask=mask)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """Poison ``budget * N`` rows chosen with ``seed``; returns the delta-plus-lookup PoisonSet."""
         self.validate(train)

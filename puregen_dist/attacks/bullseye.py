@@ -266,7 +266,7 @@ class BullseyeAttack:
         rates = rates * len(refs) if len(rates) == 1 else rates
         return [Substitute(load_classifier(ref, device)[0], rate) for ref, rate in zip(refs, rates, strict=True)]
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """Draw the trial, craft the polytope on the substitutes (``seed`` drives the dropout draws)."""
         if test is None:

@@ -260,7 +260,7 @@ class GradientMatchingAttack:
         rows = np.sort(rng.choice(candidates, size=self.num_poisons(train), replace=False))
         return Trial(target_row, adversarial, rows)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """Draw the trial, brew the poisons on the surrogate (``seed`` drives the brew), stamp them."""
         if test is None:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from torch import nn
 
 from puregen_dist.attacks.clean_label import CleanLabelTriggerConfig, check_target_and_budget, stamp_trigger
 from puregen_dist.attacks.safe_load import (
@@ -107,7 +106,7 @@ class TriggerFileAttack:
                                  f"(convention {cfg.convention}) > eps {_levels(cfg.eps)}/255 + 1/255")
         return np.ascontiguousarray(delta, np.float32)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """Stamp the trigger on the selected target-class rows (labels unchanged)."""
         self.validate(train)
@@ -177,7 +176,7 @@ class ToxicAttack:
         """Files load safely, shapes fit, indices exist (no duplicates), labels are clean, eps holds."""
         self._positions(train)
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """The poisons in file order at their base rows; the seed is unused (the files are the attack)."""
         self.validate(train)
@@ -344,7 +343,7 @@ class NTGAAttack:
                                  f"{train.labels[i]} (id {train.ids[i]}); imported poisons must be clean-label")
         _check_bound(images, train.images, np.arange(len(train)), train.ids, self.cfg.eps, "attack.images")
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """Every row poisoned; the seed is unused (the files are the attack)."""
         self.validate(train)

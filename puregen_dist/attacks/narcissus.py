@@ -148,7 +148,7 @@ class NarcissusAttack:
             self._surrogate = load_surrogate(self.cfg.surrogate or "")
         return self._surrogate
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         """Warm up, synthesise the trigger, poison; ``seed`` drives batching, augmentation and selection."""
         self.validate(train)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
 from puregen_dist.config.schema import NoAttackConfig
 from puregen_dist.registry import ATTACKS
@@ -19,7 +18,7 @@ class NoAttack:
     def validate(self, train: ImageSet) -> None:
         """Nothing to check."""
 
-    def craft(self, train: ImageSet, *, surrogate: nn.Module | None = None, seed: int,
+    def craft(self, train: ImageSet, *, seed: int,
               test: ImageSet | None = None) -> PoisonSet:
         empty = np.zeros((0, *train.shape), dtype=np.uint8)
         return PoisonSet(train, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), TargetSpec("none"), 0.0)
