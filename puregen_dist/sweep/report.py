@@ -79,6 +79,7 @@ REQUIRED_TAGS = (Tag.CELL_ID, Tag.ROW, Tag.COL, Tag.ATTACK_KIND)
 REPORT_FILES = {
     "markdown": "report.md",
     "csv": "report.csv",
+    "targets": "report_targets.md",
     "heatmap": "report_heatmap.png",
     "langevin_steps": "report_langevin_steps.png",
     "diffusion_steps": "report_diffusion_steps.png",
@@ -250,6 +251,39 @@ def _triggerless(tidy: pd.DataFrame) -> pd.DataFrame:
         "target_success_n": counts["count"], "target_success_ci_low": [low for low, _ in interval],
         "target_success_ci_high": [high for _, high in interval],
     }, index=counts.index)
+
+
+def per_target(runs: pd.DataFrame) -> pd.DataFrame:
+    """Triggered attacks per target class: one line per (row, col, target) in table order with the mean over
+    the cell's runs (seeds) of poison success at m = 1 and 3, their floors and natural accuracy, and the run
+    count ``n``; empty when no triggered run has a target class."""
+    tidy = _tidy(runs)
+    tidy = tidy[(tidy["kind"] == TRIGGERED) & tidy["target"].notna()]
+    metrics = [POISON_M1, POISON_M3, FLOORS["floor_m1_mean"], FLOORS["floor_m3_mean"], NAT_ACC]
+    if tidy.empty:
+        return pd.DataFrame(columns=[*KEYS, "target", *metrics, "n"])
+    table = build_table(runs)
+    groups = tidy.groupby([*KEYS, "target"])
+    lines = groups[metrics].mean().join(groups.size().rename("n")).reset_index()
+    order = {(r, c): i for i, (r, c) in enumerate(zip(table.stats["row"], table.stats["col"], strict=True))}
+    lines["_order"] = [order[r, c] for r, c in zip(lines["row"], lines["col"], strict=True)]
+    lines["target"] = lines["target"].astype(int)
+    return lines.sort_values(["_order", "target"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def per_target_markdown(lines: pd.DataFrame) -> str:
+    """:func:`per_target` as Markdown, percent (``—`` where a metric is absent)."""
+    def pct(value: float) -> str:
+        return "—" if pd.isna(value) else _pct(value)
+
+    out = ["| defense | attack | target class | poison success m = 1 (floor) | m = 3 (floor) | natural accuracy | runs |",
+           "|---|---|---|---|---|---|---|"]
+    for _, line in lines.iterrows():
+        out.append(f"| {_md_escape(line['row'])} | {_md_escape(line['col'])} | {line['target']} | "
+                   f"{pct(line[POISON_M1])} ({pct(line[FLOORS['floor_m1_mean']])}) | "
+                   f"{pct(line[POISON_M3])} ({pct(line[FLOORS['floor_m3_mean']])}) | {pct(line[NAT_ACC])} | "
+                   f"{line['n']} |")
+    return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------------------- renderers
@@ -470,7 +504,8 @@ def write_text(text: str, path: str | Path) -> Path:
 
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv``, ``report_heatmap.png`` and, when a defense was run at several
+    """Write ``report.md``, ``report.csv``, ``report_heatmap.png``, ``report_targets.md`` (triggered attacks per
+    target class, when there are any) and, when a defense was run at several
     Langevin steps / DDPM depths, ``report_langevin_steps.png`` / ``report_diffusion_steps.png`` into
     ``out_dir`` (each atomically).
 
@@ -487,6 +522,12 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         "csv": write_csv(to_csv_rows(table), out_dir / REPORT_FILES["csv"], CSV_COLUMNS),
         "heatmap": heatmap_png(table, out_dir / REPORT_FILES["heatmap"]),
     }
+    targets = per_target(runs)
+    targets_path = out_dir / REPORT_FILES["targets"]
+    if targets.empty:
+        targets_path.unlink(missing_ok=True)
+    else:
+        paths["targets"] = write_text(per_target_markdown(targets), targets_path)
     for name, (param, label) in STEP_PLOTS.items():
         steps_path = out_dir / REPORT_FILES[name]
         if steps_plot_png(runs, steps_path, param, label):
@@ -505,6 +546,6 @@ def render_report(tracking_uri: str, experiment: str, out_dir: str | Path,
 
 __all__ = [
     "CSV_COLUMNS", "attack_text", "mean_std", "REPORT_FILES", "ReportTable", "build_table", "fetch_runs", "format_cell", "heatmap_png",
-    "latest_per_cell", "read_stats_csv", "render_report", "steps_curves", "steps_plot_png", "to_csv_rows", "to_markdown",
+    "latest_per_cell", "per_target", "per_target_markdown", "read_stats_csv", "render_report", "steps_curves", "steps_plot_png", "to_csv_rows", "to_markdown",
     "write_report", "write_text",
 ]

@@ -363,3 +363,14 @@ def test_fetch_runs_user_errors(sweep_db, tmp_path):
         fetch_runs(uri, "other-exp")
     with pytest.raises(UserInputError, match="no MLflow database"):
         fetch_runs(f"sqlite:///{(tmp_path / 'nope' / 'mlflow.db').as_posix()}", "sweep-x")
+
+
+def test_per_target_lines_average_seeds_in_table_order(tmp_path):
+    lines = report.per_target(golden_runs())
+    assert [(r, t) for r, t in zip(lines["row"], lines["target"], strict=True)] == [
+        ("none", 0), ("none", 1), ("puregen_ebm", 0), ("puregen_ebm", 1)]  # triggered only, none first
+    assert lines["poison_success_m1"].tolist() == pytest.approx([0.85, 0.55, 0.05, 0.25])
+    assert lines["n"].tolist() == [2, 2, 2, 2]
+    text = report.per_target_markdown(lines)
+    assert "| none | badnets | 0 | 85.0 (—) | 100.0 (—) | 94.5 | 2 |" in text
+    assert write_report(golden_runs(), tmp_path)["targets"].read_text() == text
