@@ -212,7 +212,7 @@ def steps_runs(steps: tuple[int, ...]) -> pd.DataFrame:
 
 def test_write_report_with_varied_langevin_steps(tmp_path):
     paths = write_report(steps_runs((50, 150)), tmp_path / "out")
-    assert set(paths) == {"markdown", "csv", "heatmap", "langevin_steps"}
+    assert set(paths) == {"markdown", "csv", "heatmap", "targets", "langevin_steps"}
     assert paths["langevin_steps"].name == "report_langevin_steps.png"
     for key in ("heatmap", "langevin_steps"):
         assert paths[key].read_bytes()[:8] == PNG_MAGIC
@@ -234,7 +234,7 @@ def test_diffusion_steps_get_their_own_plot_and_defaults_of_other_defenses_are_i
     assert curves["nat"].tolist() == pytest.approx([0.875, 0.825, 0.775])
     assert report.steps_curves(runs).empty
     paths = write_report(runs, tmp_path)
-    assert set(paths) == {"markdown", "csv", "heatmap", "diffusion_steps"}
+    assert set(paths) == {"markdown", "csv", "heatmap", "targets", "diffusion_steps"}
     assert paths["diffusion_steps"].read_bytes()[:8] == PNG_MAGIC
 
 
@@ -243,9 +243,9 @@ def test_steps_plot_only_when_steps_vary(tmp_path):
     assert not (tmp_path / "s.png").exists()
     (tmp_path / "report_langevin_steps.png").write_bytes(b"stale")
     paths = write_report(golden_runs(), tmp_path)
-    assert set(paths) == {"markdown", "csv", "heatmap"}
+    assert set(paths) == {"markdown", "csv", "heatmap", "targets"}
     assert not (tmp_path / "report_langevin_steps.png").exists()
-    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "report_heatmap.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "report_heatmap.png", "report_targets.md"}
     assert paths["heatmap"].read_bytes()[:8] == PNG_MAGIC
 
 
