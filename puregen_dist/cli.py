@@ -293,12 +293,14 @@ def report_cmd(args: argparse.Namespace) -> int:
         source = {"experiment": args.experiment, "parent": args.parent, "paper": args.paper}
         paths["source"] = atomic_write_text(out_dir / RUNS_SOURCE, json.dumps(source, indent=1) + "\n")
     print(markdown)
+    paper_path = out_dir / "report_paper.md"
+    paper_path.unlink(missing_ok=True)  # every file in out_dir describes this report
     if args.paper:
         from puregen_dist.sweep.paper import paper_comparison
         from puregen_dist.sweep.report import read_stats_csv, write_text
 
         beside = paper_comparison(read_stats_csv(paths["csv"]))
-        paths["paper"] = write_text(beside, out_dir / "report_paper.md")
+        paths["paper"] = write_text(beside, paper_path)
         print(f"Beside the paper ({args.paper}):\n\n{beside}")
     for path in paths.values():
         print(path)

@@ -251,6 +251,8 @@ def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: 
     log.info("purifying %d images (%d file(s)) with %s on a Ray Data %s", source.rows, len(source.files),
              defense_cfg.name, kind.replace("_", " "))
     start = time.perf_counter()
+    if select_ids is not None and defense_cfg.pipeline != "actor_pool":
+        raise ValueError(f"select_ids: defense {defense_cfg.name!r} purifies every row (it runs on a task pool)")
     select = select_ids
     if select is None and defense_cfg.rank_by_energy:
         select = top_energy_ids(defense_cfg, source, ray_cfg, store_uri)
@@ -360,6 +362,16 @@ def top_energy_ids(defense_cfg: Any, source: ParquetInput, ray_cfg: RayPurifyCon
     order = np.lexsort((ids_all, -energy.astype(np.float64)))
     log.info("puregen_filt: purifying the %d highest-energy of %d images", k, len(ids_all))
     return np.sort(ids_all[order[:k]])
+
+
+def energy_selection(input_path: str, defense_cfg: Any, ray_cfg: RayPurifyConfig,
+                     store_uri: str | None = None) -> np.ndarray:
+    """The sorted ids a ``rank_by_energy`` defense (PureGen-Filt) purifies in the Parquet image set at
+    ``input_path``: :func:`top_energy_ids`, after the same input and model checks as :func:`purify_parquet`."""
+    source = inspect_input(input_path)
+    validate_defense(resolve_models(defense_cfg, store_uri), source)
+    ensure_ray()
+    return top_energy_ids(defense_cfg, source, ray_cfg, store_uri)
 
 
 def check_output_rows(fs: pafs.FileSystem, root: str, expected: int) -> None:

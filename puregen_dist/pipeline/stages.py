@@ -33,13 +33,7 @@ from puregen_dist.data.io import read_imageset
 from puregen_dist.pipeline.actors import ray_device
 from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.models import file_fingerprints, model_fingerprints, resolve_models
-from puregen_dist.pipeline.purify import (
-    PurifyStats,
-    ensure_ray,
-    inspect_input,
-    purify_parquet,
-    top_energy_ids,
-)
+from puregen_dist.pipeline.purify import PurifyStats, energy_selection, ensure_ray, purify_parquet
 from puregen_dist.pipeline.reference import import_reference, reference_for_key
 from puregen_dist.pipeline.store import ArtifactStore, StagedArtifact, StoreError, artifact_key
 from puregen_dist.plugins import load_plugins
@@ -313,13 +307,27 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
         ensure_ray(job.pipeline.address)
         if clean is not None:
             return assemble_purified(job, poison_key, *clean, store, staged)
-        stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
-                               ray_cfg=job.pipeline, store_uri=store.uri)
-        return {"rows": stats.images, "timings": _purify_timings(stats),
-                "stats": {"rows_purified": float(stats.images), "rows_reused": 0.0}}
+        return purify_whole(job, poison_key, store, staged)
 
     manifest, built = store.get_or_build(key, build, kind="purified", config=config, inputs=[poison_key])
     return StageResult(key, manifest, built)
+
+
+def purify_whole(job: PurifyJob, poison_key: str, store: ArtifactStore, staged: StagedArtifact) -> dict[str, Any]:
+    """Purify every row of ``poison_key`` into ``staged`` through Ray Data (a ``rank_by_energy`` defense: its
+    ranking pass, the selected rows, and the selection recorded beside them); the build result."""
+    start, select, counts = time.perf_counter(), None, {}
+    if job.defense.rank_by_energy:
+        select = energy_selection(store.imageset_path(poison_key), job.defense, job.pipeline, store.uri)
+    stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
+                           ray_cfg=job.pipeline, store_uri=store.uri, select_ids=select)
+    purified = stats.images
+    if select is not None:
+        stage_selection(store, staged, select)
+        purified, counts["rows_unselected"] = len(select), float(stats.images - len(select))
+        stats = PurifyStats.of(stats.images, time.perf_counter() - start, job.pipeline.actors)  # both passes
+    return {"rows": stats.images, "timings": _purify_timings(stats),
+            "stats": {"rows_purified": float(purified), "rows_reused": 0.0, **counts}}
 
 
 def _purify_timings(stats: PurifyStats) -> dict[str, float]:
@@ -335,8 +343,8 @@ def assemble_purified(job: PurifyJob, poison_key: str, clean_key: str, clean_pur
     poisoned flags are the poison set's.
 
     A defense that ranks by energy (PureGen-Filt) purifies only the rows its ranking of *this* set selects:
-    a selected row is reused when it is unchanged and the clean set's ranking selected it too, purified now
-    otherwise; unselected rows keep the poison set's image."""
+    a selected row is reused when it is unchanged and the clean purified set purified it too (its recorded
+    selection, :data:`SELECTION_JSON`), purified now otherwise; unselected rows keep the poison set's image."""
     start = time.perf_counter()
     poisoned, flags = store.get_imageset(poison_key)
     clean, _ = store.get_imageset(clean_key)
@@ -344,10 +352,10 @@ def assemble_purified(job: PurifyJob, poison_key: str, clean_key: str, clean_pur
     del clean
     todo, reuse = changed, ~changed
     if job.defense.rank_by_energy:
-        selected = np.isin(poisoned.ids, top_energy_ids(job.defense, inspect_input(store.imageset_path(poison_key)),
-                                                        job.pipeline, store.uri))
-        clean_selected = np.isin(poisoned.ids, top_energy_ids(
-            job.defense, inspect_input(store.imageset_path(clean_key)), job.pipeline, store.uri))
+        select = energy_selection(store.imageset_path(poison_key), job.defense, job.pipeline, store.uri)
+        stage_selection(store, staged, select)
+        selected = np.isin(poisoned.ids, select)
+        clean_selected = np.isin(poisoned.ids, read_selection(store, clean_purified_key, clean_key, job))
         todo, reuse = selected & (changed | ~clean_selected), selected & ~changed & clean_selected
     images = poisoned.images.copy()
     if todo.any():
@@ -364,6 +372,23 @@ def assemble_purified(job: PurifyJob, poison_key: str, clean_key: str, clean_pur
     return {"rows": rows, "timings": _assembled_timings(store.manifest(clean_purified_key),
                                                         time.perf_counter() - start, rows),
             "stats": stats}
+
+
+SELECTION_JSON = "selected_ids.json"
+"""Beside a ``rank_by_energy`` defense's purified set: the ids it purified (the others are the input's rows)."""
+
+
+def stage_selection(store: ArtifactStore, staged: StagedArtifact, select: np.ndarray) -> None:
+    """Record which ids a ``rank_by_energy`` defense purified, with its purified set."""
+    store.stage_bytes(staged, SELECTION_JSON, json.dumps([int(i) for i in select]).encode())
+
+
+def read_selection(store: ArtifactStore, purified_key: str, poison_key: str, job: PurifyJob) -> np.ndarray:
+    """The ids the purified set ``purified_key`` purified (:func:`stage_selection`); for a set stored without
+    the record, its ranking of ``poison_key`` again."""
+    if SELECTION_JSON in store.manifest(purified_key).get("files", {}):
+        return np.asarray(json.loads(store.read_bytes(purified_key, SELECTION_JSON)), dtype=np.int64)
+    return energy_selection(store.imageset_path(poison_key), job.defense, job.pipeline, store.uri)
 
 
 def _assembled_timings(clean: dict[str, Any], spent: float, rows: int) -> dict[str, float]:

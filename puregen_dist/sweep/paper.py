@@ -16,7 +16,7 @@ its CSV read back with :func:`~puregen_dist.sweep.report.read_stats_csv`).
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -73,32 +73,31 @@ TABLE1: dict[str, list[dict[str, PaperCell]]] = {
 defense key is the defense's name, or ``jpeg-<quality>`` where the paper states the quality."""
 
 
-def _name(label: str) -> str:
-    return label.split(" (", 1)[0]
-
-
-def _field(label: str, key: str) -> float | None:
-    found = re.search(rf"\b{re.escape(key)}=([-+0-9.eE]+)", label)
-    return float(found.group(1)) if found else None
-
-
-def attack_key(col: str) -> str:
-    """``narcissus-8`` for a Narcissus column labelled with ε = 8/255 (unlabelled: the default 16/255), else
-    the attack's name."""
-    name = _name(col)
+def attack_key(name: object, eps: object) -> str | None:
+    """``narcissus-8`` / ``narcissus-16`` for Narcissus at exactly that ε·255 (None at any other ε), else the
+    attack's name (None when unknown)."""
+    if not isinstance(name, str):
+        return None
     if name != "narcissus":
         return name
-    eps = _field(col, "eps")
-    return f"narcissus-{round((16 / 255 if eps is None else eps) * 255)}"
+    if not isinstance(eps, float | int) or math.isnan(eps):
+        return None
+    levels = eps * 255
+    return f"narcissus-{round(levels)}" if abs(levels - round(levels)) < 0.01 else None
 
 
-def paper_cells(row: str, col: str) -> list[PaperCell]:
-    """The published cells for a report cell (defense label ``row``, attack label ``col``), best match first:
-    ``jpeg-<quality>`` before ``jpeg``; empty when the paper has none."""
-    name = _name(row)
-    keys = [name] if name != "jpeg" else [f"jpeg-{int(_field(row, 'quality') or 75)}", "jpeg"]
+def paper_cells(cell: pd.Series) -> list[PaperCell]:
+    """The published cells for a report cell (a line of the report's statistics: its ``attack_name``,
+    ``attack_eps``, ``defense_name`` and ``defense_quality``), best match first: ``jpeg-<quality>`` before
+    ``jpeg``; empty when the paper has none."""
+    name, quality = cell["defense_name"], cell["defense_quality"]
+    if not isinstance(name, str):
+        return []
+    keys = [name]
+    if name == "jpeg":
+        keys = ([] if pd.isna(quality) else [f"jpeg-{int(quality)}"]) + ["jpeg"]
     found = []
-    for table in TABLE1.get(attack_key(col), []):
+    for table in TABLE1.get(attack_key(cell["attack_name"], cell["attack_eps"]) or "", []):
         match = next((table[k] for k in keys if k in table), None)
         if match is not None:
             found.append(match)
@@ -120,7 +119,7 @@ def paper_comparison(stats: pd.DataFrame) -> str:
     attacked = stats[stats["attack_kind"].isin([TRIGGERED, TRIGGERLESS])]
     for col in attacked["col"].drop_duplicates():
         for _, cell in attacked[attacked["col"] == col].iterrows():
-            paper = "; ".join(c.text() for c in paper_cells(cell["row"], col)) or "—"
+            paper = "; ".join(c.text() for c in paper_cells(cell)) or "—"
             lines.append(f"| {col} | {cell['row']} | {_here(cell, 1)} | {_here(cell, 3)} | "
                          f"{mean_std(cell, 'nat_acc')} | {paper} |")
     lines += ["", "*Here: percent over the cell's runs, mean ± std (max over target classes; floor = the same "

@@ -87,7 +87,7 @@ REPORT_FILES = {
 """Key of :func:`write_report`'s result -> file name in the output directory."""
 
 CSV_COLUMNS = (
-    "row", "col", "attack_kind", "n_runs",
+    "row", "col", "attack_kind", "attack_name", "attack_eps", "defense_name", "defense_quality", "n_runs",
     "nat_acc_mean", "nat_acc_std", "nat_acc_n",
     "poison_m1_mean", "poison_m1_std", "poison_m1_max_over_targets", "poison_m1_n", "poison_m1_n_targets",
     "poison_m3_mean", "poison_m3_std", "poison_m3_max_over_targets", "poison_m3_n", "poison_m3_n_targets",
@@ -95,7 +95,8 @@ CSV_COLUMNS = (
     "target_success_ci_low", "target_success_ci_high",
     "floor_m1_mean", "floor_m3_mean", "floor_target_rate",
 )
-"""Columns of :attr:`ReportTable.stats` and of :func:`to_csv_rows` (rates as fractions in [0, 1])."""
+"""Columns of :attr:`ReportTable.stats` and of :func:`to_csv_rows` (rates as fractions in [0, 1]); the
+``attack_*`` / ``defense_*`` columns are the cell's params (its first run's) that place it in the paper's tables."""
 COUNT_COLUMNS = [c for c in CSV_COLUMNS if c.endswith(("n_runs", "_n", "_n_targets", "_successes"))]
 KEYS = ["row", "col"]
 
@@ -146,12 +147,16 @@ def _column(runs: pd.DataFrame, name: str) -> pd.Series:
 
 def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per run: ``row``, ``col``, ``kind``, ``target`` (a number or NaN), the report's metrics
-    (NaN where absent or not finite) and ``defense`` (param ``defense.name``, else the row)."""
+    (NaN where absent or not finite), ``defense`` (param ``defense.name``, else the row) and the params that
+    place a cell in the paper's tables (``defense_quality``, ``attack_name``, ``attack_eps``; NaN if absent)."""
     tidy = pd.DataFrame({
         "row": runs[tag_column(Tag.ROW)], "col": runs[tag_column(Tag.COL)],
         "kind": runs[tag_column(Tag.ATTACK_KIND)],
         "target": pd.to_numeric(_column(runs, tag_column(Tag.TARGET_CLASS)), errors="coerce"),
         "defense": _column(runs, param_column(Param.DEFENSE_NAME)).fillna(runs[tag_column(Tag.ROW)]),
+        "defense_quality": pd.to_numeric(_column(runs, param_column(Param.DEFENSE_QUALITY)), errors="coerce"),
+        "attack_name": _column(runs, param_column(Param.ATTACK_NAME)),
+        "attack_eps": pd.to_numeric(_column(runs, param_column(Param.ATTACK_EPS)), errors="coerce"),
     })
     for metric in (NAT_ACC, POISON_M1, POISON_M3, TARGET_SUCCESS, *FLOORS.values()):
         values = pd.to_numeric(_column(runs, metric_column(metric)), errors="coerce").astype(float)
@@ -200,7 +205,9 @@ def build_table(runs: pd.DataFrame) -> ReportTable:
     groups = tidy.groupby(KEYS)
     stats = pd.concat([groups.size().rename("n_runs"), _summary(groups[NAT_ACC], "nat_acc"),
                        _triggered(tidy, POISON_M1, "poison_m1"), _triggered(tidy, POISON_M3, "poison_m3"),
-                       _triggerless(tidy), groups[list(FLOORS.values())].mean().set_axis(list(FLOORS), axis=1)],
+                       _triggerless(tidy), groups[list(FLOORS.values())].mean().set_axis(list(FLOORS), axis=1),
+                       groups[["attack_name", "attack_eps", "defense", "defense_quality"]].first().rename(
+                           columns={"defense": "defense_name"})],
                       axis=1)
     cells = [(r, c) for r in rows for c in cols if (r, c) in stats.index]
     order = pd.MultiIndex.from_tuples(cells, names=KEYS)
@@ -393,8 +400,8 @@ def read_stats_csv(path: str | Path) -> pd.DataFrame:
     """A ``report.csv`` written by :func:`write_report` read back as :attr:`ReportTable.stats` (same columns and
     dtypes; labels as strings), e.g. to render a committed report without its MLflow database."""
     try:
-        stats = pd.read_csv(path, dtype={"row": str, "col": str, "attack_kind": str}, keep_default_na=False,
-                            na_values=[""])
+        stats = pd.read_csv(path, dtype={"row": str, "col": str, "attack_kind": str, "attack_name": str,
+                                         "defense_name": str}, keep_default_na=False, na_values=[""])
     except (OSError, pd.errors.ParserError) as err:
         raise UserInputError(f"{path}: not a readable report CSV ({err})") from err
     missing = [c for c in CSV_COLUMNS if c not in stats.columns]

@@ -75,6 +75,9 @@ class Param:
 
     SEED: Final = "seed"
     DEFENSE_NAME: Final = "defense.name"
+    DEFENSE_QUALITY: Final = "defense.quality"
+    ATTACK_NAME: Final = "attack.name"
+    ATTACK_EPS: Final = "attack.eps"
     LANGEVIN_STEPS: Final = "defense.langevin.steps"
     DIFFUSION_STEPS: Final = "defense.diffusion.steps"
 

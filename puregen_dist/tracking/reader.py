@@ -174,7 +174,7 @@ def snapshot_database(tracking_uri: str, dest: str | Path) -> Path:
     runs it came from, which anyone can re-derive with ``--tracking-uri sqlite:///<dest>``.
 
     Raises:
-        UserInputError: not a ``sqlite:///`` URI, or no database there.
+        UserInputError: not a ``sqlite:///`` URI, no database there, or ``dest`` is that database.
     """
     import sqlite3
 
@@ -184,10 +184,13 @@ def snapshot_database(tracking_uri: str, dest: str | Path) -> Path:
     if (missing := missing_database(tracking_uri)) is not None:
         raise UserInputError(f"{tracking_uri}: no MLflow database at {missing}")
     dest = Path(dest)
+    source_path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if dest.resolve() == source_path.resolve():
+        raise UserInputError(f"--with-runs: {dest} is the database the report reads; give another --report-dir")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        with contextlib.closing(sqlite3.connect(tracking_uri.removeprefix("sqlite:///"))) as source, \
+        with contextlib.closing(sqlite3.connect(source_path)) as source, \
                 contextlib.closing(sqlite3.connect(tmp)) as copy:
             source.backup(copy)
             copy.execute("VACUUM")

@@ -37,6 +37,9 @@ def quotes() -> list[tuple[str, str, str]]:
 
 def test_documents_quote_the_committed_results():
     assert PUBLISHED, "no published results under docs/results"
+    assert [p for p in RESULTS.iterdir() if p.is_dir()] and all(
+        (p / "source.json").is_file() and (p / "mlflow.db").is_file() for p in RESULTS.iterdir() if p.is_dir()), \
+        "every docs/results/<name>/ holds its mlflow.db and source.json"
     for doc, name, body in quotes():
         path = RESULTS / name
         assert path.is_file(), f"{doc} quotes {name}, which is not in docs/results"
@@ -58,6 +61,7 @@ def test_published_report_rederives_from_its_runs(published, tmp_path):
         committed = published / REPORT_FILES[name]
         if committed.is_file():
             assert paths[name].read_text() == committed.read_text(), f"{committed} does not re-derive from its runs"
+    assert (published / "report_paper.md").is_file() == bool(source["paper"])
     if source["paper"]:
         beside = paper_comparison(read_stats_csv(paths["csv"]))
         assert beside == (published / "report_paper.md").read_text()

@@ -11,25 +11,30 @@ from puregen_dist.sweep.report import build_table, format_cell, read_stats_csv, 
 from tests.unit.sweep.test_report import golden_runs
 
 
-@pytest.mark.parametrize("col, key", [("narcissus (eps=0.0313725)", "narcissus-8"),
-                                      ("narcissus (eps=0.0627451, rounds=200)", "narcissus-16"),
-                                      ("narcissus", "narcissus-16"), ("gradient_matching", "gradient_matching"),
-                                      ("badnets (label_mode=dirty)", "badnets")])
-def test_attack_key_from_the_column_label(col, key):
-    assert attack_key(col) == key
+def cell(defense: str, attack: str | None, eps: float | None = None, quality: float | None = None) -> pd.Series:
+    nan = float("nan")
+    return pd.Series({"defense_name": defense, "defense_quality": nan if quality is None else quality,
+                      "attack_name": attack, "attack_eps": nan if eps is None else eps})
+
+
+@pytest.mark.parametrize("name, eps, key", [("narcissus", 0.0313725, "narcissus-8"), ("narcissus", 16 / 255, "narcissus-16"),
+                                            ("narcissus", 0.03, None), ("narcissus", None, None),
+                                            ("gradient_matching", 16 / 255, "gradient_matching"), (None, None, None)])
+def test_attack_key_needs_the_exact_published_eps(name, eps, key):
+    assert attack_key(name, float("nan") if eps is None else eps) == key
 
 
 def test_paper_cells_pick_the_published_row():
-    ebm = paper_cells("puregen_ebm", "narcissus (eps=0.0313725)")
+    ebm = paper_cells(cell("puregen_ebm", "narcissus", 0.0313725))
     assert [(c.poison, c.nat, c.source) for c in ebm] == [("1.39 ± 0.8 (max 2.50)", "92.92", "T1 ResNet-18"),
                                                           ("1.89", "91.94", "T2 HLB")]
-    assert [c.poison for c in paper_cells("jpeg (quality=25)", "narcissus (eps=0.0627451)")] == ["11.85 (max 36.90)"]
-    assert paper_cells("jpeg (quality=75)", "narcissus (eps=0.0627451)") == []  # Table 4 gives JPEG-25 only
-    assert [c.source for c in paper_cells("jpeg (quality=75)", "narcissus (eps=0.0313725)")] == [
-        "T1 ResNet-18", "T2 HLB"]
-    assert [c.source for c in paper_cells("puregen_filt", "narcissus (eps=0.0313725)")] == ["T10 ResNet-18"]
-    assert paper_cells("puregen_ebm", "gradient_matching")[0].poison == "1.00"
-    assert paper_cells("puregen_ebm", "badnets") == []
+    assert [c.poison for c in paper_cells(cell("jpeg", "narcissus", 0.0627451, 25))] == ["11.85 (max 36.90)"]
+    assert paper_cells(cell("jpeg", "narcissus", 0.0627451, 75)) == []  # Table 4 gives JPEG-25 only
+    assert [c.source for c in paper_cells(cell("jpeg", "narcissus", 0.0313725, 75))] == ["T1 ResNet-18", "T2 HLB"]
+    assert [c.source for c in paper_cells(cell("puregen_filt", "narcissus", 0.0313725))] == ["T10 ResNet-18"]
+    assert paper_cells(cell("puregen_ebm", "gradient_matching", 16 / 255))[0].poison == "1.00"
+    assert paper_cells(cell("puregen_ebm", "badnets", 16 / 255)) == []
+    assert paper_cells(cell("puregen_ebm", None)) == []  # a report without the params: nothing to match
 
 
 def test_report_csv_reads_back_to_the_same_cells(tmp_path):

@@ -213,3 +213,9 @@ def test_snapshot_needs_an_existing_sqlite_database(tmp_path):
     with pytest.raises(UserInputError, match="no MLflow database at"):
         reader.snapshot_database(f"sqlite:///{tmp_path / 'typo.db'}", tmp_path / "mlflow.db")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_snapshot_refuses_to_overwrite_its_source(db):
+    uri = db[0]
+    with pytest.raises(UserInputError, match="is the database the report reads"):
+        reader.snapshot_database(uri, uri.removeprefix("sqlite:///"))
