@@ -188,4 +188,6 @@ def test_clean_source_only_for_rowwise_defenses_of_poisoned_sets():
     assert clean_source(job("badnets", ebm)).attack.name == "none"
     assert clean_source(job("badnets", {"name": "jpeg"})).defense.name == "jpeg"
     assert clean_source(job("none", ebm)) is None
-    assert clean_source(job("badnets", {"name": "puregen_filt", "ebm": "x", "ddpm": "y"})) is None
+    filt = clean_source(job("badnets", {"name": "puregen_filt", "ebm": "x", "ddpm": "y"}))  # per selected row
+    assert filt.attack.name == "none" and filt.defense.name == "puregen_filt"
+    assert clean_source(job("badnets", {"name": "none"})) is None  # not rowwise: the whole set each time
