@@ -140,11 +140,12 @@ def test_narcissus_over_three_targets_builds_one_surrogate_and_reuses_everything
 
 
 def test_gradient_matching_trials_report_wilson_intervals_and_rerun_builds_nothing(ray_session, tmp_path, capsys):
-    """The shipped Gradient Matching recipe scaled down through --set only: 6 trials (poison keys) x {none,
-    PureGen-EBM}; one surrogate, one EBM, 6 poison sets and 6 purified sets; each table cell is a success rate
-    over the 6 trials with its Wilson interval; each run records its target id, adversarial label and poison key."""
+    """The shipped Gradient Matching recipe scaled down through --set only: 3 trials (poison keys) x {none,
+    PureGen-EBM}; one surrogate, one EBM, 3 poison sets and 3 purified sets; each table cell is a success rate
+    over the 3 trials with its Wilson interval; each run records its target id, adversarial label and poison key."""
     small = [f"base.output_dir={tmp_path / 'out'}", f"settings.storage={tmp_path / 'tune'}",
-             f"settings.store={tmp_path / 'store'}", "base.classifier.epochs=1", "base.attack.iterations=2",
+             f"settings.store={tmp_path / 'store'}", "settings.trials=3", "base.classifier.epochs=1",
+             "base.attack.iterations=2",
              "base.attack.restarts=1", "models.surrogate.classifier.epochs=1", "models.ebm.train.epochs=1",
              "space.defense.grid=[{name: none}, {name: puregen_ebm, ebm: 'model:ebm', langevin: {steps: 3}}]"]
     args = ["-q", "sweep", "sweeps/gradient_matching_digits.yaml", *[a for s in small for a in ("--set", s)]]
@@ -154,19 +155,19 @@ def test_gradient_matching_trials_report_wilson_intervals_and_rerun_builds_nothi
     assert len(rows) == 2 and all("[" in row and "]" in row for row in rows), out  # rate [Wilson interval]
     store = ArtifactStore(tmp_path / "store")
     kinds = sorted(m["kind"] for m in store.ls())
-    assert kinds == ["classifier", "ebm"] + ["poison"] * 7 + ["purified"] * 7  # + the clean set, purified once
+    assert kinds == ["classifier", "ebm"] + ["poison"] * 4 + ["purified"] * 4  # + the clean set, purified once
     crafted = [m for m in store.ls() if m["kind"] == "poison" and m["config"]["attack"]["name"] != "none"]
-    assert sorted(m["config"]["attack"]["poison_key"] for m in crafted) == list(range(6))
+    assert sorted(m["config"]["attack"]["poison_key"] for m in crafted) == list(range(3))
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gradient-matching-digits")
     children = [r for r in client.search_runs([exp.experiment_id]) if "cell_id" in r.data.tags]
-    assert len(children) == 12
-    assert {r.data.params["attack.poison_key"] for r in children} == {str(k) for k in range(6)}
+    assert len(children) == 6
+    assert {r.data.params["attack.poison_key"] for r in children} == {str(k) for k in range(3)}
     assert all("target_success" in r.data.metrics for r in children)
     assert all({"target.ids", "target.adversarial_label"} <= set(r.data.params) for r in children)
     before = {m["key"]: m["created"] for m in store.ls()}
     assert main(args) == 0
-    assert "trials: 12 (0 to run, 12 already finished)" in capsys.readouterr().out
+    assert "trials: 6 (0 to run, 6 already finished)" in capsys.readouterr().out
     assert {m["key"]: m["created"] for m in store.ls()} == before
 
 
