@@ -65,11 +65,13 @@ class PurifyStats:
     images_per_second: float
     seconds_per_image_per_device: float
     """seconds x workers / images, workers = actors (generative) or task-pool size (CPU defenses)."""
+    selected_ids: np.ndarray | None = None
+    """The ids a ``rank_by_energy`` defense purified (None: every row)."""
 
     @classmethod
-    def of(cls, images: int, seconds: float, workers: int) -> PurifyStats:
+    def of(cls, images: int, seconds: float, workers: int, selected_ids: np.ndarray | None = None) -> PurifyStats:
         rate = images / seconds if seconds > 0 else float("inf")
-        return cls(images, seconds, rate, seconds * workers / max(images, 1))
+        return cls(images, seconds, rate, seconds * workers / max(images, 1), selected_ids)
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ def purify_parquet(input_path: str, output_dir: str, defense_cfg: Any, *, seed: 
         workers = ray_cfg.actors
     dataset.write_parquet(sink, filesystem=sink_fs, schema=source.schema,
                           min_rows_per_file=min(ROWS_PER_FILE, max(source.rows, 1)))
-    stats = PurifyStats.of(source.rows, time.perf_counter() - start, workers)
+    stats = PurifyStats.of(source.rows, time.perf_counter() - start, workers, select)
     check_output_rows(sink_fs, sink, source.rows)
     log.info("purified %d images in %.1f s (%.1f images/s)", stats.images, stats.seconds,
              stats.images_per_second)

@@ -315,19 +315,15 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
 
 def purify_whole(job: PurifyJob, poison_key: str, store: ArtifactStore, staged: StagedArtifact) -> dict[str, Any]:
     """Purify every row of ``poison_key`` into ``staged`` through Ray Data (a ``rank_by_energy`` defense: its
-    ranking pass, the selected rows, and the selection recorded beside them); the build result."""
-    start, select, counts = time.perf_counter(), None, {}
-    if job.defense.rank_by_energy:
-        select = energy_selection(store.imageset_path(poison_key), job.defense, job.pipeline, store.uri)
+    ranking pass and the selected rows, the selection recorded beside them); the build result."""
     stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
-                           ray_cfg=job.pipeline, store_uri=store.uri, select_ids=select)
-    purified = stats.images
-    if select is not None:
-        stage_selection(store, staged, select)
-        purified, counts["rows_unselected"] = len(select), float(stats.images - len(select))
-        stats = PurifyStats.of(stats.images, time.perf_counter() - start, job.pipeline.actors)  # both passes
-    return {"rows": stats.images, "timings": _purify_timings(stats),
-            "stats": {"rows_purified": float(purified), "rows_reused": 0.0, **counts}}
+                           ray_cfg=job.pipeline, store_uri=store.uri)
+    counts = {"rows_purified": float(stats.images), "rows_reused": 0.0}
+    if stats.selected_ids is not None:
+        stage_selection(store, staged, stats.selected_ids)
+        selected = len(stats.selected_ids)
+        counts.update(rows_purified=float(selected), rows_unselected=float(stats.images - selected))
+    return {"rows": stats.images, "timings": _purify_timings(stats), "stats": counts}
 
 
 def _purify_timings(stats: PurifyStats) -> dict[str, float]:
