@@ -275,7 +275,7 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
 
 def report_cmd(args: argparse.Namespace) -> int:
     """The paper-shaped table of a sweep's MLflow experiment (Markdown printed; CSV, PNG written)."""
-    from puregen_dist.sweep.report import render_report
+    from puregen_dist.sweep.report import REPORT_FILES, render_report
     from puregen_dist.tracking.mlflow_tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, args.output_dir)
@@ -293,7 +293,7 @@ def report_cmd(args: argparse.Namespace) -> int:
         source = {"experiment": args.experiment, "parent": args.parent, "paper": args.paper}
         paths["source"] = atomic_write_text(out_dir / RUNS_SOURCE, json.dumps(source, indent=1) + "\n")
     print(markdown)
-    paper_path = out_dir / "report_paper.md"
+    paper_path = out_dir / REPORT_FILES["paper"]
     paper_path.unlink(missing_ok=True)  # every file in out_dir describes this report
     if args.paper:
         from puregen_dist.sweep.paper import paper_comparison

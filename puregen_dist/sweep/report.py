@@ -80,6 +80,7 @@ REPORT_FILES = {
     "markdown": "report.md",
     "csv": "report.csv",
     "targets": "report_targets.md",
+    "paper": "report_paper.md",
     "heatmap": "report_heatmap.png",
     "langevin_steps": "report_langevin_steps.png",
     "diffusion_steps": "report_diffusion_steps.png",

@@ -61,7 +61,7 @@ def test_published_report_rederives_from_its_runs(published, tmp_path):
         committed = published / REPORT_FILES[name]
         if committed.is_file():
             assert paths[name].read_text() == committed.read_text(), f"{committed} does not re-derive from its runs"
-    assert (published / "report_paper.md").is_file() == bool(source["paper"])
+    assert (published / REPORT_FILES["paper"]).is_file() == bool(source["paper"])
     if source["paper"]:
         beside = paper_comparison(read_stats_csv(paths["csv"]))
-        assert beside == (published / "report_paper.md").read_text()
+        assert beside == (published / REPORT_FILES["paper"]).read_text()
