@@ -112,6 +112,9 @@ def survival_rows_from_metrics(metrics: Mapping[str, Sequence[tuple[int, float]]
         model, sep, pattern = name.partition("_rho_")
         if not sep:
             continue
+        if f"{model}_clean_change" not in metrics:
+            raise ValueError(f"metric {name!r} has no companion {model}_clean_change: the run's survival metrics are "
+                             "incomplete (was the diagnose run cut short?)")
         change = dict(metrics[f"{model}_clean_change"])
         rows += [{"model": model, "pattern": pattern, "step": int(step), "rho_mean": value,
                   "clean_change_mean": change[step]} for step, value in history]

@@ -174,3 +174,15 @@ def test_survival_table_thins_long_curves_and_keeps_the_default_and_last_step():
     lines = table.splitlines()
     assert [line.split(" | ")[0] for line in lines[4:]] == ["| sign", "| attack", "| clean change"]
     assert lines[-1].endswith("| 0.500 |") and "| 0.850 |" in lines[5]  # attack ρ at step 150 = 1 - 0.15
+
+
+def test_survival_rows_from_metrics_rebuild_the_table_and_refuse_incomplete_runs():
+    from puregen_dist.diagnose import survival_rows_from_metrics
+
+    metrics = {"ebm_rho_sign": [(0, 1.0), (150, 0.4)], "ebm_rho_attack": [(0, 1.0), (150, 0.6)],
+               "ebm_clean_change": [(0, 0.0), (150, 0.1)], "ebm_energy_clean": [(0, 0.2)]}
+    rows = survival_rows_from_metrics(metrics)
+    assert {(r["pattern"], r["step"], r["rho_mean"], r["clean_change_mean"]) for r in rows} == {
+        ("sign", 0, 1.0, 0.0), ("sign", 150, 0.4, 0.1), ("attack", 0, 1.0, 0.0), ("attack", 150, 0.6, 0.1)}
+    with pytest.raises(ValueError, match="ddpm_clean_change"):
+        survival_rows_from_metrics({"ddpm_rho_sign": [(0, 1.0)]})
