@@ -2,7 +2,7 @@
 of the way: Ray Tune's trial tables and Ray Data's progress bars and per-operator progress logs.
 
 - Trials: :class:`TrialProgress`, a Tune callback on the driver, counts finished trials and the epochs they
-  reported (``tune.report(..., epoch=e)``).
+  reported (``tune.report(..., epoch=e)``) into the bar of :func:`report_trials`.
 - Purification: :func:`report_rows` registers :class:`RowsCallback` on Ray Data's context, so that the rows
   reaching the last operator of each dataset executed on the driver (the Parquet writer) move a bar.
 - :func:`quiet_ray_output`: no Tune tables, no Ray Data bars on a terminal (Ray Data logs its progress instead
@@ -31,43 +31,44 @@ _rows_sink: RowsSink | None = None
 """Where :class:`RowsCallback` reports (set by :func:`report_rows`, on the driver only)."""
 
 
+_trial_bar: Progress | None = None
+"""Where :class:`TrialProgress` reports (set by :func:`report_trials`, on the driver only)."""
+
+
 class TrialProgress(Callback):
-    """Moves ``progress`` to the number of finished trials, with the epochs reported so far (of
-    ``total_epochs``) and the failed trials as detail. Dropped when Tune pickles its state (a restored
-    experiment runs without it)."""
+    """Moves the bar of :func:`report_trials` to the number of finished trials, with the epochs reported so far
+    (of ``total_epochs``) and the failed trials as detail, counted from Tune's trial list at every step. Counting
+    from the list (not from events) and reaching the bar through the module keeps a restored experiment's
+    progress right: Tune unpickles this callback without a bar, and the trials that finished before the
+    interruption fire no events."""
 
-    def __init__(self, progress: Progress | None, total_epochs: int) -> None:
-        self.progress, self.total_epochs = progress, total_epochs
-        self.epochs: dict[str, int] = {}
-        self.finished, self.failed = 0, 0
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        epoch = int(result.get("epoch", 0) or 0)
-        self.epochs[trial.trial_id] = max(self.epochs.get(trial.trial_id, 0), epoch)
-        self._show()
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finished += 1
-        self._show()
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.failed += 1
-        self._show()
+    def __init__(self, total_epochs: int) -> None:
+        self.total_epochs = total_epochs
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.progress is not None:
-            self.progress.tick()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "progress": None}
-
-    def _show(self) -> None:
-        if self.progress is None:
+        bar = _trial_bar
+        if bar is None:
             return
-        detail = f"{sum(self.epochs.values())}/{self.total_epochs} epochs"
-        if self.failed:
-            detail += f", {self.failed} failed"
-        self.progress.update(self.finished + self.failed, detail)
+        finished = sum(trial.status == "TERMINATED" for trial in trials)
+        failed = sum(trial.status == "ERROR" for trial in trials)
+        epochs = sum(int((trial.last_result or {}).get("epoch", 0) or 0) for trial in trials)
+        detail = f"{epochs}/{self.total_epochs} epochs" + (f", {failed} failed" if failed else "")
+        if (finished + failed, detail) != (bar.done, bar.detail):
+            bar.update(finished + failed, detail)
+        else:
+            bar.tick()
+
+
+@contextmanager
+def report_trials(bar: Progress) -> Iterator[Progress]:
+    """Within the block, :class:`TrialProgress` callbacks (new or restored) move ``bar``; closed on exit."""
+    global _trial_bar
+    _trial_bar = bar
+    try:
+        with bar:
+            yield bar
+    finally:
+        _trial_bar = None
 
 
 class RowsCallback(ExecutionCallback):

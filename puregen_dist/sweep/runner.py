@@ -252,11 +252,10 @@ class _RowsOfSet:
 def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], trainable: Trainable,
                echo: Callable[[str], None], progress: ProgressFactory = no_progress) -> list[str]:
     """Run the pending cells as Ray Tune trials (FIFO, every cell to completion, ``max_failures`` retries);
-    returns the cell ids whose trial finally failed. An interrupted run of the same pending set is restored
-    (without a progress bar)."""
+    returns the cell ids whose trial finally failed. An interrupted run of the same pending set is restored."""
     from ray import tune
 
-    from puregen_dist.sweep.progress import TrialProgress
+    from puregen_dist.sweep.progress import TrialProgress, report_trials
 
     settings = sweep.settings
     # Trials run in the job's working directory, not in their trial directory, so that relative paths in the
@@ -278,11 +277,11 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or None,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                      callbacks=[TrialProgress(bar, epochs)],
+                                      callbacks=[TrialProgress(epochs)],
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
     log.info("running %d trial(s) with Ray Tune (%s CPU, %s GPU each; storage %s)", len(specs),
              settings.trial_cpus, settings.trial_gpus, path)
-    with bar:
+    with report_trials(bar):
         results = tuner.fit()
     failed = [r.config["trial"]["cell_id"] for r in results if r.error is not None]
     for result in results:

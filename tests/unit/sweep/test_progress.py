@@ -6,27 +6,28 @@ import pickle
 from types import SimpleNamespace
 
 from puregen_dist.console import Progress
-from puregen_dist.sweep.progress import TrialProgress
+from puregen_dist.sweep.progress import TrialProgress, report_trials
 from puregen_dist.sweep.runner import _RowsOfSet
 
 
-def test_trial_progress_counts_finished_trials_and_epochs():
-    bar = Progress("trials", 3, "finished", style="off")
-    callback = TrialProgress(bar, total_epochs=6)
-    a, b, c = (SimpleNamespace(trial_id=name) for name in "abc")
-    for trial, epoch in ((a, 1), (a, 2), (b, 1), (b, 1)):  # b restarted after a failure: no double count
-        callback.on_trial_result(0, [], trial, {"epoch": epoch})
-    callback.on_trial_result(0, [], c, {"already_finished": 1.0})
-    callback.on_trial_complete(0, [], a)
-    callback.on_trial_error(0, [], b)
-    assert bar.done == 2 and bar.detail == "3/6 epochs, 1 failed"
+def _trial(status: str, epoch: int | None = None) -> SimpleNamespace:
+    return SimpleNamespace(status=status, last_result={} if epoch is None else {"epoch": epoch})
 
 
-def test_trial_progress_pickles_without_its_bar():
-    callback = TrialProgress(Progress("trials", 1, "finished", style="off"), total_epochs=1)
-    restored = pickle.loads(pickle.dumps(callback))
-    assert restored.progress is None and restored.total_epochs == 1
-    restored.on_trial_complete(0, [], SimpleNamespace(trial_id="a"))  # no bar: nothing to show, no error
+def test_trial_progress_counts_finished_and_failed_trials_and_epochs_from_the_trial_list():
+    trials = [_trial("TERMINATED", 2), _trial("RUNNING", 1), _trial("ERROR", 1), _trial("PENDING"),
+              SimpleNamespace(status="TERMINATED", last_result=None)]  # finished before a restore: no result here
+    with report_trials(Progress("trials", 5, "finished", style="off")) as bar:
+        TrialProgress(total_epochs=10).on_step_end(0, trials)
+        assert bar.done == 3 and bar.detail == "4/10 epochs, 1 failed"
+
+
+def test_a_restored_trial_progress_reports_to_the_current_bar():
+    restored = pickle.loads(pickle.dumps(TrialProgress(total_epochs=2)))
+    restored.on_step_end(0, [_trial("TERMINATED", 2)])  # no bar outside report_trials: nothing shown, no error
+    with report_trials(Progress("trials", 1, "finished", style="off")) as bar:
+        restored.on_step_end(0, [_trial("TERMINATED", 2)])
+    assert bar.done == 1 and bar.detail == "2/2 epochs"
 
 
 def test_rows_of_a_set_stay_within_the_set_and_never_go_back():
