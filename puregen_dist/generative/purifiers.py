@@ -101,7 +101,7 @@ def purify_imageset(purifier: Purifier, data: ImageSet, *, seed: int, batch_size
     for start in range(0, len(data), batch_size):
         stop = min(start + batch_size, len(data))
         x = to_sym(data.images[start:stop])
-        ids = torch.from_numpy(data.ids[start:stop])
+        ids = torch.tensor(data.ids[start:stop])  # a copy: ids read from Arrow are read-only arrays
         y = purifier.purify(x if device is None else x.to(device), ids, seed=seed)
         out[start:stop] = sym_to_uint8(y)
         log.info("purified %d/%d images", stop, len(data))
