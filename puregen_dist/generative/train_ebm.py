@@ -50,6 +50,7 @@ class EBMTrainer:
         self.device = resolve_device(self.cfg.device)
         self.data = to_sym(train.images)
         self.generator = torch.Generator().manual_seed(job.seed)
+        self.device_generator = None if self.device.type == "cpu" else torch.Generator(device=self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(job.seed)
             self.model = build_ebm(job.ebm).to(self.device)
@@ -85,6 +86,7 @@ class EBMTrainer:
         norm: mean over steps of (ε²/2)·mean_batch ‖∇ₓ(G/T)‖₂ (§1.2.8)."""
         lang, steps = self.cfg.langevin, self.cfg.mcmc_steps
         self.model.requires_grad_(False)
+        self._reseed_device_noise()
         norms = []
         for k, update in enumerate(self._chain(x, steps)):
             x = update.x
@@ -102,7 +104,18 @@ class EBMTrainer:
                               temperature=lang.temperature)
 
     def _chain_noise(self, x: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=self.generator).to(self.device)
+        if self.device_generator is not None:
+            return torch.randn(x.shape, generator=self.device_generator, device=self.device)
+        return torch.randn(x.shape, generator=self.generator)
+
+    def _reseed_device_noise(self) -> None:
+        """On an accelerator, the chain noise is drawn there (drawing it on the host and copying it made the
+        training loop host-bound: K·B·C·H·W normals per iteration), from a device generator reseeded before
+        each chain from the trainer's generator, so a run stays determined by its seed and resumes exactly.
+        On CPU the noise comes from the trainer's generator itself (nothing to reseed)."""
+        if self.device_generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            self.device_generator.manual_seed(seed)
 
     # --- epochs -------------------------------------------------------------------------------------------
 
@@ -125,6 +138,7 @@ class EBMTrainer:
         """(count, H, W, C) uint8 short-run samples: ``steps`` Langevin steps from data + σ_data noise."""
         x = self._noisy(self.data[:count]).to(self.device)
         self.model.requires_grad_(False)
+        self._reseed_device_noise()
         for update in self._chain(x, steps):
             x = update.x
         return sym_to_uint8(x)

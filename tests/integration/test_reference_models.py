@@ -25,8 +25,10 @@ from puregen_dist.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
-EBM_REFERENCES, DDPM_REFERENCE = ("ebm-cifar10-cpu-k100", "ebm-cifar10-cpu-nf64"), "ddpm-cifar10-cpu"
+EBM_REFERENCES = ("ebm-cifar10-cpu-k100", "ebm-cifar10-cpu-nf64", "ebm-cifar10-gpu-nf128")
+DDPM_REFERENCE = "ddpm-cifar10-cpu"
 RECIPES = {"ebm-cifar10-cpu-k100": "sweeps/ebm_cifar10_cpu_k100.yaml",
+           "ebm-cifar10-gpu-nf128": "sweeps/ebm_cifar10_gpu_nf128.yaml",
            "ebm-cifar10-cpu-nf64": "sweeps/ebm_cifar10_cpu_nf64.yaml", DDPM_REFERENCE: "sweeps/ddpm_cifar10_cpu.yaml"}
 SHIPPED = {path.name: path for path in reference.shipped_references().values()}
 
