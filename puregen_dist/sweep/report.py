@@ -460,24 +460,25 @@ STEP_PLOTS = {"langevin_steps": (Param.LANGEVIN_STEPS, "Langevin steps"),
 def steps_curves(runs: pd.DataFrame, param: str = Param.LANGEVIN_STEPS) -> pd.DataFrame:
     """Over the runs with ``param`` (``defense.langevin.steps`` or ``defense.diffusion.steps``): one line per
     (``defense`` = param ``defense.name``, ``attack`` label, ``steps``) with the mean ``poison`` success (m=1;
-    where no run has it: the mean ``target_success``) and mean ``nat`` accuracy; (defense, attack) pairs in
-    order of first appearance, only those run at two or more values of ``param`` (a DDPM run also records the
-    unused Langevin default)."""
+    where no run has it: the mean ``target_success``), the mean ``poison_m3`` (NaN where not measured) and mean
+    ``nat`` accuracy; (defense, attack) pairs in order of first appearance, only those run at two or more values
+    of ``param`` (a DDPM run also records the unused Langevin default)."""
     tidy = _tidy(runs).rename(columns={"col": "attack"})
     tidy["steps"] = pd.to_numeric(_column(runs, param_column(param)), errors="coerce")
     tidy = tidy[tidy["steps"].notna()].astype({"steps": int})
     varied = tidy.groupby(["defense", "attack"], sort=False)["steps"].transform("nunique") >= 2
     grouped = tidy[varied].groupby(["defense", "attack", "steps"], sort=False)
-    means = grouped[[POISON_M1, TARGET_SUCCESS, NAT_ACC]].mean()
+    means = grouped[[POISON_M1, POISON_M3, TARGET_SUCCESS, NAT_ACC]].mean()
     curves = pd.DataFrame({"poison": means[POISON_M1].combine_first(means[TARGET_SUCCESS]),
-                           "nat": means[NAT_ACC]})
+                           "poison_m3": means[POISON_M3], "nat": means[NAT_ACC]})
     return curves.reset_index()
 
 
 def steps_plot_png(runs: pd.DataFrame, path: str | Path, param: str = Param.LANGEVIN_STEPS,
                    label: str = "Langevin steps") -> bool:
-    """Mean poison success (m=1; triggerless: success rate) and mean natural accuracy against ``param``
-    (:func:`steps_curves`), one line per (``defense.name``, attack label), in two panels; x axis ``label``.
+    """Mean poison success (m=1, solid; m=3 dashed where measured; triggerless: success rate) and mean natural
+    accuracy against ``param`` (:func:`steps_curves`), one colour per (``defense.name``, attack label), in two
+    panels; x axis ``label``.
 
     Returns:
         False (nothing written) when no (defense, attack) pair was run at two or more values of ``param``.
@@ -492,8 +493,11 @@ def steps_plot_png(runs: pd.DataFrame, path: str | Path, param: str = Param.LANG
         style = {"marker": "o", "color": f"C{index % 10}", "label": f"{defense} / {attack}"}
         if curve["poison"].notna().any():
             poison_ax.plot(curve["steps"], curve["poison"] * 100, **style)
+        if curve["poison_m3"].notna().any():
+            poison_ax.plot(curve["steps"], curve["poison_m3"] * 100, **{**style, "linestyle": "--",
+                                                                         "label": f"{style['label']} (m=3)"})
         nat_ax.plot(curve["steps"], curve["nat"] * 100, **style)
-    poison_ax.set(title="poison success (m=1)", xlabel=label, ylabel="poison success (%)")
+    poison_ax.set(title="poison success (m=1 solid, m=3 dashed)", xlabel=label, ylabel="poison success (%)")
     nat_ax.set(title="natural accuracy", xlabel=label, ylabel="natural accuracy (%)")
     for ax in (poison_ax, nat_ax):
         ax.set_ylim(0, 100)

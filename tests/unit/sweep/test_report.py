@@ -232,10 +232,21 @@ def test_diffusion_steps_get_their_own_plot_and_defaults_of_other_defenses_are_i
     curves = report.steps_curves(runs, "defense.diffusion.steps")
     assert curves["steps"].tolist() == [25, 75, 125] and set(curves["defense"]) == {"puregen_ddpm"}
     assert curves["nat"].tolist() == pytest.approx([0.875, 0.825, 0.775])
+    assert curves["poison_m3"].isna().all()  # not measured: no dashed line
     assert report.steps_curves(runs).empty
     paths = write_report(runs, tmp_path)
     assert set(paths) == {"markdown", "csv", "heatmap", "targets", "diffusion_steps"}
     assert paths["diffusion_steps"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_steps_curves_carry_the_m3_success_where_measured():
+    runs = [_record(f"puregen_ebm (langevin.steps={s})", "narcissus", "triggered", 0, 0,
+                    {"poison_success_m1": 0.1, "poison_success_m3": m3, "nat_acc": 0.6},
+                    **{"defense.name": "puregen_ebm", "defense.langevin.steps": str(s)})
+            for s, m3 in ((0, 0.4), (150, 0.2), (150, 0.1))]
+    curves = report.steps_curves(runs_frame(runs))
+    assert curves["steps"].tolist() == [0, 150]
+    assert curves["poison_m3"].tolist() == pytest.approx([0.4, 0.15])
 
 
 def test_steps_plot_only_when_steps_vary(tmp_path):
