@@ -88,7 +88,8 @@ REPORT_FILES = {
 """Key of :func:`write_report`'s result -> file name in the output directory."""
 
 CSV_COLUMNS = (
-    "row", "col", "attack_kind", "attack_name", "attack_eps", "defense_name", "defense_quality", "n_runs",
+    "row", "col", "attack_kind", "attack_name", "attack_eps", "defense_name", "defense_quality", "defense_steps",
+    "n_runs",
     "nat_acc_mean", "nat_acc_std", "nat_acc_n",
     "poison_m1_mean", "poison_m1_std", "poison_m1_max_over_targets", "poison_m1_n", "poison_m1_n_targets",
     "poison_m3_mean", "poison_m3_std", "poison_m3_max_over_targets", "poison_m3_n", "poison_m3_n_targets",
@@ -149,13 +150,16 @@ def _column(runs: pd.DataFrame, name: str) -> pd.Series:
 def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """One line per run: ``row``, ``col``, ``kind``, ``target`` (a number or NaN), the report's metrics
     (NaN where absent or not finite), ``defense`` (param ``defense.name``, else the row) and the params that
-    place a cell in the paper's tables (``defense_quality``, ``attack_name``, ``attack_eps``; NaN if absent)."""
+    place a cell in the paper's tables (``defense_quality``, ``defense_steps``, ``attack_name``,
+    ``attack_eps``; NaN if absent)."""
+    defense = _column(runs, param_column(Param.DEFENSE_NAME))
     tidy = pd.DataFrame({
         "row": runs[tag_column(Tag.ROW)], "col": runs[tag_column(Tag.COL)],
         "kind": runs[tag_column(Tag.ATTACK_KIND)],
         "target": pd.to_numeric(_column(runs, tag_column(Tag.TARGET_CLASS)), errors="coerce"),
         "defense": _column(runs, param_column(Param.DEFENSE_NAME)).fillna(runs[tag_column(Tag.ROW)]),
         "defense_quality": pd.to_numeric(_column(runs, param_column(Param.DEFENSE_QUALITY)), errors="coerce"),
+        "defense_steps": _purification_length(runs, defense),
         "attack_name": _column(runs, param_column(Param.ATTACK_NAME)),
         "attack_eps": pd.to_numeric(_column(runs, param_column(Param.ATTACK_EPS)), errors="coerce"),
     })
@@ -163,6 +167,21 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
         values = pd.to_numeric(_column(runs, metric_column(metric)), errors="coerce").astype(float)
         tidy[metric] = values.where(np.isfinite(values))
     return tidy
+
+
+PURIFICATION_LENGTH = {"puregen_ebm": Param.LANGEVIN_STEPS, "puregen_ddpm": Param.DIFFUSION_STEPS}
+"""Defense name -> the param that sets its purification length (Langevin steps; DDPM depth t)."""
+
+
+def _purification_length(runs: pd.DataFrame, defense: pd.Series) -> pd.Series:
+    """Per run, the purification length of its defense (:data:`PURIFICATION_LENGTH`: an EBM run's Langevin
+    steps, a DDPM run's t; a DDPM run also records the unused Langevin default, which is ignored); NaN for other
+    defenses or where not recorded."""
+    length = pd.Series(np.nan, index=runs.index)
+    for name, param in PURIFICATION_LENGTH.items():
+        values = pd.to_numeric(_column(runs, param_column(param)), errors="coerce")
+        length = length.where(defense != name, values)
+    return length
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -207,7 +226,8 @@ def build_table(runs: pd.DataFrame) -> ReportTable:
     stats = pd.concat([groups.size().rename("n_runs"), _summary(groups[NAT_ACC], "nat_acc"),
                        _triggered(tidy, POISON_M1, "poison_m1"), _triggered(tidy, POISON_M3, "poison_m3"),
                        _triggerless(tidy), groups[list(FLOORS.values())].mean().set_axis(list(FLOORS), axis=1),
-                       groups[["attack_name", "attack_eps", "defense", "defense_quality"]].first().rename(
+                       groups[["attack_name", "attack_eps", "defense", "defense_quality",
+                               "defense_steps"]].first().rename(
                            columns={"defense": "defense_name"})],
                       axis=1)
     cells = [(r, c) for r in rows for c in cols if (r, c) in stats.index]

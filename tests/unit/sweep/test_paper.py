@@ -11,9 +11,11 @@ from puregen_dist.sweep.report import build_table, format_cell, read_stats_csv, 
 from tests.unit.sweep.test_report import golden_runs
 
 
-def cell(defense: str, attack: str | None, eps: float | None = None, quality: float | None = None) -> pd.Series:
+def cell(defense: str, attack: str | None, eps: float | None = None, quality: float | None = None,
+         steps: float | None = None) -> pd.Series:
     nan = float("nan")
     return pd.Series({"defense_name": defense, "defense_quality": nan if quality is None else quality,
+                      "defense_steps": nan if steps is None else steps,
                       "attack_name": attack, "attack_eps": nan if eps is None else eps})
 
 
@@ -35,6 +37,30 @@ def test_paper_cells_pick_the_published_row():
     assert paper_cells(cell("puregen_ebm", "gradient_matching", 16 / 255))[0].poison == "1.00"
     assert paper_cells(cell("puregen_ebm", "badnets", 16 / 255)) == []
     assert paper_cells(cell("puregen_ebm", None)) == []  # a report without the params: nothing to match
+
+
+def test_paper_cells_only_at_the_published_purification_length():
+    ns16 = ("narcissus", 16 / 255)
+    assert paper_cells(cell("puregen_ebm", *ns16, steps=150))[0].poison == "7.35 (max 16.94)"
+    assert paper_cells(cell("puregen_ebm", *ns16, steps=300)) == []
+    assert paper_cells(cell("puregen_ebm", *ns16, steps=0)) == []
+    assert paper_cells(cell("puregen_ddpm", *ns16, steps=75))[0].poison == "5.21 (max 13.32)"
+    assert paper_cells(cell("puregen_ddpm", *ns16, steps=125)) == []
+
+
+def test_report_records_each_purifiers_own_length():
+    """``defense_steps`` is an EBM cell's Langevin steps and a DDPM cell's t, never the Langevin default a DDPM
+    run also records."""
+    from tests.unit.sweep.test_report import _record, runs_frame
+    runs = runs_frame([
+        _record("ebm", "narcissus", "triggered", 0, 0, {"poison_success_m1": 0.1, "nat_acc": 0.6},
+                **{"defense.name": "puregen_ebm", "defense.langevin.steps": "300", "defense.diffusion.steps": "75"}),
+        _record("ddpm", "narcissus", "triggered", 0, 0, {"poison_success_m1": 0.1, "nat_acc": 0.6},
+                **{"defense.name": "puregen_ddpm", "defense.langevin.steps": "150", "defense.diffusion.steps": "125"}),
+        _record("jpeg", "narcissus", "triggered", 0, 0, {"poison_success_m1": 0.1, "nat_acc": 0.6},
+                **{"defense.name": "jpeg", "defense.langevin.steps": "150"})])
+    steps = build_table(runs).stats.set_index("row")["defense_steps"]
+    assert steps["ebm"] == 300 and steps["ddpm"] == 125 and pd.isna(steps["jpeg"])
 
 
 def test_report_csv_reads_back_to_the_same_cells(tmp_path):
