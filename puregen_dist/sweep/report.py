@@ -157,7 +157,7 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
         "row": runs[tag_column(Tag.ROW)], "col": runs[tag_column(Tag.COL)],
         "kind": runs[tag_column(Tag.ATTACK_KIND)],
         "target": pd.to_numeric(_column(runs, tag_column(Tag.TARGET_CLASS)), errors="coerce"),
-        "defense": _column(runs, param_column(Param.DEFENSE_NAME)).fillna(runs[tag_column(Tag.ROW)]),
+        "defense": defense.fillna(runs[tag_column(Tag.ROW)]),
         "defense_quality": pd.to_numeric(_column(runs, param_column(Param.DEFENSE_QUALITY)), errors="coerce"),
         "defense_steps": _purification_length(runs, defense),
         "attack_name": _column(runs, param_column(Param.ATTACK_NAME)),
