@@ -307,6 +307,16 @@ def report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def pool_cmd(args: argparse.Namespace) -> int:
+    """Pool the same cells of several published reports into ``report_pooled.md`` beside the spec."""
+    from puregen_dist.sweep.pool import render_pool
+
+    markdown, path = render_pool(args.spec)
+    print(markdown)
+    print(path)
+    return 0
+
+
 def artifacts_cmd(args: argparse.Namespace) -> int:
     """List, show, remove or garbage-collect artifacts of a content-addressed store."""
     from puregen_dist.pipeline.artifacts_cli import format_table, show
@@ -419,6 +429,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "sweep": (sweep_cmd, "run a sweep: build the missing artifacts, Ray Tune trials, MLflow runs, report"),
     "quickstart": (quickstart_cmd, "the quickstart sweep (digits, tiny EBM + DDPM, 4 defenses, 2 seeds)"),
     "report": (report_cmd, "the paper-shaped results table of a sweep's MLflow experiment"),
+    "pool": (pool_cmd, "pool the same cells of several published reports (e.g. seeds added by a later sweep) "
+                       "into one table"),
     "show-config": (show_config_cmd, "print the resolved config (defaults filled in, overrides applied)"),
     "export-reference": (export_reference_cmd, "export a trained model as a reference model (weights, recipe, "
                                                "key, data fingerprint) that sweeps import instead of training"),
@@ -452,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the published numbers can be re-derived from their runs")
             cmd.add_argument("--paper", choices=["table1"], help="also write report_paper.md: every attacked "
                              "cell beside the paper's published numbers (Tables 1, 2, 4, 10)")
+            continue
+        if name == "pool":
+            cmd.add_argument("spec", help="pool spec (JSON, \"kind\": \"pooled\"); report_pooled.md is written "
+                             "beside it")
             continue
         if name == "quickstart":
             cmd.set_defaults(config=None, set=[], dry_run=False)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from puregen_dist.sweep.report import TRIGGERED, TRIGGERLESS, attack_text, mean_std
+from puregen_dist.sweep.report import PURIFICATION_LENGTH, TRIGGERED, TRIGGERLESS, attack_text, mean_std
 
 
 @dataclass(frozen=True)
@@ -86,20 +86,17 @@ def attack_key(name: object, eps: object) -> str | None:
     return f"narcissus-{round(levels)}" if abs(levels - round(levels)) < 0.01 else None
 
 
-PUBLISHED_LENGTH = {"puregen_ebm": 150, "puregen_ddpm": 75}
-"""The purification length of the paper's from-scratch rows: 150 Langevin steps, DDPM t = 75 (P App. D.2)."""
-
-
 def paper_cells(cell: pd.Series) -> list[PaperCell]:
     """The published cells for a report cell (a line of the report's statistics: its ``attack_name``,
     ``attack_eps``, ``defense_name``, ``defense_quality`` and ``defense_steps``), best match first:
     ``jpeg-<quality>`` before ``jpeg``; empty when the paper has none, including a PureGen-EBM / -DDPM cell run
-    at another purification length than the paper's (:data:`PUBLISHED_LENGTH`)."""
+    at another purification length than the paper's (:data:`~puregen_dist.sweep.report.PURIFICATION_LENGTH`)."""
     name, quality = cell["defense_name"], cell["defense_quality"]
     if not isinstance(name, str):
         return []
     steps = cell.get("defense_steps")
-    if name in PUBLISHED_LENGTH and steps is not None and not pd.isna(steps) and steps != PUBLISHED_LENGTH[name]:
+    published = PURIFICATION_LENGTH[name].published if name in PURIFICATION_LENGTH else None
+    if published is not None and steps is not None and not pd.isna(steps) and steps != published:
         return []
     keys = [name]
     if name == "jpeg":

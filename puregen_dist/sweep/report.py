@@ -169,8 +169,17 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     return tidy
 
 
-PURIFICATION_LENGTH = {"puregen_ebm": Param.LANGEVIN_STEPS, "puregen_ddpm": Param.DIFFUSION_STEPS}
-"""Defense name -> the param that sets its purification length (Langevin steps; DDPM depth t)."""
+@dataclass(frozen=True)
+class PurificationLength:
+    """The param that sets a purifier's length and the paper's value of it (P App. D.2)."""
+
+    param: str
+    published: int
+
+
+PURIFICATION_LENGTH = {"puregen_ebm": PurificationLength(Param.LANGEVIN_STEPS, 150),
+                       "puregen_ddpm": PurificationLength(Param.DIFFUSION_STEPS, 75)}
+"""Defense name -> its purification length: Langevin steps (150 in the paper's from-scratch rows), DDPM t (75)."""
 
 
 def _purification_length(runs: pd.DataFrame, defense: pd.Series) -> pd.Series:
@@ -178,8 +187,8 @@ def _purification_length(runs: pd.DataFrame, defense: pd.Series) -> pd.Series:
     steps, a DDPM run's t; a DDPM run also records the unused Langevin default, which is ignored); NaN for other
     defenses or where not recorded."""
     length = pd.Series(np.nan, index=runs.index)
-    for name, param in PURIFICATION_LENGTH.items():
-        values = pd.to_numeric(_column(runs, param_column(param)), errors="coerce")
+    for name, length_of in PURIFICATION_LENGTH.items():
+        values = pd.to_numeric(_column(runs, param_column(length_of.param)), errors="coerce")
         length = length.where(defense != name, values)
     return length
 
