@@ -9,7 +9,7 @@ re-rounding of the sources' Markdown).
 The pool is described by a JSON file (``source.json`` with ``"kind": "pooled"``, written by hand beside the
 published reports it pools) and rendered by ``puregen-dist pool SPEC`` into ``report_pooled.md`` next to it::
 
-    {"kind": "pooled",
+    {"kind": "pooled", "about": "what it pools, how to render it",
      "sources": {"seed 0": "../sweep_a", "seeds 1-2": "../sweep_b"},   # label -> report directory (relative)
      "baseline": "undefended",                                        # the row the shares are taken of
      "rows": [{"label": "undefended", "cells": {"seed 0": ["none", "narcissus"], "seeds 1-2": ["none", "narcissus"]}},
@@ -32,6 +32,10 @@ POOLED_REPORT = "report_pooled.md"
 """File name of the rendered pool, beside its spec."""
 POOLED_METRICS = {"poison_m3": "m = 3", "poison_m1": "m = 1", "nat_acc": "natural accuracy"}
 """report.csv statistic prefix -> column title, in table order."""
+
+
+SPEC_KEYS = {"kind", "about", "sources", "baseline", "rows"}
+"""Keys of a pool spec (``about``: free text for the reader, e.g. the command that renders it)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ def read_pool_spec(path: str | Path) -> PoolSpec:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserInputError(f"{path}: not a readable JSON pool spec ({err})") from err
     _require(isinstance(spec, dict) and spec.get("kind") == "pooled", path, "kind", '"pooled"')
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    _require(not unknown, path, unknown[0] if unknown else "", f"only the keys {sorted(SPEC_KEYS)}")
     sources = spec.get("sources")
     _require(isinstance(sources, dict) and sources and all(isinstance(v, str) for v in sources.values()),
              path, "sources", "a non-empty object of label -> report directory")

@@ -82,6 +82,7 @@ def test_pool_command_writes_the_table_beside_the_spec(tmp_path, capsys):
 @pytest.mark.parametrize("override, key", [
     ({"kind": "sweep"}, "kind"),
     ({"sources": {}}, "sources"),
+    ({"sorces": {}}, "sorces"),
     ({"baseline": "nobody"}, "baseline"),
     ({"rows": [{"label": "x", "cells": {"seed 9": ["none", "badnets"]}}]}, "rows[0].cells.seed 9"),
     ({"rows": [{"label": "x", "cells": {"seed 0": ["none"]}}]}, "rows[0].cells.seed 0"),
