@@ -123,11 +123,12 @@ def _source_stats(spec: PoolSpec) -> dict[str, pd.DataFrame]:
     return stats
 
 
-def _cell(stats: dict[str, pd.DataFrame], spec: PoolSpec, row: str, source: str) -> pd.Series:
-    cell = dict(spec.rows)[row][source]
+def _cell(stats: dict[str, pd.DataFrame], spec: PoolSpec, label: str, source: str,
+          cell: tuple[str, str]) -> pd.Series:
+    """The statistics of report cell ``cell`` (row, column) in ``source``; an error names the pooled row."""
     table = stats[source]
     if cell not in table.index:
-        raise UserInputError(f"{spec.path}: row {row!r}, source {source!r}: no cell {list(cell)} in "
+        raise UserInputError(f"{spec.path}: row {label!r}, source {source!r}: no cell {list(cell)} in "
                              f"{spec.sources[source] / REPORT_FILES['csv']}")
     return table.loc[cell]
 
@@ -145,9 +146,9 @@ def pooled_rows(spec: PoolSpec) -> list[dict[str, object]]:
     stats = _source_stats(spec)
     lines = []
     for label, cells in spec.rows:
-        by_source = {s: _moments(_cell(stats, spec, label, s), "poison_m3") for s in cells}
-        pooled = {p: pool_moments([_moments(_cell(stats, spec, label, s), p) for s in cells])
-                  for p in POOLED_METRICS}
+        found = {s: _cell(stats, spec, label, s, cell) for s, cell in cells.items()}
+        by_source = {s: _moments(found[s], "poison_m3") for s in found}
+        pooled = {p: pool_moments([_moments(c, p) for c in found.values()]) for p in POOLED_METRICS}
         lines.append({"label": label, "by_source": by_source, **pooled})
     base = next(line for line in lines if line["label"] == spec.baseline)["poison_m3"]
     for line in lines:
