@@ -39,10 +39,11 @@ DATA = {
 
 def efficacy(data_cfg: dict, *, arch: str = "hlb_small", epochs: int = 12, eps: float = 16 / 255,
              poisons: int = 20, iterations: int = 80, restarts: int = 1, shift: int = 2,
-             keys: tuple[int, ...] = (0, 1, 2, 3, 4, 5), threads: int = 2) -> dict:
+             keys: tuple[int, ...] = (0, 1, 2, 3, 4, 5), threads: int = 2, clean: bool = True) -> dict:
     """Per poison key: the target's adversarial probability and prediction under victims (seed 1, from scratch)
-    trained on the Gradient-Matching set, on the same rows with random ±eps sign noise, and on the clean set;
-    the surrogate is the same recipe at seed 0. Returns {"trials": [...], "counts": {gm, noise, clean}}."""
+    trained on the Gradient-Matching set, on the same rows with random ±eps sign noise, and (``clean``) on the
+    clean set; the surrogate is the same recipe at seed 0. Returns {"trials": [...], "counts": {gm, noise,
+    clean}} (no "clean" entries without ``clean``)."""
     torch.set_num_threads(threads)
     train, test = load_data(DataConfig(**data_cfg))
     recipe = {"name": arch, "epochs": epochs, "batch_size": 64, "lr": 0.05, "milestones": [max(1, epochs * 2 // 3)],
@@ -58,8 +59,9 @@ def efficacy(data_cfg: dict, *, arch: str = "hlb_small", epochs: int = 12, eps: 
     start = time.perf_counter()
     surrogate = fit(train.images, seed=0)
     print(f"{len(train)} training images; surrogate trained in {time.perf_counter() - start:.0f} s", flush=True)
-    results, counts = [], {"gm": 0, "noise": 0, "clean": 0}
-    clean_victim = fit(train.images, seed=1)
+    victims = ("gm", "noise", "clean") if clean else ("gm", "noise")
+    results, counts = [], dict.fromkeys(victims, 0)
+    clean_victim = fit(train.images, seed=1) if clean else None
     for key in keys:
         cfg = GradientMatchingConfig(surrogate="-", poison_key=key, eps=eps, num_poisons=poisons)
         trial = GradientMatchingAttack(cfg).draw_trial(train, test)
@@ -72,7 +74,7 @@ def efficacy(data_cfg: dict, *, arch: str = "hlb_small", epochs: int = 12, eps: 
         noise = (torch.randint(0, 2, bases.shape, generator=torch.Generator().manual_seed(1000 + key)) * 2 - 1) * eps
         row = {"key": key, "target_row": trial.target_row, "true": int(test.labels[trial.target_row]),
                "adversarial": trial.adversarial_label, "alignment_loss": [brew.losses[0], brew.losses[-1]]}
-        for name, delta in (("gm", brew.delta), ("noise", noise.float()), ("clean", None)):
+        for name, delta in zip(victims, (brew.delta, noise.float(), None), strict=False):
             if delta is None:
                 victim = clean_victim
             else:
@@ -85,11 +87,11 @@ def efficacy(data_cfg: dict, *, arch: str = "hlb_small", epochs: int = 12, eps: 
             row[name] = {"p_adv": float(probs[trial.adversarial_label]), "pred": int(probs.argmax())}
         results.append(row)
         print(f"key {key}: target {trial.target_row} ({row['true']} -> {row['adversarial']}), 1-cos "
-              f"{brew.losses[0]:.3f} -> {brew.losses[-1]:.3f}; p_adv gm {row['gm']['p_adv']:.3f} / noise "
-              f"{row['noise']['p_adv']:.3f} / clean {row['clean']['p_adv']:.3f}", flush=True)
+              f"{brew.losses[0]:.3f} -> {brew.losses[-1]:.3f}; p_adv "
+              + " / ".join(f"{name} {row[name]['p_adv']:.3f}" for name in victims), flush=True)
     n = len(keys)
-    print(f"targets flipped: gradient matching {counts['gm']}/{n}, random noise {counts['noise']}/{n}, "
-          f"clean {counts['clean']}/{n}  ({time.perf_counter() - start:.0f} s)")
+    print("targets flipped: " + ", ".join(f"{name} {counts[name]}/{n}" for name in victims)
+          + f"  ({time.perf_counter() - start:.0f} s)")
     return {"trials": results, "counts": counts}
 
 

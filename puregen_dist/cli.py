@@ -232,7 +232,7 @@ def diagnose_cmd(args: argparse.Namespace) -> int:
 
 def sweep_cmd(args: argparse.Namespace) -> int:
     """Plan a sweep, build its missing artifacts, run its trials with Ray Tune, print the report."""
-    from puregen_dist.sweep.runner import dry_run, run_sweep
+    from puregen_dist.sweep.runner import connect, dry_run, run_sweep
     from puregen_dist.sweep.spec import load_sweep
 
     sweep = load_sweep(args.config, args.set)  # every cell validated: nothing computed or written yet
@@ -241,8 +241,9 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run(sweep))
         return 0
+    connect(sweep)  # in a Ray job or on several nodes: refuses unshared locations before the log file is made
     with _sweep_console(sweep.cells[0].config.output_dir, quiet=args.quiet) as progress:
-        outcome = run_sweep(sweep, progress=progress)
+        outcome = run_sweep(sweep, progress=progress, report_all=args.report_all, connected=True)
     return 0 if not outcome.trials_failed else 1
 
 
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "beside it")
             continue
         if name == "quickstart":
-            cmd.set_defaults(config=None, set=[], dry_run=False)
+            cmd.set_defaults(config=None, set=[], dry_run=False, report_all=False)
             cmd.add_argument("--dry-run", action="store_true", help="print the plan and stop")
             cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="override a sweep-file value, e.g. --set settings.seeds=[0]")
@@ -497,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             cmd.add_argument("--dry-run", action="store_true",
                              help="print the plan (artifacts to build / cached, trials) and stop")
+            cmd.add_argument("--report-all", action="store_true",
+                             help="report every finished cell of the sweep's MLflow experiment (default: the cells "
+                                  "of this sweep file as given, e.g. not those of other seeds run earlier)")
         if name in ("purify", "craft", "train-ebm", "train-ddpm", "train-classifier", "train-surrogate", "sweep"):
             cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
         if name == "show-config":

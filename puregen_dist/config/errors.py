@@ -40,3 +40,16 @@ def check_eps(eps: float, typical: int = 16) -> None:
 def check_budget(budget: float) -> None:
     """``budget`` (the poisoned fraction of the training set) must lie in (0, 1]."""
     check(0.0 < budget <= 1.0, "budget", "must lie in (0, 1] (a fraction of the training set)")
+
+
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(resources: dict[str, float], key: str) -> None:
+    """``resources`` must name custom Ray resources (e.g. ``{accelerator_h200: 1}`` or a node's own label
+    resource) with finite amounts >= 0 (fractions allowed); CPU and GPU have their own fields."""
+    for name, amount in resources.items():
+        check(bool(name) and name not in RAY_BUILTIN_RESOURCES, f"{key}.{name}",
+              f"not a custom resource: {', '.join(RAY_BUILTIN_RESOURCES)} are set by the num_cpus / num_gpus fields")
+        check(amount >= 0 and amount != float("inf"), f"{key}.{name}", "must be a finite number >= 0")
+

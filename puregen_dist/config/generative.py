@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from puregen_dist.config.errors import check, check_at_least, check_eps
+from puregen_dist.config.errors import check, check_at_least, check_custom_resources, check_eps
 from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
 from puregen_dist.config.schema import (
     AttackConfig,
@@ -186,9 +186,17 @@ class TaskResources:
     """GPUs for the task; the task trains on CUDA exactly when Ray assigned it one (``device: auto``)."""
     max_retries: int = 2
     """Re-runs after a worker or node failure (a model task resumes from its last local checkpoint)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources the task needs (e.g. ``{big_memory_node: 1}``): it runs only on nodes that offer them."""
 
     def __post_init__(self) -> None:
         check_at_least(self, num_cpus=0, num_gpus=0, max_retries=0)
+        check_custom_resources(self.resources, "resources")
+
+    def ray_options(self) -> dict[str, object]:
+        """The ``ray.remote`` options of this task."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": self.max_retries,
+                **({"resources": dict(self.resources)} if self.resources else {})}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +320,9 @@ class PipelineConfig:
     """GPUs per actor (fractions pack several actors on one GPU); 0 runs on CPU."""
     cpu_tasks: int = 2
     """Task-pool size for CPU-only defenses (JPEG)."""
+    resources_per_actor: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources of each purifier actor and CPU-defense task (e.g. ``{gpu_pool: 1}``): purification
+    runs only on nodes that offer them."""
     craft: TaskResources = field(default_factory=TaskResources)
     """Resources of the poison-crafting task."""
     address: str | None = None
@@ -319,6 +330,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, actors=1, batch_size=1, num_cpus_per_actor=0, num_gpus_per_actor=0, cpu_tasks=1)
+        check_custom_resources(self.resources_per_actor, "resources_per_actor")
+
+    def actor_resources(self) -> TaskResources:
+        """One purifier actor's resources as a task's (the few-row path runs them in one Ray task)."""
+        return TaskResources(num_cpus=self.num_cpus_per_actor, num_gpus=self.num_gpus_per_actor,
+                             resources=dict(self.resources_per_actor))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -207,6 +207,13 @@ def _coerce(tp: Any, value: Any, *, source: str, path: str) -> Any:
                                   f"got {_describe(value)}")
         item = get_args(tp)[0]
         return tuple(_coerce(item, v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {path}: expected a mapping, got {_describe(value)}")
+        key_type, value_type = get_args(tp)
+        return {_coerce(key_type, k, source=source, path=path): _coerce(value_type, v, source=source,
+                                                                         path=_join(path, str(k)))
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, source=source, path=path)
     if tp is bool:

@@ -113,10 +113,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: connecting to %s without a token (a cluster with token "
+                    "authentication on refuses this; one with it off accepts work from anyone who reaches it)",
+                    address)
     if num_cpus is not None:
         log.warning("ensure_ray: num_cpus=%s ignored when connecting to %s", num_cpus, address)
     log.info("connecting to the Ray cluster at %s", address)
-    ray.init(address=address)
+    try:
+        ray.init(address=address)
+    except Exception as exc:
+        if "authenticat" not in str(exc).lower() and "unauthorized" not in str(exc).lower():
+            raise
+        raise UserInputError(
+            f"the Ray cluster at {address} refused this client: {str(exc).splitlines()[0][:300]}. Give the "
+            "cluster's token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<file> (or RAY_AUTH_TOKEN=<token>), "
+            "the same token the head was started with (`ray get-auth-token` on the head prints it)") from None
 
 
 def enable_local_token_auth() -> None:
@@ -332,7 +344,13 @@ def actor_pool_args(ray_cfg: RayPurifyConfig) -> dict[str, Any]:
 
     return {"batch_size": ray_cfg.batch_size, "batch_format": "pyarrow",
             "compute": ray.data.ActorPoolStrategy(size=ray_cfg.actors),
-            "num_cpus": ray_cfg.num_cpus_per_actor, "num_gpus": ray_cfg.num_gpus_per_actor}
+            "num_cpus": ray_cfg.num_cpus_per_actor, "num_gpus": ray_cfg.num_gpus_per_actor,
+            **_custom_resources(ray_cfg)}
+
+
+def _custom_resources(ray_cfg: RayPurifyConfig) -> dict[str, Any]:
+    """``map_batches``' ``resources`` argument when the pipeline names custom resources."""
+    return {"resources": dict(ray_cfg.resources_per_actor)} if ray_cfg.resources_per_actor else {}
 
 
 def map_data_defense(dataset: Any, defense_cfg: Any, seed: int, source: ParquetInput,
@@ -343,7 +361,7 @@ def map_data_defense(dataset: Any, defense_cfg: Any, seed: int, source: ParquetI
     kwargs = {"defense_cfg": defense_cfg, "seed": seed, "shape": source.shape, "classes": source.classes}
     pool = ray.data.TaskPoolStrategy(size=ray_cfg.cpu_tasks)
     return dataset.map_batches(data_defense_task, fn_kwargs=kwargs, batch_size=ray_cfg.batch_size,
-                               batch_format="pyarrow", compute=pool, num_cpus=1)
+                               batch_format="pyarrow", compute=pool, num_cpus=1, **_custom_resources(ray_cfg))
 
 
 def top_energy_ids(defense_cfg: Any, source: ParquetInput, ray_cfg: RayPurifyConfig,

@@ -60,9 +60,7 @@ def submit_task(fn: Callable[..., Any], resources: TaskResources, *args: Any) ->
     import ray
 
     warn_if_infeasible(resources)
-    remote = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                        max_retries=resources.max_retries)(fn)
-    return remote.remote(*args)
+    return ray.remote(**resources.ray_options())(fn).remote(*args)
 
 
 def task_result(ref: Any) -> Any:
@@ -90,11 +88,11 @@ def warn_if_infeasible(resources: TaskResources) -> None:
     import ray
 
     total = ray.cluster_resources()
-    for name, need in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)):
+    for name, need in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus), *resources.resources.items()):
         if need > total.get(name, 0.0):
             log.warning("the task requests %s %s but the cluster has %s; it waits until a node with enough "
-                        "resources joins (lower resources.num_%ss / pipeline.craft.num_%ss)",
-                        need, name, total.get(name, 0.0), name.lower(), name.lower())
+                        "resources joins (lower the task's num_cpus / num_gpus / resources)",
+                        need, name, total.get(name, 0.0))
 
 
 @contextlib.contextmanager
@@ -420,9 +418,9 @@ def purify_rows(job: PurifyJob, rows: ImageSet, poisoned: np.ndarray, store: Art
     travelling through two staging directories of the store (every worker reaches it), removed afterwards.
     Both give the in-process result (per-sample seeding; tested)."""
     if len(rows) <= job.pipeline.batch_size:
-        resources = TaskResources(num_cpus=job.pipeline.num_cpus_per_actor, num_gpus=job.pipeline.num_gpus_per_actor)
         start = time.perf_counter()
-        images = task_result(submit_task(purify_in_task, resources, job.defense, job.seed, rows, store.uri))
+        images = task_result(submit_task(purify_in_task, job.pipeline.actor_resources(), job.defense, job.seed,
+                                         rows, store.uri))
         return images, PurifyStats.of(len(rows), time.perf_counter() - start, 1)
     source, sink = store.begin(key), store.begin(key)
     try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,15 @@ KEYS = ["row", "col"]
 # ---------------------------------------------------------------------------------------- selecting runs
 
 
-def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
+def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
+               cells: Collection[str] | None = None) -> pd.DataFrame:
     """The finished sweep child runs of ``experiment``, one per ``cell_id`` (the latest by start time).
 
     Args:
         tracking_uri: MLflow tracking URI (e.g. ``sqlite:////abs/out/mlflow.db``).
         experiment: experiment name (the sweep name).
         parent_run_id: only the children of this sweep invocation; default: children of any invocation.
+        cells: only these cell ids (the cells of one sweep file); default: every cell.
 
     Returns:
         MLflow's ``search_runs`` columns, one line per cell, oldest first (see :func:`latest_per_cell`).
@@ -122,8 +125,11 @@ def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = N
             not a run id, or no matching runs.
     """
     latest = latest_per_cell(read_runs(tracking_uri, experiment, parent_run_id=parent_run_id))
+    if cells is not None and not latest.empty:
+        latest = latest[latest[tag_column(Tag.CELL_ID)].isin(set(cells))].reset_index(drop=True)
     if latest.empty:
         scope = f"parent run {parent_run_id}" if parent_run_id else "any parent run"
+        scope += f", among the {len(cells)} cells asked for" if cells is not None else ""
         raise UserInputError(
             f"no finished sweep child runs (of {scope}) in MLflow experiment {experiment!r} at {tracking_uri}"
         )
@@ -578,10 +584,10 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def render_report(tracking_uri: str, experiment: str, out_dir: str | Path,
-                  parent_run_id: str | None = None) -> tuple[str, dict[str, Path]]:
+def render_report(tracking_uri: str, experiment: str, out_dir: str | Path, parent_run_id: str | None = None,
+                  cells: Collection[str] | None = None) -> tuple[str, dict[str, Path]]:
     """:func:`fetch_runs`, then :func:`write_report`; returns (the Markdown table, the paths written)."""
-    runs = fetch_runs(tracking_uri, experiment, parent_run_id)
+    runs = fetch_runs(tracking_uri, experiment, parent_run_id, cells)
     return to_markdown(build_table(runs)), write_report(runs, out_dir)
 
 

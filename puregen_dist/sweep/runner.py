@@ -37,6 +37,7 @@ from puregen_dist.pipeline.stages import (
 )
 from puregen_dist.pipeline.store import ArtifactStore, artifact_key
 from puregen_dist.sweep.floors import cell_runs, log_floors
+from puregen_dist.sweep.locations import check_sweep_locations, in_ray_job
 from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
 from puregen_dist.sweep.spec import Sweep
 from puregen_dist.sweep.trial import run_trial, trial_spec
@@ -46,6 +47,8 @@ from puregen_dist.tracking.reader import finished_cells
 log = logging.getLogger(__name__)
 
 Trainable = Callable[[dict[str, Any]], None]
+REVISION_ENV = "PUREGEN_GIT_REVISION"
+"""The code revision of a Ray job, passed in by the submitter."""
 TICK_S = 5.0
 """Seconds between two looks at running Ray tasks (progress clocks, periodic progress lines)."""
 
@@ -72,6 +75,16 @@ def tracking_uri_of(sweep: Sweep) -> str:
     return resolve_tracking_uri(base.tracking.uri, base.output_dir)
 
 
+def connect(sweep: Sweep) -> str:
+    """Start or join Ray, then check the sweep's locations (in a Ray job or on several nodes: shared ones
+    only, :func:`~puregen_dist.sweep.locations.check_sweep_locations`); the tracking URI. Writes nothing but
+    the probe's markers, removed again."""
+    uri = tracking_uri_of(sweep)
+    ensure_ray(sweep.settings.address)
+    check_sweep_locations(sweep, uri)
+    return uri
+
+
 def dry_run(sweep: Sweep) -> str:
     """The plan as text (artifacts to build and cached, trials to run and finished). Only reads the store
     and the MLflow database (an absent store directory is created empty)."""
@@ -81,14 +94,16 @@ def dry_run(sweep: Sweep) -> str:
 
 
 def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callable[[str], None] = print,
-              progress: ProgressFactory = no_progress) -> SweepOutcome:
+              progress: ProgressFactory = no_progress, report_all: bool = False,
+              connected: bool = False) -> SweepOutcome:
     """Run a whole sweep (see the module docstring). ``trainable`` replaces :func:`run_trial` (tests wrap it
     to inject failures); ``echo`` prints the plan and the report, ``progress`` shows each stage (details go to
-    the log)."""
+    the log). The report covers this invocation's cells, or (``report_all``) every cell of the experiment.
+    ``connected``: the caller already ran :func:`connect`."""
     from puregen_dist.tracking.mlflow_tracker import MLflowTracker, ensure_experiment
 
+    uri = connect(sweep) if not connected else tracking_uri_of(sweep)
     store = ArtifactStore(sweep.settings.store)
-    uri = tracking_uri_of(sweep)
     ensure_experiment(uri, sweep.name)  # database and experiment exist before any trial starts
     plan = plan_sweep(sweep, store)
     finished = finished_cells(uri, sweep.name)
@@ -97,29 +112,42 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
                            tags=_parent_tags(sweep, plan))
     try:
         _log_parent(parent, sweep, plan, finished)
-        ensure_ray(sweep.settings.address)
         build_stages(plan, store, uri, progress)
         pending = [t for t in plan.trials if t.cell.cell_id not in finished]
         specs = [trial_spec(t, sweep=sweep.name, store_uri=store.uri, tracking_uri=uri,
                             parent_run_id=parent.run_id) for t in pending]
         failed = run_trials(sweep, plan, specs, trainable or run_trial, echo, progress) if specs else []
         log_floors(plan.trials, store, uri, cell_runs(uri, sweep.name))
-        report_dir, markdown = _report(sweep, uri, parent, echo)
+        report_dir, markdown = _report(sweep, uri, parent, echo,
+                                       None if report_all else {t.cell.cell_id for t in plan.trials})
     except BaseException:
         parent.close("FAILED")
         raise
     parent.log_metrics({"trials_run": len(specs), "trials_failed": len(failed)})
     parent.close("FINISHED" if not failed else "FAILED")
-    echo(f"browse: mlflow ui --backend-store-uri {uri}")
+    echo(browse_hint(uri, sweep.name))
     return SweepOutcome(plan, parent.run_id, uri, len(specs), failed, report_dir, markdown)
 
 
 # ------------------------------------------------------------------------------------------ parent run
 
 
+def browse_hint(uri: str, experiment: str) -> str:
+    """How to look at the runs: the server's own page for a tracking server, else ``mlflow ui`` on the
+    database (bound to 127.0.0.1, MLflow's default)."""
+    if uri.startswith(("http://", "https://")):
+        return f"browse: {uri.rstrip('/')} (experiment {experiment!r})"
+    return f"browse: mlflow ui --backend-store-uri {uri}"
+
+
 def _parent_tags(sweep: Sweep, plan: SweepPlan) -> dict[str, str]:
-    return {Tag.SWEEP: sweep.name, "sweep_file": sweep.source, Tag.ROLE: "sweep",
+    import ray
+
+    tags = {Tag.SWEEP: sweep.name, "sweep_file": sweep.source, Tag.ROLE: "sweep",
             "git_revision": git_revision(), "cells": str(len(plan.trials))}
+    if in_ray_job():
+        tags["ray_job_id"] = ray.get_runtime_context().get_job_id()
+    return tags
 
 
 def _log_parent(parent: Any, sweep: Sweep, plan: SweepPlan, finished: set[str]) -> None:
@@ -141,7 +169,10 @@ def _flat_settings(sweep: Sweep) -> dict[str, Any]:
 
 
 def git_revision() -> str:
-    """The checkout's commit (``-dirty`` when modified), or ``unknown`` outside a git checkout."""
+    """``$PUREGEN_GIT_REVISION`` when the submitter passed it (a Ray job's working directory has no ``.git``:
+    ``cluster/submit.sh`` sets it), else the checkout's commit (``-dirty`` when modified), else ``unknown``."""
+    if os.environ.get(REVISION_ENV):
+        return os.environ[REVISION_ENV]
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -149,6 +180,9 @@ def git_revision() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        if in_ray_job():
+            log.warning("git_revision is 'unknown': Ray jobs upload no .git; submit with cluster/submit.sh or "
+                        "set %s=$(git rev-parse HEAD) in the job's env_vars", REVISION_ENV)
         return "unknown"
     return rev + ("-dirty" if dirty else "")
 
@@ -264,7 +298,8 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     storage = _storage_path(settings.storage)
     name = f"{sweep.name}-{artifact_key('trials', {'cells': [s['cell_id'] for s in specs]})[7:]}"
-    wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus})
+    wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus,
+                                              **settings.trial_resources})
     path = f"{storage.rstrip('/')}/{name}"
     bar = progress("trials", len(specs), "finished")
     epochs = sum(int(spec["config"]["classifier"]["epochs"]) for spec in specs)
@@ -308,19 +343,24 @@ def _storage_path(storage: str) -> str:
 # ------------------------------------------------------------------------------------------ report
 
 
-def _report(sweep: Sweep, uri: str, parent: Any, echo: Callable[[str], None]) -> tuple[Path | None, str]:
-    """Build the report from every finished child run of the sweep's experiment, log it to the parent run,
-    and print the table."""
+def _report(sweep: Sweep, uri: str, parent: Any, echo: Callable[[str], None],
+            cells: set[str] | None) -> tuple[Path | None, str]:
+    """Build the report from the latest finished child run of each of ``cells`` (None: every cell of the
+    sweep's experiment), log it to the parent run, and print the table with what it covers."""
     from puregen_dist.sweep.report import render_report
 
     out_dir = Path(sweep.cells[0].config.output_dir).absolute() / "report"
     try:
-        markdown, paths = render_report(uri, sweep.name, out_dir)
+        markdown, paths = render_report(uri, sweep.name, out_dir, cells=cells)
     except UserInputError as exc:
         echo(f"no report: {exc}")
         return None, ""
     for path in paths.values():
         parent.log_artifact(Path(path), "report")
     echo(markdown)
-    echo(f"report: {out_dir}")
+    if cells is None:
+        echo(f"report: {out_dir} (every finished cell of experiment {sweep.name!r})")
+    else:
+        echo(f"report: {out_dir} (the {len(cells)} cells of {sweep.source}; `puregen-dist report {sweep.name}` "
+             "or `sweep --report-all` covers every finished cell of the experiment)")
     return out_dir, markdown

@@ -28,13 +28,21 @@ merged.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puregen_dist.config.errors import ConfigError, FieldError, UserInputError, check, check_at_least
+from puregen_dist.config.errors import (
+    ConfigError,
+    FieldError,
+    UserInputError,
+    check,
+    check_at_least,
+    check_custom_resources,
+)
 from puregen_dist.config.generative import ModelJob, PipelineConfig
 from puregen_dist.config.identity import model_fields, replace_model_refs
 from puregen_dist.config.loading import (
@@ -69,6 +77,8 @@ class SweepSettings:
     """CPUs reserved per trial (Ray Tune ``with_resources``)."""
     trial_gpus: float = 0.0
     """GPUs per trial (fractions pack several trials on one GPU)."""
+    trial_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per trial (e.g. ``{gpu_pool: 1}``): trials run only on nodes that offer them."""
     max_concurrent_trials: int = 0
     """0: as many as the trial resources allow."""
     max_failures: int = 1
@@ -93,6 +103,7 @@ class SweepSettings:
     def __post_init__(self) -> None:
         check(self.trial_cpus > 0, "trial_cpus", "must be > 0")
         check_at_least(self, trial_gpus=0, max_concurrent_trials=0, max_failures=-1)
+        check_custom_resources(self.trial_resources, "trial_resources")
         check(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
         check(all(t >= 0 for t in self.targets), "targets", "must be >= 0")
         check(self.trials >= 0, "trials", "must be >= 0 (0: the configured poison key only)")
@@ -168,8 +179,34 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     return sweep_from_dict(data, source=str(path))
 
 
+ROOT_ENV = "PUREGEN_ROOT"
+"""An absolute directory that relative output locations resolve under (:func:`rebase_on_root`)."""
+
+
+def rebase_on_root(data: Mapping[str, Any], root: str | None, *, source: str) -> dict[str, Any]:
+    """``data`` with its relative ``base.output_dir``, ``settings.store`` and ``settings.storage`` (written or
+    default) placed under ``root`` (``$PUREGEN_ROOT``: a directory every node mounts, for Ray jobs, whose working
+    directory is a per-job cache); the default sqlite database follows the output directory. Absolute paths and
+    URIs are kept; ``root`` None or empty changes nothing."""
+    if not root:
+        return dict(data)
+    if "://" in root or not Path(root).is_absolute():
+        raise ConfigError(f"{ROOT_ENV}={root!r}: expected an absolute directory path (a shared mount such as "
+                          "/mnt/nfs/puregen); object-store URIs go in settings.store and settings.storage")
+    rebased = {**data, "base": dict(_mapping(data.get("base", {}), source, "base")),
+               "settings": dict(_mapping(data.get("settings", {}), source, "settings"))}
+    defaults = {("base", "output_dir"): ExperimentConfig.output_dir, ("settings", "store"): SweepSettings.store,
+                ("settings", "storage"): SweepSettings.storage}
+    for (section, key), default in defaults.items():
+        path = rebased[section].get(key, default)
+        if isinstance(path, str) and "://" not in path and not Path(path).is_absolute():
+            rebased[section][key] = str(Path(root) / path)
+    return rebased
+
+
 def sweep_from_dict(data: Mapping[str, Any], *, source: str) -> Sweep:
-    """:func:`load_sweep` on already-parsed data."""
+    """:func:`load_sweep` on already-parsed data (relative output locations under ``$PUREGEN_ROOT`` when set)."""
+    data = rebase_on_root(data, os.environ.get(ROOT_ENV), source=source)
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; valid keys here: {', '.join(SWEEP_KEYS)}")

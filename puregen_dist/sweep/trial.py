@@ -101,6 +101,14 @@ def _costs(store: ArtifactStore, poison_key: str, train_key: str, images: int, p
     return costs
 
 
+def node_tags() -> dict[str, str]:
+    """Where this trial runs: the Ray node's id and address (tags ``ray_node_id``, ``ray_node_ip``)."""
+    import ray
+
+    return {"ray_node_id": ray.get_runtime_context().get_node_id(),
+            "ray_node_ip": ray.util.get_node_ip_address()}
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one cell, one MLflow child run (FINISHED, or FAILED with the error).
 
@@ -123,7 +131,7 @@ def run_trial(config: dict[str, Any]) -> None:
         return
     tracker = MLflowTracker(spec["tracking_uri"], cfg.tracking.experiment,
                             run_name=f"{spec['row']} | {spec['col']} | {cfg.classifier.name} | seed {cfg.seed}",
-                            parent_run_id=spec["parent_run_id"], tags={Tag.CELL_ID: spec["cell_id"]})
+                            parent_run_id=spec["parent_run_id"], tags={Tag.CELL_ID: spec["cell_id"], **node_tags()})
     try:
         metrics = execute_trial(spec, tracker, report=lambda m, step: tune.report({**m, "epoch": step}))
     except BaseException as exc:

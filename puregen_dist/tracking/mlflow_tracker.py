@@ -6,8 +6,13 @@ store). ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` override it (e.g. ``http://m
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import secrets
+import sqlite3
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,8 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3.x param value limit
 
@@ -28,15 +35,62 @@ def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
-    """Create (once, on the driver) the experiment ``name`` with an absolute artifact location; its id."""
+    """Create (once, on the driver) the experiment ``name``; its id. Its artifacts go to ``artifact_root``,
+    by default ``mlartifacts`` beside a sqlite database (never ``./mlruns`` of whatever directory the process
+    runs in, such as a Ray job's working-dir cache) and the server's own store for a tracking server."""
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(uri.removeprefix("sqlite:///"))
+        ensure_sqlite_database(database)
+        artifact_root = artifact_root or database.parent / "mlartifacts"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another process created it meanwhile
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def ensure_sqlite_database(path: Path) -> None:
+    """An MLflow sqlite database at ``path`` with its whole schema. A new one is built in a private file
+    beside ``path`` and hard-linked into place, so a killed or concurrent creator never leaves a half-created
+    database there (two processes migrating one new file fail with "table ... already exists"); the first link
+    wins, the others use it. A file at ``path`` without MLflow's tables (left by an older, interrupted run:
+    it holds no runs) is moved aside to ``<name>.incomplete-<time>`` with a warning, and rebuilt."""
+    if path.exists():
+        if _is_complete(path):
+            return
+        aside = path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s had no complete MLflow schema (an interrupted creation); moved to %s and rebuilt",
+                    path, aside)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = path.with_name(f".{path.name}.{secrets.token_hex(6)}.creating")
+    try:
+        MlflowClient(f"sqlite:///{private}").search_experiments(max_results=1)  # runs MLflow's migrations
+        try:
+            os.link(private, path)
+        except FileExistsError:
+            pass  # another process linked its complete database first
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def _is_complete(path: Path) -> bool:
+    """Whether the sqlite file at ``path`` holds MLflow's schema (a recorded migration, experiments, runs)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"alembic_version", "experiments", "runs"} <= tables:
+                return False
+            return conn.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.DatabaseError:
+        return False
 
 
 class MLflowTracker:

@@ -2,10 +2,11 @@
 (the shared JPEG copy; skipped without it): per trial (poison keys 1-3) a target test image and an adversarial
 class; 2% of a 1,000-image training set (20 images, all of that class) carry a Gradient-Matching perturbation
 (eps 16/255, 1 restart x 80 steps) brewed on a clean HLB-small; a fresh HLB-small trained from scratch (12 epochs)
-on the poisoned set is compared with one trained on the same rows carrying random ±eps sign noise. Keys 1-3 (three
-trials keep the suite's time): 2/3 flipped against 0/3; keys 0-5 flip 3/6 against 0/6 (keys 2, 3, 5;
-`python benchmarks/gradient_matching_efficacy.py`); on 500
-images and 10 epochs the effect vanishes (1/6 each). Digits are not used: no trial flips there, with any perturbation
+on the poisoned set is compared with one trained on the same rows carrying random ±eps sign noise (no clean victim:
+nothing asserts on it). Golden keys 2 and 3 (two trials keep the suite's time): both flip under Gradient Matching,
+neither under the noise. Over keys 0-5 it is 3/6 against 0/6 (keys 2, 3, 5;
+`python benchmarks/gradient_matching_efficacy.py`), so the test fixes the keys that flip and asserts that noise of the
+same budget does not flip them; on 500 images and 10 epochs the effect vanishes (1/6 each). Digits are not used: no trial flips there, with any perturbation
 (docs/attacks.md, "What it does at CPU scale"). Runs ``benchmarks/gradient_matching_efficacy.py``'s measurement."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PER_CLASS, EPOCHS, POISONS, KEYS = 100, 12, 20, (1, 2, 3)
+PER_CLASS, EPOCHS, POISONS, KEYS = 100, 12, 20, (2, 3)
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"{CIFAR10} not present (real CIFAR-10 is not "
                                 "shipped with the repository)")
@@ -31,10 +32,11 @@ def _benchmark():
 
 def test_gradient_matching_beats_random_noise_of_the_same_budget_on_cifar10():
     data = {"dataset": "parquet", "root": str(CIFAR10), "train_per_class": PER_CLASS, "test_per_class": 50}
-    result = _benchmark().efficacy(data, epochs=EPOCHS, poisons=POISONS, iterations=80, keys=KEYS, threads=2)
+    result = _benchmark().efficacy(data, epochs=EPOCHS, poisons=POISONS, iterations=80, keys=KEYS, threads=2,
+                                   clean=False)
     counts, n = result["counts"], len(KEYS)
     print(f"targets flipped over {n} trials: gradient matching {counts['gm']}/{n}, random ±eps noise "
-          f"{counts['noise']}/{n}, clean {counts['clean']}/{n}")
-    assert counts["gm"] >= 2 and counts["gm"] >= counts["noise"] + 2
+          f"{counts['noise']}/{n}")
+    assert counts == {"gm": n, "noise": 0}
     raised = sum(t["gm"]["p_adv"] > t["noise"]["p_adv"] for t in result["trials"])
     assert raised == n  # the target's adversarial probability rises in every trial

@@ -346,6 +346,13 @@ def test_fetch_runs_latest_per_cell_finished_children_only(sweep_db):
     assert _prefixed(new1, "params.") == {"defense.name": "jpeg", "seed": "3"}
 
 
+def test_fetch_runs_of_some_cells_only(sweep_db):
+    uri, _, ids = sweep_db
+    assert fetch_runs(uri, "sweep-x", cells={"cell-1", "nope"})["run_id"].tolist() == [ids["new1"]]
+    with pytest.raises(UserInputError, match="among the 1 cells asked for"):
+        fetch_runs(uri, "sweep-x", cells={"nope"})
+
+
 def test_fetch_runs_of_one_parent(sweep_db):
     uri, parents, ids = sweep_db
     records = fetch_runs(uri, "sweep-x", parents["A"])
