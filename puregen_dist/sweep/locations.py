@@ -42,6 +42,8 @@ class Location:
     key: str
     path: str
     output: bool = True
+    shared: bool = True
+    """Whether every node must see it (checked with several nodes); inside Ray's temp dir is refused either way."""
 
     @property
     def is_uri(self) -> bool:
@@ -59,11 +61,13 @@ def in_ray_job() -> bool:
 
 def sweep_locations(sweep: Sweep, tracking_uri: str) -> list[Location]:
     """The store, the Tune storage, the output directory, the sqlite database (when the tracking URI is one)
-    and every data root of the cells and models, each once."""
+    and every data root of the cells and models, each once. The output directory must be shared only when it
+    holds the sqlite database: with a tracking server it holds the driver's log and a copy of the report."""
     base = sweep.cells[0].config
+    sqlite = tracking_uri.startswith("sqlite:///")
     found = [Location("settings.store", sweep.settings.store), Location("settings.storage", sweep.settings.storage),
-             Location("base.output_dir", base.output_dir)]
-    if tracking_uri.startswith("sqlite:///"):
+             Location("base.output_dir", base.output_dir, shared=sqlite)]  # else only the driver's logs and report
+    if sqlite:
         found.append(Location("base.tracking.uri (the sqlite database)", tracking_uri.removeprefix("sqlite:///")))
     for cell in sweep.cells:
         found += [Location(f"cell {cell.index}: {key}", root, output=False) for key, root in _data_roots(cell.config)]
@@ -114,7 +118,7 @@ def check_sweep_locations(sweep: Sweep, tracking_uri: str) -> None:
                                                     "working-dir cache, deleted and re-created by Ray)")
                                               for loc in cached]))
     if len(nodes) > 1:
-        _check_visible_from_every_node([loc for loc in locations if not loc.is_uri], nodes, where)
+        _check_visible_from_every_node([loc for loc in locations if loc.shared and not loc.is_uri], nodes, where)
 
 
 def _refusal(where: str, problems: list[tuple[Location, str]]) -> str:
