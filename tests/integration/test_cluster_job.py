@@ -245,6 +245,11 @@ def test_a_sweep_job_runs_its_trials_and_actors_on_the_second_node(cluster):
     purifiers = [a for a in actors if "PurifierActor" in (a.get("class_name") or "")]
     assert purifiers and {a["node_id"] for a in purifiers} == {cluster.worker_node_id}
 
+    published = subprocess.run(["puregen-dist", "-q", "report", "cluster-e2e", "--tracking-uri", cluster.mlflow,
+                                "--report-dir", str(cluster.tmp / "published")], capture_output=True, text=True,
+                               timeout=300, env={**cluster.env, "MLFLOW_TRACKING_URI": cluster.mlflow})
+    assert published.returncode == 0 and "puregen_ebm" in published.stdout, published.stderr[-2000:]
+
     store = cluster.root / "outputs" / "cluster-e2e" / "store"
     kinds = {p.name.split("-")[0] for p in store.iterdir() if p.is_dir()}
     assert {"ebm", "poison", "purified"} <= kinds  # the shared store, not the working-dir cache
