@@ -232,6 +232,7 @@ def diagnose_cmd(args: argparse.Namespace) -> int:
 
 def sweep_cmd(args: argparse.Namespace) -> int:
     """Plan a sweep, build its missing artifacts, run its trials with Ray Tune, print the report."""
+    from puregen_dist.sweep.locations import in_ray_job
     from puregen_dist.sweep.runner import connect, dry_run, run_sweep
     from puregen_dist.sweep.spec import load_sweep
 
@@ -241,9 +242,11 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run(sweep))
         return 0
-    connect(sweep)  # in a Ray job or on several nodes: refuses unshared locations before the log file is made
+    on_cluster = bool(sweep.settings.address or os.environ.get("RAY_ADDRESS")) or in_ray_job()
+    if on_cluster:  # refuse unshared locations before the log file is made (a laptop's own Ray checks nothing)
+        connect(sweep)
     with _sweep_console(sweep.cells[0].config.output_dir, quiet=args.quiet) as progress:
-        outcome = run_sweep(sweep, progress=progress, report_all=args.report_all, connected=True)
+        outcome = run_sweep(sweep, progress=progress, report_all=args.report_all, connected=on_cluster)
     return 0 if not outcome.trials_failed else 1
 
 

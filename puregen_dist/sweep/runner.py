@@ -361,6 +361,7 @@ def _report(sweep: Sweep, uri: str, parent: Any, echo: Callable[[str], None],
     if cells is None:
         echo(f"report: {out_dir} (every finished cell of experiment {sweep.name!r})")
     else:
-        echo(f"report: {out_dir} (the {len(cells)} cells of {sweep.source}; `puregen-dist report {sweep.name}` "
-             "or `sweep --report-all` covers every finished cell of the experiment)")
+        cover = f"the {len(cells)} cells" if len(cells) != 1 else "the one cell"
+        echo(f"report: {out_dir} ({cover} of {sweep.source}; `puregen-dist report {sweep.name}` or `sweep "
+             "--report-all` covers every finished cell of the experiment)")
     return out_dir, markdown
