@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,10 @@ def _check_visible_from_every_node(locations: list[Location], nodes: list[dict[s
             probes.append((loc.key, str(markers[-1] if loc.output else loc.absolute)))
         refs = {ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))(
             _missing_paths).remote(probes): node for node in nodes}
+        start = time.perf_counter()
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        log.info("shared-location probe: %d locations on %d nodes in %.1f s", len(probes), len(nodes),
+                 time.perf_counter() - start)
         for ref in late:
             log.warning("node %s did not answer the shared-location probe in %.0f s; its view of the store and "
                         "outputs is not checked", refs[ref]["NodeManagerAddress"], PROBE_TIMEOUT_S)
