@@ -26,6 +26,18 @@ def make_imageset(n: int = 64, size: int = 8, channels: int = 3, classes: int = 
     return ImageSet(images, labels, ids, tuple(f"c{i}" for i in range(classes)))
 
 
+def kill_processes(family: list) -> None:
+    """SIGKILL every ``psutil.Process`` of ``family`` (gone ones skipped) and wait for them, at most 30 s."""
+    import psutil
+
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
 @pytest.fixture
 def tiny_imageset() -> ImageSet:
     return make_imageset()

@@ -157,9 +157,10 @@ def _check_visible_from_every_node(locations: list[Location], nodes: list[dict[s
         for ref in late:
             log.warning("node %s did not answer the shared-location probe in %.0f s; its view of the store and "
                         "outputs is not checked", refs[ref]["NodeManagerAddress"], PROBE_TIMEOUT_S)
-        problems = [(loc, f"{loc.absolute} is not visible from node {refs[ref]['NodeManagerAddress']} "
-                          f"({refs[ref]['NodeID'][:12]}): a node-local path")
-                    for ref in ready for key in ray.get(ref) for loc in locations if loc.key == key]
+        by_key = {loc.key: loc for loc in locations}
+        problems = [(by_key[key], f"{by_key[key].absolute} is not visible from node "
+                                  f"{refs[ref]['NodeManagerAddress']} ({refs[ref]['NodeID'][:12]}): a node-local path")
+                    for ref in ready for key in ray.get(ref)]
     finally:
         for marker in markers:
             marker.unlink(missing_ok=True)

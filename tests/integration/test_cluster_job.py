@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import kill_processes
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,12 +138,7 @@ def _stop_everything(tmp: Path, popens: list[subprocess.Popen]) -> None:
             os.killpg(popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for proc in family:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_processes(family)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import time
 import pytest
 from test_sweep import child_runs, sweep_file  # noqa: E402  (same directory)
 
+from conftest import kill_processes
 from puregen_dist.pipeline.store import ArtifactStore
 
 pytestmark = pytest.mark.ray
@@ -39,12 +40,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_processes(family)
     proc.wait()
 
 
