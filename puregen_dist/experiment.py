@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ from puregen_dist.config.schema import ExperimentConfig
 from puregen_dist.data.datasets import dataset_stats, load_data
 from puregen_dist.data.transforms import image_grid, trigger_image
 from puregen_dist.defenses import build_defense
-from puregen_dist.protocols import Tracker
+from puregen_dist.defenses.training_time import removal_metrics
+from puregen_dist.protocols import Tracker, TrainHook, TrainingDefense
 from puregen_dist.registry import UnknownNameError
 from puregen_dist.tracking.names import Metric, Tag, definition_tag, success_key
 from puregen_dist.types import ImageSet, TargetSpec
@@ -108,23 +109,30 @@ def execute(prep: Prepared, tracker: Tracker) -> RunMetrics:
     poisoned = poison.materialize()
     log.info("attack %s: %d poisoned of %d training images", cfg.attack.name, len(poison.poison_ids), len(poisoned))
     defended, defense_seconds = _timed(lambda: prep.defense.apply(poisoned, seed=cfg.seed))
-    _check_defense_output(poisoned, defended, cfg.defense.name)
+    _check_defense_output(poisoned, defended, cfg.defense)
     log.info("defense %s: %.2fs", cfg.defense.name, defense_seconds)
     log_samples(tracker, poison.poison_ids, poisoned, defended, poison.target)
     costs = {"craft_seconds": craft_seconds, "defense_seconds": defense_seconds,
              "defense_seconds_per_image": defense_seconds / max(len(poisoned), 1),
              "num_poisons": float(len(poison.poison_ids))}
-    return train_and_evaluate(cfg, defended, prep.test, poison.target, tracker, costs=costs)
+    return train_and_evaluate(cfg, defended, prep.test, poison.target, tracker, costs=costs,
+                              hooks=training_hooks(prep.defense, cfg.seed),
+                              removal=(poisoned.ids, poison.poison_ids))
 
 
 def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, target: TargetSpec,
                        tracker: Tracker, *, costs: dict[str, float] | None = None,
-                       report: Callable[[dict[str, float], int], None] | None = None) -> RunMetrics:
+                       report: Callable[[dict[str, float], int], None] | None = None,
+                       hooks: Sequence[TrainHook] = (),
+                       removal: tuple[np.ndarray, np.ndarray] | None = None) -> RunMetrics:
     """Train ``cfg.classifier`` on the (defended) training set and evaluate it on the clean test set.
 
     Per epoch: test accuracy, and poison success at m = 1 for triggered attacks, to the tracker (and to
     ``report(metrics, epoch)`` when given, e.g. Ray Tune). Final: natural accuracy, poison success at every
-    ``cfg.eval.magnifications``, ``costs`` plus ``train_seconds``, logged at step ``epochs``.
+    ``cfg.eval.magnifications``, ``costs`` plus ``train_seconds`` and the training defense's ``hooks``'
+    summaries, logged at step ``epochs``. ``removal`` = (ids of the poisoned set before the defense, poison
+    ids): when a defense removed rows (a filter before training, or EPIC during it), how well it removed the
+    poisons (:func:`~puregen_dist.defenses.training_time.removal_metrics`).
     """
     model = build_model(cfg, train)
     triggered = target.kind == "triggered"
@@ -141,11 +149,19 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
         if report is not None:
             report(metrics, step)
 
-    result = train_classifier(model, train, cfg.classifier, seed=cfg.seed, on_epoch_end=on_epoch_end,
-                              report=log_epoch)
+    result = train_classifier(model, train, cfg.classifier, seed=cfg.seed, hooks=hooks,
+                              on_epoch_end=on_epoch_end, report=log_epoch)
+    costs = {**(costs or {}), "train_seconds": result.seconds}
+    for hook in hooks:
+        for name, value in hook.summary().items():
+            costs[name] = costs.get(name, 0.0) + value if name == "defense_seconds" else value
+        if "defense_seconds" in costs:
+            costs["defense_seconds_per_image"] = costs["defense_seconds"] / max(len(train), 1)
+    if removal is not None and len(result.trained_ids) != len(removal[0]):
+        costs.update(removal_metrics(removal[0], result.trained_ids, removal[1]))
     metrics = RunMetrics(
         nat_acc=natural_accuracy(result.model, test, cfg.classifier.eval_batch_size),
-        history=result.history, costs={**(costs or {}), "train_seconds": result.seconds},
+        history=result.history, costs=costs,
         run_id=getattr(tracker, "run_id", None), model=result.model.eval(),
     )
     if triggered:
@@ -220,12 +236,19 @@ def build_model(cfg: ExperimentConfig | ClassifierJob | SurrogateJob, train: Ima
     return Normalized(net, clf.mean or mean, clf.std or std)
 
 
-def _check_defense_output(before: ImageSet, after: ImageSet, name: str) -> None:
-    """A DataDefense must keep ids, labels, order, shape and dtype."""
-    same = (after.images.shape == before.images.shape and after.images.dtype == np.uint8
-            and np.array_equal(after.ids, before.ids) and np.array_equal(after.labels, before.labels))
+def training_hooks(defense: Any, seed: int) -> Sequence[TrainHook]:
+    """The training loop's hooks of a built defense: a TrainingDefense's (FRIENDS, EPIC), none otherwise."""
+    return defense.hooks(seed=seed) if isinstance(defense, TrainingDefense) else ()
+
+
+def _check_defense_output(before: ImageSet, after: ImageSet, cfg: Any) -> None:
+    """A DataDefense must keep ids, labels, order, shape and dtype; a filter (``removes_rows``) may drop rows,
+    keeping the others' order, ids, labels and images."""
+    kept = np.flatnonzero(np.isin(before.ids, after.ids)) if cfg.removes_rows else np.arange(len(before))
+    same = (after.images.shape == (len(kept), *before.shape) and after.images.dtype == np.uint8
+            and np.array_equal(after.ids, before.ids[kept]) and np.array_equal(after.labels, before.labels[kept]))
     if not same:
-        raise RuntimeError(f"defense {name!r} changed ids, labels, order, shape or dtype of the training set")
+        raise RuntimeError(f"defense {cfg.name!r} changed ids, labels, order, shape or dtype of the training set")
 
 
 def log_samples(tracker: Tracker, poison_ids: np.ndarray, poisoned: ImageSet, defended: ImageSet,
@@ -235,6 +258,7 @@ def log_samples(tracker: Tracker, poison_ids: np.ndarray, poisoned: ImageSet, de
     if target is not None and target.trigger is not None and target.trigger_mask is None:
         tracker.log_image(trigger_image(target.trigger), "trigger")
     ids = poison_ids[:16] if len(poison_ids) else poisoned.ids[:16]
-    pos = poisoned.positions(ids)
-    tracker.log_image(image_grid(poisoned.images[pos]), "train_before_defense")
-    tracker.log_image(image_grid(defended.images[pos]), "train_after_defense")
+    tracker.log_image(image_grid(poisoned.images[poisoned.positions(ids)]), "train_before_defense")
+    kept = ids[np.isin(ids, defended.ids)]  # a filter may have removed some
+    if len(kept):
+        tracker.log_image(image_grid(defended.images[defended.positions(kept)]), "train_after_defense")

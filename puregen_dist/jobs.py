@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from puregen_dist.attacks import build_attack
 from puregen_dist.attacks.surrogate import surrogate_training_set
 from puregen_dist.classifiers.evaluation import natural_accuracy
@@ -156,7 +158,8 @@ def purify_job(prep: PreparedPurify, tracker: Tracker) -> PurifyResult:
     start = time.perf_counter()
     purified = prep.defense.apply(poisoned, seed=job.seed)
     seconds = time.perf_counter() - start
-    path = write_imageset(purified, job.output, poisoned_ids=poison.poison_ids)
+    kept_poisons = poison.poison_ids[np.isin(poison.poison_ids, purified.ids)]  # a filter removes rows
+    path = write_imageset(purified, job.output, poisoned_ids=kept_poisons)
     result = PurifyResult(path, len(purified), seconds)
     tracker.log_params(flatten(job))
     tracker.log_metrics({"purify_seconds": seconds, "images_per_second": result.images_per_second,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from puregen_dist.types import ImageSet, PoisonSet
@@ -23,22 +24,43 @@ class Attack(Protocol):
 
 @runtime_checkable
 class DataDefense(Protocol):
-    """Acts on the training set before training (JPEG, PureGen). Preserves ids, labels and order."""
+    """Acts on the training set before training. Preserves ids, labels and order (JPEG, PureGen); a filter
+    (``DefenseConfig.removes_rows``: Spectral Signatures, Activation Clustering) returns a subset of the rows,
+    in order, with their ids and labels."""
 
     def apply(self, train: ImageSet, *, seed: int) -> ImageSet: ...
 
 
 class TrainHook(Protocol):
-    """Called by the training loop at the start of each epoch; may return a modified training set."""
+    """A training defense's grip on the training loop (:func:`~puregen_dist.classifiers.training.train_classifier`).
 
-    def on_epoch_start(self, epoch: int, data: ImageSet, model: nn.Module) -> ImageSet: ...
+    Subclass it to inherit the no-op defaults and override what the defense needs."""
+
+    def on_epoch_start(self, epoch: int, data: ImageSet, model: nn.Module) -> ImageSet:
+        """Before epoch ``epoch`` (1-based): ``data`` is the training set this epoch starts from (the full set,
+        or what an earlier hook made of it this epoch); returns the set to train on (a subset keeps ids: EPIC;
+        other images: FRIENDS' friendly noise). ``model`` is the classifier in train mode; leave it so."""
+        return data
+
+    def on_batch(self, x: Tensor, ids: Tensor, generator: torch.Generator) -> Tensor:
+        """Each training batch after augmentation: ``x`` (B, C, H, W) float in [0, 1] on the training device,
+        ``ids`` (B,) int64 (CPU) of its rows; returns the batch to train on (FRIENDS' random noise). Draw any
+        randomness from ``generator`` (the CPU generator of the training seed)."""
+        return x
+
+    def summary(self) -> dict[str, float]:
+        """After training: metrics to log with the run's final metrics (``defense_seconds``: the hook's own
+        compute, e.g. optimising friendly noise or EPIC's selection rounds)."""
+        return {}
 
 
 @runtime_checkable
 class TrainingDefense(Protocol):
-    """Acts during training (FRIENDS, EPIC) through hooks."""
+    """Acts during training (FRIENDS, EPIC) through hooks; its ``apply`` leaves the training set unchanged."""
 
-    def hooks(self) -> Sequence[TrainHook]: ...
+    def hooks(self, *, seed: int) -> Sequence[TrainHook]:
+        """Fresh hooks for one training run (they hold its state); ``seed`` drives their randomness."""
+        ...
 
 
 @runtime_checkable

@@ -75,3 +75,33 @@ def tiny_checkpoints(tmp_path_factory):
                                model_config=ddpm_cfg.__dict__)
         out[channels] = (ebm, ddpm)
     return out
+
+
+# --- a poisoned digits set and a detector trained on it (the FRIENDS, EPIC and filter tests) -----------------
+
+DIGITS_CNN_RECIPE = dict(name="small_cnn", epochs=8, batch_size=64, lr=0.05, milestones=(6,), crop_padding=1,
+                         flip=False, threads=1)
+"""The quickstart's small CNN recipe with fewer epochs: ~3 s on one CPU core."""
+
+
+@pytest.fixture(scope="session")
+def digits_patch_poison():
+    """(poisoned training set, poison ids): digits with a dirty-label 3x3 checkerboard BadNets patch on 5% of
+    the images, relabelled to class 0 (a third of class 0's rows are then poisons)."""
+    from puregen_dist.attacks import build_attack
+    from puregen_dist.attacks.badnets import BadNetsConfig
+    from puregen_dist.config.schema import DataConfig
+    from puregen_dist.data.datasets import load_data
+
+    train, _ = load_data(DataConfig())
+    poison = build_attack(BadNetsConfig(target_class=0, budget=0.05, label_mode="dirty")).craft(train, seed=0)
+    return poison.materialize(), poison.poison_ids
+
+
+@pytest.fixture(scope="session")
+def digits_detector(digits_patch_poison):
+    """A small CNN trained on the poisoned digits set (it learns the backdoor)."""
+    from puregen_dist.config.schema import ClassifierConfig
+    from puregen_dist.defenses.filtering import train_detector
+
+    return train_detector(digits_patch_poison[0], ClassifierConfig(**DIGITS_CNN_RECIPE), seed=0)

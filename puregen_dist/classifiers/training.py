@@ -43,11 +43,13 @@ class Normalized(nn.Module):
 
 @dataclass
 class TrainResult:
-    """What training produced: the model, one metrics dict per epoch, and wall time."""
+    """What training produced: the model, one metrics dict per epoch, wall time, and the ids the last epoch
+    trained on (fewer than the training set's when a training defense dropped rows)."""
 
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    trained_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def make_optimizer(model: nn.Module, cfg: ClassifierConfig) -> torch.optim.Optimizer:
@@ -84,7 +86,9 @@ def train_classifier(
         train: the (possibly poisoned and purified) training set.
         cfg: the recipe (epochs, optimizer, schedule, augmentation).
         seed: drives shuffling and augmentation.
-        hooks: training-defense hooks, called at the start of each epoch (may replace the data).
+        hooks: training-defense hooks (:class:`~puregen_dist.protocols.TrainHook`): at the start of each epoch
+            each gets the set the epoch starts from (``train``, then what the previous hook returned) and
+            returns the set to train on; each augmented batch passes through their ``on_batch``.
         on_epoch_end: per-epoch evaluation; its metrics are merged into the epoch's history entry.
         report: called as ``report(metrics, step=epoch)`` after each epoch (e.g. ``Tracker.log_metrics``).
 
@@ -100,13 +104,16 @@ def train_classifier(
     result = TrainResult(model)
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        for hook in hooks:
-            train = hook.on_epoch_start(epoch, train, model)
         tick = time.perf_counter()
+        epoch_set = train
+        for hook in hooks:
+            epoch_set = hook.on_epoch_start(epoch, epoch_set, model)
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc = _train_epoch(model, train, cfg, optimizer, criterion, generator, device)
+        loss, acc = _train_epoch(model, epoch_set, cfg, optimizer, criterion, generator, device, hooks)
         scheduler.step()
         stats = {"train_loss": loss, "train_acc": acc, "lr": lr, "epoch_seconds": time.perf_counter() - tick}
+        if hooks:
+            stats["train_rows"] = float(len(epoch_set))
         if on_epoch_end is not None:
             model.eval()
             stats.update(on_epoch_end(epoch, model))
@@ -114,6 +121,7 @@ def train_classifier(
         if report is not None:
             report(stats, step=epoch)
         log.info("epoch %d/%d %s", epoch, cfg.epochs, _format(stats))
+        result.trained_ids = epoch_set.ids
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
@@ -127,14 +135,18 @@ def _train_epoch(
     criterion: nn.Module,
     generator: torch.Generator,
     device: torch.device,
+    hooks: Sequence[TrainHook] = (),
 ) -> tuple[float, float]:
-    """One pass over a seeded permutation of ``train``; returns (mean loss, accuracy)."""
+    """One pass over a seeded permutation of ``train`` (each augmented batch through the hooks' ``on_batch``);
+    returns (mean loss, accuracy)."""
     model.train()
     order = torch.randperm(len(train), generator=generator).numpy()
     total_loss, correct = 0.0, 0
     for start in range(0, len(order), cfg.batch_size):
         index = np.sort(order[start:start + cfg.batch_size])  # sorted: contiguous-ish gathers, same batch set
         x = random_crop_flip(to_unit(train.images[index]), cfg.crop_padding, cfg.flip, generator).to(device)
+        for hook in hooks:
+            x = hook.on_batch(x, torch.from_numpy(train.ids[index]), generator)
         y = torch.from_numpy(train.labels[index]).to(device)
         if len(index) == 1 and _has_batchnorm(model):
             continue  # BatchNorm cannot train on a batch of one

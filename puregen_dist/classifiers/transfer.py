@@ -44,14 +44,14 @@ def save_classifier(directory: str | Path, net: nn.Module, *, name: str, in_chan
 
 
 def save_trained_classifier(directory: str | Path, model: Any, *, name: str, epochs: int,
-                            shape: tuple[int, int, int], num_classes: int, nat_acc: float,
+                            shape: tuple[int, int, int], num_classes: int, nat_acc: float | None,
                             meta: Mapping[str, Any] | None = None) -> Path:
     """:func:`save_classifier` for a network trained on (H, W, C) = ``shape`` images: ``model`` is the
     ``Normalized`` wrapper training returns; its bare network is saved, and the meta records the natural
-    accuracy, the epochs and the input normalisation (mean, std) it was trained with, beside ``meta``."""
+    accuracy (when measured), the epochs and the input normalisation (mean, std) it was trained with, beside ``meta``."""
     h, _, c = shape
-    meta = {**(meta or {}), "nat_acc": nat_acc, "epochs": epochs, "mean": list(model.mean),
-            "std": list(model.std)}
+    meta = {**(meta or {}), "epochs": epochs, "mean": list(model.mean), "std": list(model.std),
+            **({} if nat_acc is None else {"nat_acc": nat_acc})}
     return save_classifier(directory, model.net, name=name, in_channels=c, num_classes=num_classes,
                            image_size=h, meta=meta)
 

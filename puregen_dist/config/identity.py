@@ -31,11 +31,12 @@ FILE_REF = "puregen_dist.file_ref"
 """Field metadata flag: the field is the path of an input file or directory (imported poisons) whose content,
 not only its path, identifies what is computed from it."""
 
-PipelineKind = Literal["actor_pool", "task_pool", "none"]
+PipelineKind = Literal["actor_pool", "task_pool", "whole_set", "none"]
 """How the pipeline runs a data defense: ``actor_pool`` (a stateful Ray Data actor pool that loads generative
 models once per actor and calls ``defense.purifier``), ``task_pool`` (stateless CPU tasks calling
-``defense.apply`` per batch), ``none`` (no purified set: the classifier trains on the poison set, e.g. no
-defense or a training-time defense)."""
+``defense.apply`` per batch), ``whole_set`` (one Ray task with a purifier actor's resources runs the defense on
+the whole set at once: a filter that trains a detector on it), ``none`` (no purified set: the classifier trains
+on the poison set, e.g. no defense or a training-time defense)."""
 
 _MISSING: Any = dataclasses.MISSING
 

@@ -49,6 +49,9 @@ class DefenseConfig(RegistryConfig):
     poison set of the same data and seed) and its other rows purified on their own
     (:func:`~puregen_dist.pipeline.stages.purify_stage`). False (the safe default for plugins): the whole set is
     purified each time."""
+    removes_rows: ClassVar[bool] = False
+    """True: ``apply`` returns a subset of the rows (in order, ids and labels kept): a filter such as Spectral
+    Signatures. False: every row is kept."""
 
 
 @dataclass(frozen=True, kw_only=True)

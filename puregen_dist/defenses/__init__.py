@@ -1,7 +1,16 @@
-"""Defenses: ``DataDefense.apply(train, *, seed)`` before training, ``TrainingDefense.hooks()`` during it.
+"""Defenses: ``DataDefense.apply(train, *, seed)`` before training (JPEG, PureGen; the filters Spectral Signatures
+and Activation Clustering), ``TrainingDefense.hooks(seed=...)`` during it (FRIENDS, EPIC).
 Importing this package registers the built-in ones."""
 
-from puregen_dist.defenses import jpeg, none, puregen  # noqa: F401  (registers)
+from puregen_dist.defenses import (  # noqa: F401  (registers)
+    activation_clustering,
+    epic,
+    friends,
+    jpeg,
+    none,
+    puregen,
+    spectral,
+)
 from puregen_dist.registry import DEFENSES
 
 

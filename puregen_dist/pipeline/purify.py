@@ -235,6 +235,10 @@ def validate_defense(defense_cfg: Any, source: ParquetInput) -> None:
     if defense_cfg.pipeline == "none":
         raise UserInputError(f"defense {defense_cfg.name!r} makes no purified set (it acts during training or "
                              "not at all); purify needs a data defense")
+    if defense_cfg.pipeline == "whole_set":
+        raise UserInputError(f"defense {defense_cfg.name!r} filters the whole set at once (it trains a detector "
+                             "on it); run it through the artifact store (`puregen-dist purify` with a store, or "
+                             "a sweep), not as a Ray Data stream over a Parquet file")
     defense = build_defense(with_device(defense_cfg, "cpu"))
     probe = ImageSet(np.zeros((1, *source.shape), np.uint8), np.zeros(1, np.int64), np.zeros(1, np.int64),
                      source.classes or ("0",))

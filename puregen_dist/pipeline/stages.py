@@ -305,6 +305,8 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
         ensure_ray(job.pipeline.address)
         if clean is not None:
             return assemble_purified(job, poison_key, *clean, store, staged)
+        if job.defense.pipeline == "whole_set":
+            return filter_whole(job, poison_key, store, staged)
         return purify_whole(job, poison_key, store, staged)
 
     manifest, built = store.get_or_build(key, build, kind="purified", config=config, inputs=[poison_key])
@@ -322,6 +324,35 @@ def purify_whole(job: PurifyJob, poison_key: str, store: ArtifactStore, staged: 
         selected = len(stats.selected_ids)
         counts.update(rows_purified=float(selected), rows_unselected=float(stats.images - selected))
     return {"rows": stats.images, "timings": _purify_timings(stats), "stats": counts}
+
+
+FILTER_JSON = "filter.json"
+"""Beside a filter's (``whole_set``) purified set: the ids it removed and the key of its detector."""
+
+
+def filter_whole(job: PurifyJob, poison_key: str, store: ArtifactStore, staged: StagedArtifact) -> dict[str, Any]:
+    """Stage the rows of ``poison_key`` that the filter ``job.defense`` keeps (one Ray task with a purifier
+    actor's resources trains or reuses the detector and flags rows); the manifest's stats say how many rows
+    were removed and, the poisons being known, the removal's precision and recall."""
+    from puregen_dist.defenses.training_time import removal_metrics
+    from puregen_dist.pipeline.filters import filter_in_task
+
+    start = time.perf_counter()
+    result = task_result(submit_task(filter_in_task, job.pipeline.actor_resources(), job.defense, job.seed,
+                                     poison_key, store.uri))
+    poisoned, flags = store.get_imageset(poison_key)
+    keep = np.isin(poisoned.ids, result["kept_ids"])
+    rows = store.stage_imageset(staged, poisoned.take(np.flatnonzero(keep)), poisoned_ids=poisoned.ids[flags & keep])
+    store.stage_bytes(staged, FILTER_JSON, json.dumps(
+        {"detector": result["detector"], "removed_ids": [int(i) for i in result["removed_ids"]]}).encode())
+    stats = removal_metrics(poisoned.ids, result["kept_ids"], poisoned.ids[flags])
+    seconds = time.perf_counter() - start
+    log.info("%s: %s removed %d of %d rows (%d of %d poisons); detector %s %s", staged.key, job.defense.name,
+             len(poisoned) - rows, len(poisoned), int(stats["poisons_removed"]), int(flags.sum()),
+             result["detector"], "trained" if result["detector_trained"] else "reused")
+    return {"rows": rows, "stats": {**stats, "detector_trained": float(result["detector_trained"])},
+            "timings": {"purify_s": seconds, "detector_s": result["detector_s"], "flag_s": result["flag_s"],
+                        "images_per_second": len(poisoned) / seconds if seconds > 0 else 0.0}}
 
 
 def _purify_timings(stats: PurifyStats) -> dict[str, float]:

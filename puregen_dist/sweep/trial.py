@@ -10,19 +10,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from puregen_dist.classifiers.evaluation import NAT_ACC_DEFINITION, POISON_SUCCESS_DEFINITION
 from puregen_dist.config.loading import build, to_dict
 from puregen_dist.config.schema import ExperimentConfig, NoAttackConfig
 from puregen_dist.data.datasets import load_data
-from puregen_dist.experiment import RunMetrics, log_samples, log_setup, train_and_evaluate
+from puregen_dist.experiment import RunMetrics, log_samples, log_setup, train_and_evaluate, training_hooks
 from puregen_dist.pipeline.models import resolve_models
 from puregen_dist.pipeline.stages import read_target
 from puregen_dist.pipeline.store import ArtifactStore
 from puregen_dist.plugins import load_plugins
-from puregen_dist.protocols import Tracker
+from puregen_dist.protocols import Tracker, TrainHook
 from puregen_dist.sweep.floors import store_clean_model
 from puregen_dist.sweep.plan import TrialPlan
 from puregen_dist.tracking.names import AttackKind, Metric, Tag, definition_tag
@@ -72,10 +72,21 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     _, test = load_data(cfg.data)
     log_samples(tracker, poisoned.ids[flags], poisoned, train, target)
     metrics = train_and_evaluate(cfg, train, test, target, tracker, report=report,
-                                 costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())))
+                                 costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())),
+                                 hooks=trial_hooks(cfg), removal=(poisoned.ids, poisoned.ids[flags]))
     if cfg.attack.name == NoAttackConfig.name:  # the clean classifier of this row: the floor of attacked cells
         store_clean_model(store, cfg, train_key, metrics.model, train.shape, train.num_classes, metrics.nat_acc)
     return metrics
+
+
+def trial_hooks(cfg: ExperimentConfig) -> Sequence[TrainHook]:
+    """The training loop's hooks of a defense that acts during training (``pipeline: none``; FRIENDS, EPIC).
+    A data defense's work is in the stored training set already: it is not built here."""
+    if cfg.defense.pipeline != "none":
+        return ()
+    from puregen_dist.defenses import build_defense
+
+    return training_hooks(build_defense(cfg.defense), cfg.seed)
 
 
 def resolve_trial_models(cfg: ExperimentConfig, store: ArtifactStore) -> ExperimentConfig:
