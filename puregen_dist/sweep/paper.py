@@ -41,7 +41,7 @@ def _cells(source: str, rows: dict[str, tuple[str, str]]) -> dict[str, PaperCell
 
 
 _NS8_RESNET = _cells("T1 ResNet-18", {
-    "none": ("43.95 ± 33.6 (max 93.59)", "94.89"), "epic": ("27.31 ± 34.0 (max 84.71)", "82.20"),
+    "none": ("43.95 ± 33.6 (max 93.59)", "94.89"), "epic": ("27.31 ± 34.0 (max 84.71) [EPIC-0.3]", "82.20"),
     "friends": ("8.32 ± 22.3 (max 83.03)", "91.01"), "jpeg": ("1.78 ± 1.17 (max 4.13)", "92.94"),
     "puregen_ddpm": ("1.64 ± 0.82 (max 2.83)", "90.99"), "puregen_ebm": ("1.39 ± 0.8 (max 2.50)", "92.92"),
 })
@@ -60,9 +60,14 @@ _NS16 = _cells("T4 ResNet-18", {
     "puregen_filt": ("5.74 (max 16.08)", "90.52"),
 })
 _GM = _cells("T1 ResNet-18", {
-    "none": ("44.00", "94.84"), "epic": ("10.00", "85.14"), "friends": ("0.00", "91.15"), "jpeg": ("0.00", "90.00"),
+    "none": ("44.00", "94.84"), "epic": ("10.00 [EPIC-0.3]", "85.14"), "friends": ("0.00", "91.15"),
+    "jpeg": ("0.00", "90.00"),
     "puregen_ddpm": ("0.00", "90.93"), "puregen_ebm": ("1.00", "92.98"),
 })
+
+FRIENDS_VARIANTS = ("friends_b", "friends_g")
+"""This platform's FRIENDS defenses; the paper's tables print one FRIENDS row (its best of B and G), shown
+beside both. Its EPIC row is EPIC-0.3 in Table 1 (PUREGEN_REFERENCE §4.3), shown beside every EPIC size."""
 
 TABLE1: dict[str, list[dict[str, PaperCell]]] = {
     "narcissus-8": [_NS8_RESNET | _NS8_COMBINATIONS, _NS8_HLB],
@@ -101,6 +106,8 @@ def paper_cells(cell: pd.Series) -> list[PaperCell]:
     keys = [name]
     if name == "jpeg":
         keys = ([] if pd.isna(quality) else [f"jpeg-{int(quality)}"]) + ["jpeg"]
+    if name in FRIENDS_VARIANTS:  # the tables print one FRIENDS row
+        keys.append("friends")
     found = []
     for table in TABLE1.get(attack_key(cell["attack_name"], cell["attack_eps"]) or "", []):
         match = next((table[k] for k in keys if k in table), None)
