@@ -309,3 +309,37 @@ def test_attacked_cells_get_the_floor_of_the_rows_clean_classifier(ray_session, 
     _, _, again = child_runs(tmp_path, "floors")
     history = client.get_metric_history(run.info.run_id, "floor_poison_success_m1")
     assert len(history) == 1 and len(again) == len(children)
+
+
+def test_every_baseline_defense_runs_as_a_sweep_row(ray_session, tmp_path, capsys):
+    """FRIENDS, EPIC (training hooks in the trial) and the two filters (a whole-set task, one detector per poison
+    set shared by both) as rows of one sweep; the removal they did is logged with precision and recall."""
+    detector = {"name": "small_cnn", "epochs": 3, "batch_size": 32, "threads": 1, "crop_padding": 1, "flip": False}
+    path = sweep_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["base"]["data"]["train_per_class"] = 30
+    data["base"]["classifier"]["epochs"] = 3
+    data["settings"]["seeds"] = [0]
+    data["space"] = {"defense": {"grid": [
+        {"name": "none"}, {"name": "friends_b", "begin_epoch": 1, "iterations": 2},
+        {"name": "epic", "subset_size": 0.3, "subset_freq": 1, "drop_after": 1},
+        {"name": "spectral_signatures", "poison_fraction": 0.33, "detector": detector},
+        {"name": "activation_clustering", "detector": detector}]}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["-q", "sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("friends_b", "epic", "spectral_signatures", "activation_clustering"):
+        assert row in out
+    store = ArtifactStore(tmp_path / "store")
+    manifests = store.ls()
+    assert [m["kind"] for m in manifests].count("classifier") == 1  # the detector, trained once, shared
+    filtered = [m for m in manifests if m["kind"] == "purified"]
+    assert len(filtered) == 2 and all(m["stats"]["rows_removed"] > 0 for m in filtered)
+    _, _, children = child_runs(tmp_path)
+    by_defense = {r.data.params["defense.name"]: r.data.metrics for r in children}
+    assert by_defense["friends_b"]["friendly_rounds"] == 1 and by_defense["friends_b"]["defense_seconds"] > 0
+    assert by_defense["epic"]["epic_rounds"] == 2 and by_defense["epic"]["rows_removed"] > 0
+    for name in ("spectral_signatures", "activation_clustering", "epic"):
+        assert 0 <= by_defense[name]["removal_recall"] <= 1 and "removal_precision" in by_defense[name]
+    assert by_defense["spectral_signatures"]["removal_recall"] >= 0.5
+    assert "removal_recall" not in by_defense["none"] and "removal_recall" not in by_defense["friends_b"]

@@ -7,6 +7,8 @@ from conftest import make_imageset
 from puregen_dist.classifiers import build_classifier
 from puregen_dist.classifiers.training import Normalized, train_classifier
 from puregen_dist.config.schema import ClassifierConfig
+from puregen_dist.data.transforms import to_unit
+from puregen_dist.protocols import TrainHook
 
 CFG = ClassifierConfig(name="small_cnn", epochs=3, batch_size=16, lr=0.05, milestones=(2,), crop_padding=1)
 
@@ -40,3 +42,32 @@ def test_epoch_callback_and_report_receive_every_epoch():
     result = train_classifier(model, separable_data(), CFG, seed=0, on_epoch_end=lambda e, m: {"probe": float(e)},
                               report=lambda metrics, step: seen.append((step, metrics["probe"])))
     assert seen == [(1, 1.0), (2, 2.0), (3, 3.0)] and result.history[2]["probe"] == 3.0
+
+
+class RecordingHook(TrainHook):
+    """Keeps every epoch's first row and checks each batch's ids against its images."""
+
+    def __init__(self, data):
+        self.data, self.epochs, self.batches = data, [], 0
+
+    def on_epoch_start(self, epoch, data, model):
+        assert len(data) == len(self.data) and model.training  # each epoch starts from the full set
+        self.epochs.append(epoch)
+        return data.take(np.arange(len(data) - 10))  # train on a subset this epoch
+
+    def on_batch(self, x, ids, generator):
+        pos = self.data.positions(ids.numpy())
+        assert torch.equal(x, to_unit(self.data.images[pos]))  # no crop or flip in this recipe
+        self.batches += 1
+        return x + 0.0
+
+
+def test_hooks_see_every_epoch_and_batches_carry_their_ids():
+    data = separable_data()
+    hook = RecordingHook(data)
+    cfg = ClassifierConfig(name="small_cnn", epochs=2, batch_size=16, lr=0.05, milestones=(2,), crop_padding=0,
+                           flip=False)
+    model = Normalized(build_classifier("small_cnn", in_channels=1, num_classes=4, image_size=8), (0.5,), (0.5,))
+    result = train_classifier(model, data, cfg, seed=0, hooks=[hook])
+    assert hook.epochs == [1, 2] and hook.batches == 2 * 6  # 86 rows in batches of 16
+    assert [h["train_rows"] for h in result.history] == [86.0, 86.0] and len(result.trained_ids) == 86
