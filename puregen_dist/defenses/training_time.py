@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from puregen_dist.protocols import TrainHook
+from puregen_dist.tracking.names import Metric
 from puregen_dist.types import ImageSet
 
 
@@ -42,6 +43,6 @@ def removal_metrics(all_ids: np.ndarray, kept_ids: np.ndarray, poison_ids: np.nd
     (share of poisons removed; 1 when there are none)."""
     removed = np.setdiff1d(all_ids, kept_ids)
     hits = int(np.isin(removed, poison_ids).sum())
-    return {"rows_removed": float(len(removed)), "poisons_removed": float(hits),
-            "removal_precision": hits / len(removed) if len(removed) else 0.0,
-            "removal_recall": hits / len(poison_ids) if len(poison_ids) else 1.0}
+    return {Metric.ROWS_REMOVED: float(len(removed)), "poisons_removed": float(hits),
+            Metric.REMOVAL_PRECISION: hits / len(removed) if len(removed) else 0.0,
+            Metric.REMOVAL_RECALL: hits / len(poison_ids) if len(poison_ids) else 1.0}

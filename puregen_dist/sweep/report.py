@@ -81,6 +81,7 @@ REPORT_FILES = {
     "markdown": "report.md",
     "csv": "report.csv",
     "targets": "report_targets.md",
+    "removal": "report_removal.md",
     "paper": "report_paper.md",
     "heatmap": "report_heatmap.png",
     "langevin_steps": "report_langevin_steps.png",
@@ -329,6 +330,35 @@ def per_target_markdown(lines: pd.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
+REMOVAL = (Metric.REMOVAL_RECALL, Metric.REMOVAL_PRECISION, Metric.ROWS_REMOVED)
+
+
+def removal(runs: pd.DataFrame) -> pd.DataFrame:
+    """Defenses that removed training rows (filters, EPIC): one line per (row, col) in table order with the mean
+    over the cell's runs of removal recall, precision and rows removed, and the run count ``n``; empty when no
+    run removed rows."""
+    lines = pd.DataFrame({"row": runs[tag_column(Tag.ROW)], "col": runs[tag_column(Tag.COL)],
+                          **{m: pd.to_numeric(_column(runs, metric_column(m)), errors="coerce") for m in REMOVAL}})
+    lines = lines.dropna(subset=[Metric.REMOVAL_RECALL])
+    if lines.empty:
+        return pd.DataFrame(columns=[*KEYS, *REMOVAL, "n"])
+    groups = lines.groupby(KEYS, sort=False)
+    lines = groups[list(REMOVAL)].mean().join(groups.size().rename("n")).reset_index()
+    order = {cell: i for i, cell in enumerate(zip(*(build_table(runs).stats[k] for k in KEYS), strict=True))}
+    lines["_order"] = [order.get(cell, len(order)) for cell in zip(lines["row"], lines["col"], strict=True)]
+    return lines.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def removal_markdown(lines: pd.DataFrame) -> str:
+    """:func:`removal` as Markdown (percent; rows removed as a count)."""
+    out = ["| defense | attack | poisons removed (recall) | removed rows that are poisons (precision) | "
+           "rows removed | runs |", "|---|---|---|---|---|---|"]
+    for _, line in lines.iterrows():
+        out.append(f"| {_md_escape(line['row'])} | {_md_escape(line['col'])} | {_pct(line[Metric.REMOVAL_RECALL])} | "
+                   f"{_pct(line[Metric.REMOVAL_PRECISION])} | {line[Metric.ROWS_REMOVED]:.0f} | {line['n']} |")
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------------- renderers
 
 
@@ -552,7 +582,7 @@ def write_text(text: str, path: str | Path) -> Path:
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md``, ``report.csv``, ``report_heatmap.png``, ``report_targets.md`` (triggered attacks per
-    target class, when there are any) and, when a defense was run at several
+    target class, when there are any), ``report_removal.md`` (defenses that removed rows, when any did) and, when a defense was run at several
     Langevin steps / DDPM depths, ``report_langevin_steps.png`` / ``report_diffusion_steps.png`` into
     ``out_dir`` (each atomically).
 
@@ -575,6 +605,12 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         targets_path.unlink(missing_ok=True)
     else:
         paths["targets"] = write_text(per_target_markdown(targets), targets_path)
+    removed = removal(runs)
+    removal_path = out_dir / REPORT_FILES["removal"]
+    if removed.empty:
+        removal_path.unlink(missing_ok=True)
+    else:
+        paths["removal"] = write_text(removal_markdown(removed), removal_path)
     for name, (param, label) in STEP_PLOTS.items():
         steps_path = out_dir / REPORT_FILES[name]
         if steps_plot_png(runs, steps_path, param, label):
@@ -593,6 +629,6 @@ def render_report(tracking_uri: str, experiment: str, out_dir: str | Path, paren
 
 __all__ = [
     "CSV_COLUMNS", "attack_text", "mean_std", "REPORT_FILES", "ReportTable", "build_table", "fetch_runs", "format_cell", "heatmap_png",
-    "latest_per_cell", "per_target", "per_target_markdown", "read_stats_csv", "render_report", "steps_curves", "steps_plot_png", "to_csv_rows", "to_markdown",
+    "latest_per_cell", "per_target", "per_target_markdown", "removal", "removal_markdown", "read_stats_csv", "render_report", "steps_curves", "steps_plot_png", "to_csv_rows", "to_markdown",
     "write_report", "write_text",
 ]

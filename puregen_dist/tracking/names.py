@@ -68,6 +68,11 @@ class Metric:
     FLOOR_M1: Final = "floor_poison_success_m1"
     FLOOR_M3: Final = "floor_poison_success_m3"
     FLOOR_TARGET_SUCCESS: Final = "floor_target_success"
+    REMOVAL_RECALL: Final = "removal_recall"
+    """A defense that removed training rows (a filter, EPIC): the share of the poisons it removed."""
+    REMOVAL_PRECISION: Final = "removal_precision"
+    """The share of the rows it removed that were poisons (0 when it removed none)."""
+    ROWS_REMOVED: Final = "rows_removed"
 
 
 class Param:

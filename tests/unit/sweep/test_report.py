@@ -25,6 +25,8 @@ from puregen_dist.sweep.report import (
     fetch_runs,
     format_cell,
     latest_per_cell,
+    removal,
+    removal_markdown,
     steps_plot_png,
     to_csv_rows,
     to_markdown,
@@ -392,3 +394,20 @@ def test_per_target_lines_average_seeds_in_table_order(tmp_path):
     text = report.per_target_markdown(lines)
     assert "| none | badnets | 0 | 85.0 (—) | 100.0 (—) | 94.5 | 2 |" in text
     assert write_report(golden_runs(), tmp_path)["targets"].read_text() == text
+
+
+def test_removal_table_averages_over_runs_in_table_order(tmp_path):
+    runs = []
+    for seed, (recall, precision, removed) in enumerate([(1.0, 0.5, 40.0), (0.5, 0.25, 20.0)]):
+        removal_metrics = {"removal_recall": recall, "removal_precision": precision, "rows_removed": removed}
+        runs.append(_record("spectral", "badnets", "triggered", seed, 0, {"nat_acc": 0.9, **removal_metrics}))
+        runs.append(_record("none", "badnets", "triggered", seed, 0, {"nat_acc": 0.95}))
+    frame = runs_frame(runs)
+    lines = removal(frame)
+    assert lines[["row", "col", "n"]].values.tolist() == [["spectral", "badnets", 2]]
+    assert lines.loc[0, "removal_recall"] == 0.75 and lines.loc[0, "rows_removed"] == 30.0
+    assert "| spectral | badnets | 75.0 | 37.5 | 30 | 2 |" in removal_markdown(lines)
+    paths = write_report(frame, tmp_path)
+    assert paths["removal"].read_text() == removal_markdown(lines)
+    assert "removal" not in write_report(golden_runs(), tmp_path)  # nothing removed: the file goes
+    assert not (tmp_path / "report_removal.md").exists()
