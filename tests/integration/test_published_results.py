@@ -65,9 +65,9 @@ def test_published_report_rederives_from_its_runs(published, tmp_path):
         assert survival_markdown(rows, source["marked"]) == (published / "survival.md").read_text()
         return
     _, paths = render_report(f"sqlite:///{database}", source["experiment"], tmp_path / "report", source["parent"])
-    assert {n for n in ("markdown", "csv", "targets") if (published / REPORT_FILES[n]).is_file()} == (
-        {"markdown", "csv", "targets"} & set(paths))
-    for name in ("markdown", "csv", "targets"):
+    derived = ("markdown", "csv", "targets", "removal")
+    assert {n for n in derived if (published / REPORT_FILES[n]).is_file()} == set(derived) & set(paths)
+    for name in derived:
         committed = published / REPORT_FILES[name]
         if committed.is_file():
             assert paths[name].read_text() == committed.read_text(), f"{committed} does not re-derive from its runs"
