@@ -151,12 +151,7 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
 
     result = train_classifier(model, train, cfg.classifier, seed=cfg.seed, hooks=hooks,
                               on_epoch_end=on_epoch_end, report=log_epoch)
-    costs = {**(costs or {}), "train_seconds": result.seconds}
-    for hook in hooks:
-        for name, value in hook.summary().items():
-            costs[name] = costs.get(name, 0.0) + value if name == "defense_seconds" else value
-        if "defense_seconds" in costs:
-            costs["defense_seconds_per_image"] = costs["defense_seconds"] / max(len(train), 1)
+    costs = with_hook_summaries({**(costs or {}), "train_seconds": result.seconds}, hooks, len(train))
     if removal is not None and len(result.trained_ids) != len(removal[0]):
         costs.update(removal_metrics(removal[0], result.trained_ids, removal[1]))
     metrics = RunMetrics(
@@ -234,6 +229,17 @@ def build_model(cfg: ExperimentConfig | ClassifierJob | SurrogateJob, train: Ima
         if clf.dropout > 0:
             add_feature_dropout(net, clf.dropout)
     return Normalized(net, clf.mean or mean, clf.std or std)
+
+
+def with_hook_summaries(costs: dict[str, float], hooks: Sequence[TrainHook], rows: int) -> dict[str, float]:
+    """``costs`` plus each hook's summary; a hook's ``defense_seconds`` adds to the defense's time before
+    training, and ``defense_seconds_per_image`` follows (over ``rows`` training images)."""
+    for hook in hooks:
+        for name, value in hook.summary().items():
+            costs[name] = costs.get(name, 0.0) + value if name == "defense_seconds" else value
+    if hooks and "defense_seconds" in costs:
+        costs["defense_seconds_per_image"] = costs["defense_seconds"] / max(rows, 1)
+    return costs
 
 
 def training_hooks(defense: Any, seed: int) -> Sequence[TrainHook]:

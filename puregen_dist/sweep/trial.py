@@ -72,7 +72,7 @@ def execute_trial(spec: Mapping[str, Any], tracker: Tracker,
     _, test = load_data(cfg.data)
     log_samples(tracker, poisoned.ids[flags], poisoned, train, target)
     metrics = train_and_evaluate(cfg, train, test, target, tracker, report=report,
-                                 costs=_costs(store, poison_key, train_key, len(train), int(flags.sum())),
+                                 costs=_costs(store, poison_key, train_key, len(poisoned), int(flags.sum())),
                                  hooks=trial_hooks(cfg), removal=(poisoned.ids, poisoned.ids[flags]))
     if cfg.attack.name == NoAttackConfig.name:  # the clean classifier of this row: the floor of attacked cells
         store_clean_model(store, cfg, train_key, metrics.model, train.shape, train.num_classes, metrics.nat_acc)
