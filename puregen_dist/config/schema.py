@@ -53,6 +53,10 @@ class DefenseConfig(RegistryConfig):
     """True: ``apply`` returns a subset of the rows (in order, ids and labels kept): a filter such as Spectral
     Signatures. False: every row is kept."""
 
+    def check_epochs(self, epochs: int) -> None:
+        """A training-time defense refuses a schedule that would never act within ``epochs`` classifier epochs
+        (raises :class:`~puregen_dist.config.errors.FieldError`); others accept any."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class NoAttackConfig(AttackConfig):
@@ -224,3 +228,4 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check(self.seed >= 0, "seed", "must be >= 0")
+        self.defense.check_epochs(self.classifier.epochs)

@@ -74,6 +74,10 @@ class EpicConfig(DefenseConfig):
               "must be a finite cluster size >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
+    def check_epochs(self, epochs: int) -> None:
+        check(self.drop_after < epochs, "defense.drop_after",
+              f"must be < classifier.epochs ({epochs}): it is a 0-based epoch index, and no EPIC round would run")
+
 
 def class_budgets(labels: np.ndarray, subset_size: float, rng: np.random.Generator) -> dict[int, int]:
     """Medoids per class: ``ceil(n_c / N * B)`` with ``B = int(subset_size * N)``; the excess over B is taken

@@ -94,6 +94,11 @@ class FriendsConfig(DefenseConfig):
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.refresh_every >= 0, "refresh_every", "must be >= 0 (0: optimise once)")
 
+    def check_epochs(self, epochs: int) -> None:
+        check(self.begin_epoch < epochs, "defense.begin_epoch",
+              f"must be < classifier.epochs ({epochs}): it is a 0-based epoch index, and the friendly noise would "
+              "never be applied")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FriendsGaussianConfig(FriendsConfig):

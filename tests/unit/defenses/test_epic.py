@@ -90,3 +90,15 @@ def test_the_kept_set_only_shrinks_and_training_uses_it():
 def test_config_refuses_bad_values(key, value):
     with pytest.raises(FieldError, match=key):
         EpicConfig(**{key: value})
+
+
+@pytest.mark.parametrize(("defense", "key"), [({"name": "epic"}, "defense.drop_after"),
+                                              ({"name": "friends_b"}, "defense.begin_epoch")])
+def test_a_schedule_that_never_acts_is_refused_before_any_compute(defense, key):
+    from puregen_dist.config.errors import ConfigError
+    from puregen_dist.config.loading import build
+    from puregen_dist.config.schema import ExperimentConfig
+
+    with pytest.raises(ConfigError, match=f"{key}: must be < classifier.epochs \\(5\\)"):
+        build(ExperimentConfig, {"defense": defense, "classifier": {"epochs": 5}}, source="run.yaml")
+    build(ExperimentConfig, {"defense": defense, "classifier": {"epochs": 11}}, source="run.yaml")
