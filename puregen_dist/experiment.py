@@ -131,8 +131,8 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
     ``report(metrics, epoch)`` when given, e.g. Ray Tune). Final: natural accuracy, poison success at every
     ``cfg.eval.magnifications``, ``costs`` plus ``train_seconds`` and the training defense's ``hooks``'
     summaries, logged at step ``epochs``. ``removal`` = (ids of the poisoned set before the defense, poison
-    ids): when a defense removed rows (a filter before training, or EPIC during it), how well it removed the
-    poisons (:func:`~puregen_dist.defenses.training_time.removal_metrics`).
+    ids): for a defense that removes rows (a filter before training, or EPIC during it), how well it removed
+    the poisons (:func:`~puregen_dist.defenses.training_time.removal_metrics`).
     """
     model = build_model(cfg, train)
     triggered = target.kind == "triggered"
@@ -152,7 +152,7 @@ def train_and_evaluate(cfg: ExperimentConfig, train: ImageSet, test: ImageSet, t
     result = train_classifier(model, train, cfg.classifier, seed=cfg.seed, hooks=hooks,
                               on_epoch_end=on_epoch_end, report=log_epoch)
     costs = with_hook_summaries({**(costs or {}), "train_seconds": result.seconds}, hooks, len(train))
-    if removal is not None and len(result.trained_ids) != len(removal[0]):
+    if removal is not None and cfg.defense.removes_rows:
         costs.update(removal_metrics(removal[0], result.trained_ids, removal[1]))
     metrics = RunMetrics(
         nat_acc=natural_accuracy(result.model, test, cfg.classifier.eval_batch_size),

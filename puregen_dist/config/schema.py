@@ -50,8 +50,9 @@ class DefenseConfig(RegistryConfig):
     (:func:`~puregen_dist.pipeline.stages.purify_stage`). False (the safe default for plugins): the whole set is
     purified each time."""
     removes_rows: ClassVar[bool] = False
-    """True: ``apply`` returns a subset of the rows (in order, ids and labels kept): a filter such as Spectral
-    Signatures. False: every row is kept."""
+    """True: the defense removes training rows: ``apply`` may return a subset of the rows (in order, ids and
+    labels kept: a filter such as Spectral Signatures), or training drops rows (EPIC); its runs log how well it
+    removed the poisons, even when it removed none. False: every row is kept."""
 
     def check_epochs(self, epochs: int) -> None:
         """A training-time defense refuses a schedule that would never act within ``epochs`` classifier epochs

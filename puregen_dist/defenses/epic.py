@@ -51,6 +51,7 @@ class EpicConfig(DefenseConfig):
     """EPIC parameters (defaults: PureGen's runs of EPIC, PUREGEN_REFERENCE §4.3)."""
 
     pipeline: ClassVar[PipelineKind] = "none"
+    removes_rows: ClassVar[bool] = True
     name: str = "epic"
     subset_size: float = 0.1
     """Medoid budget as a fraction of the training set (EPIC-0.1 / 0.2 / 0.3), in (0, 1)."""

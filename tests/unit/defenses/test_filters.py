@@ -90,3 +90,20 @@ def test_configs_refuse_bad_values(cls, key, value):
 def test_a_transfer_detector_is_refused():
     with pytest.raises(FieldError, match="detector.transfer"):
         SpectralSignaturesConfig(detector=ClassifierConfig(transfer="linear", pretrained="x"))
+
+
+def test_a_filter_that_removes_nothing_still_logs_its_removal():
+    """Recall 0 of a filter that kept every row is a result too (it is what a report's removal table shows)."""
+    from puregen_dist.config.loading import build
+    from puregen_dist.config.schema import ExperimentConfig
+    from puregen_dist.experiment import run_experiment
+    from puregen_dist.tracking.base import NullTracker
+
+    tiny = {"name": "small_cnn", "epochs": 1, "batch_size": 32, "threads": 1}
+    cfg = build(ExperimentConfig, {
+        "data": {"dataset": "digits", "train_per_class": 20},
+        "attack": {"name": "badnets", "target_class": 0, "budget": 0.05},
+        "defense": {"name": "spectral_signatures", "poison_fraction": 0.001, "detector": tiny},
+        "classifier": tiny, "tracking": {"enabled": False}}, source="test")
+    costs = run_experiment(cfg, NullTracker()).costs
+    assert costs["rows_removed"] == 0 and costs["removal_recall"] == 0 and costs["removal_precision"] == 0
