@@ -599,18 +599,13 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
         "csv": write_csv(to_csv_rows(table), out_dir / REPORT_FILES["csv"], CSV_COLUMNS),
         "heatmap": heatmap_png(table, out_dir / REPORT_FILES["heatmap"]),
     }
-    targets = per_target(runs)
-    targets_path = out_dir / REPORT_FILES["targets"]
-    if targets.empty:
-        targets_path.unlink(missing_ok=True)
-    else:
-        paths["targets"] = write_text(per_target_markdown(targets), targets_path)
-    removed = removal(runs)
-    removal_path = out_dir / REPORT_FILES["removal"]
-    if removed.empty:
-        removal_path.unlink(missing_ok=True)
-    else:
-        paths["removal"] = write_text(removal_markdown(removed), removal_path)
+    for name, lines, render in (("targets", per_target(runs), per_target_markdown),
+                                ("removal", removal(runs), removal_markdown)):
+        path = out_dir / REPORT_FILES[name]
+        if lines.empty:  # a file left by an earlier report would describe other runs
+            path.unlink(missing_ok=True)
+        else:
+            paths[name] = write_text(render(lines), path)
     for name, (param, label) in STEP_PLOTS.items():
         steps_path = out_dir / REPORT_FILES[name]
         if steps_plot_png(runs, steps_path, param, label):
