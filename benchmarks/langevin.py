@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -94,27 +95,41 @@ def variants(args: argparse.Namespace, model: nn.Module, x: Tensor,
              ids: Tensor) -> dict[str, Callable[[], Tensor]]:
     """name -> a zero-argument run of ``args.steps`` steps on the benchmark batch."""
     ref_model = copy.deepcopy(model).requires_grad_(True)
-    purifier = EBMPurifier(copy.deepcopy(model), LangevinConfig(steps=args.steps))
+    def ours(cfg: LangevinConfig | None = None, **patch: object) -> Callable[[], Tensor]:
+        purifier = EBMPurifier(copy.deepcopy(model), cfg or LangevinConfig(steps=args.steps))
 
-    def ours(**patch: object) -> Callable[[], Tensor]:
         def run() -> Tensor:
             with Patched(**patch):
                 return purifier.purify(x, ids, seed=0)
         return run
 
     runs = {"reference": lambda: reference_purify(ref_model, x, args.steps), "ours": ours()}
+    if x.device.type == "cuda":
+        runs["ours, CUDA graph"] = ours(LangevinConfig(steps=args.steps, cuda_graph=True))
+        runs["ours, bf16"] = ours(LangevinConfig(steps=args.steps, precision="bf16"))
+        runs["ours, bf16 + CUDA graph"] = ours(LangevinConfig(steps=args.steps, precision="bf16", cuda_graph=True))
+    runs["noise alone (Philox, per step)"] = lambda: noise_alone(x, ids, args.steps)
     if args.ablations:
         runs["reference (.backward)"] = lambda: backward_purify(ref_model, x, args.steps)
-        runs["previous EBMPurifier"] = lambda: previous_purify(purifier.energy, x, ids, args.steps)
+        runs["previous EBMPurifier"] = lambda: previous_purify(copy.deepcopy(model), x, ids, args.steps)
         runs["ours, no pool fold"] = ours(FOLD_POOL=False)
         runs["ours, NCHW"] = ours(CHANNELS_LAST={"cpu": False, "cuda": False})
-        if x.device.type != "cpu":
-            runs["ours, noise drawn inline"] = ours(NOISE_THREADS={"cpu": 0, "cuda": 0})
+        block = 1 if x.device.type == "cuda" else 16
+        runs[f"ours, noise in {block}-step blocks"] = ours(NOISE_BLOCK_STEPS={"cpu": block, "cuda": block})
         default = langevin_fast.micro_batch_size(model, x)
         for rows in (8, 16, 32, 64) if x.device.type == "cpu" else (128, 512):
             if rows != default:
                 runs[f"ours, micro-batch {rows}"] = ours(MICRO_BATCH={"cpu": rows, "cuda": rows})
     return runs
+
+
+def noise_alone(x: Tensor, ids: Tensor, steps: int) -> Tensor:
+    """Only the per-sample noise of ``steps`` steps, made on ``x``'s device the way the chain makes it."""
+    noise = SampleNoise(ids.to(x.device), 0, STREAM_LANGEVIN)
+    block = langevin_fast.NOISE_BLOCK_STEPS.get(x.device.type, 1)
+    for first in range(0, steps, block):
+        z = noise.block(min(block, steps - first), tuple(x.shape[1:]), x.device, x.dtype)
+    return z
 
 
 def time_rounds(runs: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, list[float]]:
@@ -227,6 +242,7 @@ def main() -> None:
     seconds = time_rounds(variants(args, model, x, ids), args.repeats)
     roofline = max(roofline, matmul_roofline(device))  # once before, once after the timed rounds
     report = summarise(args, info, seconds, flops, roofline)
+    report["command"] = "python " + " ".join(sys.argv)
     print_table(report)
     if args.profile:
         print(profile_ours(model, x, ids, args.steps))
@@ -275,6 +291,31 @@ def print_table(report: dict[str, object]) -> None:
           f"ours {fl['ours_executed_gflops']:.1f} executed ({100 * fl['ours_executed_gflops'] / roof:.0f}%), "
           f"{fl['ours_effective_gflops']:.1f} model-equivalent; "
           f"reference {fl['reference_gflops']:.1f} GFLOP/s ({100 * fl['reference_gflops'] / roof:.0f}%)")
+
+
+def markdown(report: dict[str, object]) -> str:
+    """The RESULTS.md section of one run (``benchmarks/run.py``)."""
+    config, rows, fl = report["config"], report["variants"], report["flops"]
+    size = config["image_size"]
+    lines = [f"### Langevin purification, {config['device']}, SNGAN-32 nf = {config['nf']}", "",
+             f"`EBMPurifier.purify` (fast path: micro-batches, pool-folded channels-last network, Philox noise "
+             f"made on the device) against the literal loop of the published code (`torch.randn_like` noise, "
+             f"whole batch, NCHW). Batch {config['batch']} of {config['channels']}x{size}x{size}, "
+             f"{config['steps']} steps, random-init weights; medians of {config['repeats']} interleaved rounds.",
+             "", "```", str(report["command"]), "```", "",
+             "| variant | median s | image-steps/s | vs reference | rounds (s) |", "| --- | ---: | ---: | ---: | --- |"]
+    for name, row in rows.items():
+        rounds = " ".join(f"{t:.3f}" for t in row["seconds"])
+        bold = "**" if name == "ours" else ""
+        lines.append(f"| {bold}{name}{bold} | {row['median_s']:.3f} | {row['image_steps_per_s']:.1f} | "
+                     f"{bold}{row['speedup_vs_reference']:.2f}x{bold} | {rounds} |")
+    roof = fl["roofline_gflops"]
+    lines += ["", f"FLOPs per step: model {fl['model_gflop_per_step']:.2f} GFLOP, executed by ours "
+              f"{fl['executed_gflop_per_step']:.2f} GFLOP (pool folding). Dense fp32 matmul in the same run: "
+              f"{roof:.1f} GFLOP/s; ours {fl['ours_executed_gflops']:.1f} GFLOP/s executed "
+              f"({100 * fl['ours_executed_gflops'] / roof:.0f} %), reference {fl['reference_gflops']:.1f} "
+              f"({100 * fl['reference_gflops'] / roof:.0f} %).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from puregen_dist.config.errors import check, check_at_least, check_custom_resources, check_eps
-from puregen_dist.config.identity import PipelineKind, execution_only, model_ref
+from puregen_dist.config.identity import (
+    PipelineKind,
+    execution_only,
+    key_neutral_default,
+    late_execution_option,
+    model_ref,
+)
 from puregen_dist.config.schema import (
     AttackConfig,
     ClassifierConfig,
@@ -47,6 +53,12 @@ class LangevinConfig:
     """ε; the per-step noise std in [-1, 1] space."""
     temperature: float = 1e-4
     """T; the drift on ∇G is ε²/(2T) = 0.78125 at the defaults."""
+    precision: Literal["fp32", "bf16"] = key_neutral_default("fp32")
+    """Arithmetic of the energy's forward and backward in purification: ``fp32``, or ``bf16`` autocast (meant
+    for GPUs with bf16 tensor cores; changes the purified images slightly, so it is part of their key)."""
+    cuda_graph: bool = late_execution_option(False)
+    """On CUDA, capture one Langevin step as a CUDA graph and replay it: the same numbers, fewer host launches.
+    Ignored on other devices."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "steps", "must be >= 0")
@@ -156,6 +168,7 @@ class PureGenConfig(DefenseConfig):
     of a model artifact in the job's store (``ebm-<hex16>``, printed by ``train-ebm --store``)."""
 
     pipeline: ClassVar[PipelineKind] = "actor_pool"
+    random_streams: ClassVar[bool] = True
     rowwise: ClassVar[bool] = True  # per-sample seeding (PureGen-Filt: of the rows its global ranking selects)
     ebm: str | None = model_ref("ebm")
     ddpm: str | None = model_ref("ddpm")

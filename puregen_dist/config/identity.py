@@ -46,6 +46,12 @@ def execution_only(default: Any = _MISSING, *, default_factory: Any = _MISSING) 
     return dataclasses.field(default=default, default_factory=default_factory, metadata={EXECUTION_ONLY: True})
 
 
+def late_execution_option(default: Any) -> Any:
+    """An :func:`execution_only` field added after sweeps were published: out of content keys always, and out of
+    sweep cell ids while it holds ``default`` (cells hash execution fields; see ``key_neutral_default``)."""
+    return dataclasses.field(default=default, metadata={EXECUTION_ONLY: True, KEY_NEUTRAL_DEFAULT: True})
+
+
 def key_neutral_default(default: Any) -> Any:
     """A dataclass field added after content keys were published: it is left out of content keys while it
     holds ``default`` (so every earlier artifact keeps its key, and the new option at its default computes what

@@ -49,6 +49,9 @@ class DefenseConfig(RegistryConfig):
     poison set of the same data and seed) and its other rows purified on their own
     (:func:`~puregen_dist.pipeline.stages.purify_stage`). False (the safe default for plugins): the whole set is
     purified each time."""
+    random_streams: ClassVar[bool] = False
+    """True: the defense draws per-sample random streams (:mod:`puregen_dist.generative.noise`), so the version
+    of that noise scheme is part of its purified sets' keys."""
     removes_rows: ClassVar[bool] = False
     """True: the defense removes training rows: ``apply`` may return a subset of the rows (in order, ids and
     labels kept: a filter such as Spectral Signatures), or training drops rows (EPIC); its runs log how well it

@@ -1,13 +1,16 @@
-"""The fast execution path of Langevin purification (issue #3): the update of
+"""The fast execution path of Langevin purification (issue #3, #15): the update of
 :func:`puregen_dist.generative.langevin.langevin_step`, organised for speed.
 
-What changes is only how the numbers are computed, never which numbers (benchmarks/RESULTS.md):
+What changes is only how the numbers are computed, never which numbers (benchmarks/RESULTS.md,
+docs/performance.md):
 
 * fixed-size micro-batches (``micro_batch_size``), each run through all its steps, the last one padded, so a
   row's result is bit-identical however the images are batched;
 * a frozen, channels-last, pool-folded copy of the network (``fast_energy``, :mod:`.folded_sngan`);
-* per-sample noise drawn in blocks of steps (``draw_noise``), ahead of the chain on accelerators;
-* the state updated in place as one leaf tensor, NaN/Inf checks every ``check_every`` steps.
+* per-sample noise from a counter-based generator made on the chain's device (:mod:`.noise`): no host work;
+* the state updated in place as one leaf tensor, NaN/Inf checks every ``check_every`` steps;
+* optional, on CUDA: one Langevin step captured as a CUDA graph and replayed (``cuda_graph``), and bf16
+  autocast of the energy's forward and backward (``precision: bf16``, which does change the numbers slightly).
 
 :func:`langevin_purify` is the one loop that purifies; diagnostics watch it through a
 :class:`~puregen_dist.generative.langevin.StepObserver`.
@@ -17,21 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
-import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
 from puregen_dist.generative.folded_sngan import FoldedSNGAN32, folds_exactly
 from puregen_dist.generative.langevin import EnergyFn, StepObserver, check_finite
-from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
+from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise, gaussian, stream_key
 
-NOISE_BLOCK_STEPS = 16
-"""Steps of noise per generator call: one (k, C, H, W) draw instead of k (C, H, W) draws, same numbers."""
+PRECISIONS = ("fp32", "bf16")
+"""Arithmetic of the energy's forward and backward: fp32, or bf16 autocast (the state stays fp32)."""
+
+NOISE_BLOCK_STEPS: dict[str, int] = {"cuda": 16}
+"""Steps of noise made per generator call, by device type (default 1): on an accelerator a block amortises
+the generator's kernel launches; on CPU one step's noise stays in cache. Same numbers either way."""
 
 MICRO_BATCH: dict[str, int] = {"cuda": 256}
 """Rows per forward/backward call, by device type; other devices (CPU): ``MICRO_BATCH_BYTES``. Every call
@@ -50,96 +54,6 @@ on an H200; see benchmarks/RESULTS.md)."""
 
 FOLD_POOL = True
 """Evaluate an ``SNGAN32Energy`` as ``FoldedSNGAN32``: the same function, about 40 % fewer FLOPs."""
-
-NOISE_THREADS: dict[str, int] = {"cpu": 0, "cuda": min(8, os.cpu_count() or 1)}
-"""Worker threads drawing noise ahead of the chain, by device type (0: inline). On an accelerator the
-per-sample CPU generators are otherwise the bottleneck; on CPU they would take cores from the convolutions."""
-
-_NORMAL_BLOCK = 16  # torch's CPU normal sampler transforms its uniforms in independent blocks of 16
-
-
-def block_draws_match(numel: int, dtype: torch.dtype) -> bool:
-    """Whether one (k, numel) ``torch.randn`` draw from a CPU generator equals k successive (numel,) draws.
-
-    True when ``numel`` is a multiple of 16 (checked once per dtype against this torch build); otherwise the
-    sampler recomputes a trailing block of 16 per call and the two schemes give different numbers.
-    """
-    return numel % _NORMAL_BLOCK == 0 and _block_draws_match(dtype)
-
-
-@functools.cache
-def _block_draws_match(dtype: torch.dtype) -> bool:
-    """Check on this torch build that a (3, 32) draw equals three (32,) draws of the same generator."""
-    one = torch.Generator().manual_seed(1234)
-    many = torch.Generator().manual_seed(1234)
-    block = torch.randn((3, 2 * _NORMAL_BLOCK), generator=one, dtype=dtype)
-    rows = torch.stack([torch.randn(2 * _NORMAL_BLOCK, generator=many, dtype=dtype) for _ in range(3)])
-    return torch.equal(block, rows)
-
-
-def draw_noise(noise: SampleNoise, shape: tuple[int, ...], steps: int, dtype: torch.dtype, *,
-               rows: int | None = None, pin: bool = False, threads: int = 0) -> Tensor:
-    """The next ``steps`` draws of every sample's stream, on CPU: (rows, steps, *shape), row b = sample b.
-
-    Row b equals ``steps`` successive ``noise.randn(shape)`` draws of its stream, bit for bit: one generator
-    call per sample when ``block_draws_match`` allows it, else one per step. Rows past the B samples (padding
-    up to ``rows``) are zero. ``pin``: page-locked memory, for asynchronous copies to an accelerator.
-    ``threads`` > 0: samples are split over that many worker threads (the generators are independent).
-    """
-    count = len(noise.generators)
-    buf = torch.empty((max(rows or count, count), steps, *shape), dtype=dtype, pin_memory=pin)
-    buf[count:].zero_()
-    whole = block_draws_match(math.prod(shape), dtype)
-
-    def fill(first: int, stop: int) -> None:
-        for b in range(first, stop):
-            gen = noise.generators[b]
-            if whole:
-                torch.randn((steps, *shape), generator=gen, dtype=dtype, out=buf[b])
-            else:
-                for k in range(steps):
-                    torch.randn(shape, generator=gen, dtype=dtype, out=buf[b, k])
-
-    if threads <= 1 or count < 2:
-        fill(0, count)
-    else:
-        bounds = [count * i // threads for i in range(threads + 1)]
-        list(_pool("noise", threads).map(fill, bounds[:-1], bounds[1:]))
-    return buf
-
-
-@functools.cache
-def _pool(name: str, threads: int) -> ThreadPoolExecutor:
-    """A process-wide thread pool (created on first use)."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"puregen-{name}")
-
-
-def noise_blocks(noise: SampleNoise, shape: tuple[int, ...], steps: int, dtype: torch.dtype, *, rows: int,
-                 device: torch.device) -> Iterator[Tensor]:
-    """``draw_noise`` blocks of ``NOISE_BLOCK_STEPS`` steps (the last one shorter), on ``device``:
-    (rows, k, *shape) each, in stream order. Where ``NOISE_THREADS`` gives the device worker threads, each
-    block is drawn (in parallel over samples) and copied while the chain consumes the previous one."""
-    sizes = [min(NOISE_BLOCK_STEPS, steps - first) for first in range(0, steps, NOISE_BLOCK_STEPS)]
-    threads = NOISE_THREADS.get(device.type, 0)
-    cuda = device.type == "cuda"
-    stream = torch.cuda.current_stream(device) if cuda else None  # the consumer's stream, for the copies
-
-    def draw(k: int) -> Tensor:
-        z = draw_noise(noise, shape, k, dtype, rows=rows, pin=cuda, threads=threads)
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            return z.to(device, non_blocking=True)
-
-    if threads <= 0 or not sizes:
-        yield from (draw(k) for k in sizes)
-        return
-    prefetch = _pool("prefetch", 1)
-    ahead = prefetch.submit(draw, sizes[0])
-    for following in sizes[1:]:
-        z = ahead.result()
-        ahead = prefetch.submit(draw, following)  # submitted only now: each stream is drawn strictly in order
-        yield z
-    yield ahead.result()
-
 
 def micro_batch_size(energy: nn.Module, x: Tensor) -> int:
     """Rows per energy call for images shaped like ``x`` (B, C, H, W) on its device (``MICRO_BATCH``,
@@ -160,8 +74,8 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 
 
 def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, steps: int, step_size: float,
-                    temperature: float, check_every: int, rows: int,
-                    observer: StepObserver | None = None) -> Tensor:
+                    temperature: float, check_every: int, rows: int, precision: str = "fp32",
+                    cuda_graph: bool = False, observer: StepObserver | None = None) -> Tensor:
     """``steps`` Langevin updates from ``x`` (zero initial noise), unclamped: (B, C, H, W) -> (B, C, H, W).
 
     Same numbers as iterating ``langevin_step`` with ``SampleNoise(ids, seed, STREAM_LANGEVIN)`` draws, up to
@@ -177,16 +91,27 @@ def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, s
         steps, step_size, temperature: the chain (§1.2.6).
         check_every: steps between NaN/Inf checks (and after the last step); raise FloatingPointError.
         rows: micro-batch size.
+        precision: "fp32", or "bf16" (autocast of the energy's forward and backward; not bit-equal to fp32).
+        cuda_graph: on CUDA, capture one step once per call and replay it (same numbers as without); ignored
+            on other devices and when an observer is given.
         observer: called with t = 0 … steps for each micro-batch in turn (``rows`` = its positions in
             ``x``); see :class:`StepObserver`. None: no call, no cost. It changes no number of the output.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     out = torch.empty_like(x)
+    ids = torch.as_tensor(ids)
+    update = _Update(energy_fn, 0.5 * step_size * step_size / temperature, step_size, precision)
     with _fixed_kernels(x.device):
+        graphed = (_GraphedChain(update, x, rows, seed)
+                   if cuda_graph and x.device.type == "cuda" and observer is None and x.shape[0] else None)
         for start in range(0, x.shape[0], rows):
             part = slice(start, min(start + rows, x.shape[0]))
-            out[part] = _chain(energy_fn, x[part], ids[part], part, seed=seed, rows=rows, steps=steps,
-                               step_size=step_size, temperature=temperature, check_every=check_every,
-                               observer=observer)
+            if graphed is not None:
+                out[part] = graphed.run(x[part], ids[part], steps=steps, check_every=check_every)
+            else:
+                out[part] = _chain(update, x[part], ids[part], part, seed=seed, rows=rows, steps=steps,
+                                   check_every=check_every, observer=observer)
     return out
 
 
@@ -206,37 +131,108 @@ def _fixed_kernels(device: torch.device) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = saved
 
 
-def _chain(energy_fn: EnergyFn, x: Tensor, ids: Tensor, part: slice, *, seed: int, rows: int, steps: int,
-           step_size: float, temperature: float, check_every: int, observer: StepObserver | None) -> Tensor:
+class _Update:
+    """x_{t+1} = x_t − drift·∇G(x_t) + ε z_t in place on a leaf ``state``; returns (G(x_t), ∇G(x_t))."""
+
+    def __init__(self, energy_fn: EnergyFn, drift: float, step_size: float, precision: str) -> None:
+        self.energy_fn, self.drift, self.step_size, self.precision = energy_fn, drift, step_size, precision
+
+    def energy_grad(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """(G(x) (N,) fp32, ∇ₓ Σ G (N, C, H, W) in the state's dtype) for a leaf that requires grad."""
+        with torch.enable_grad():
+            with _autocast(state.device, self.precision):
+                energy = self.energy_fn(state)
+            (grad,) = torch.autograd.grad(energy.float().sum(), state)
+        return energy.detach().float(), grad
+
+    def apply(self, state: Tensor, grad: Tensor, z: Tensor) -> None:
+        with torch.no_grad():
+            state.add_(grad, alpha=-self.drift).add_(z, alpha=self.step_size)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"`` (weight-cast cache off: CUDA graphs capture the casts)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def _start_state(x: Tensor, rows: int) -> Tensor:
+    """The chain's own state buffer: ``x`` padded to ``rows`` rows, in the device's memory format, a leaf
+    that requires grad (updated in place under no_grad: no per-step graph inputs to build)."""
+    state = _pad_rows(x.detach(), rows).clone(memory_format=memory_format_for(x.device))
+    return state.requires_grad_(True)
+
+
+def _chain(update: _Update, x: Tensor, ids: Tensor, part: slice, *, seed: int, rows: int, steps: int,
+           check_every: int, observer: StepObserver | None) -> Tensor:
     """All ``steps`` of one micro-batch (b <= rows real rows at ``part`` of the batch, padded to ``rows``):
     (b, C, H, W) -> same."""
     real = x.shape[0]
-    noise = SampleNoise(ids, seed, STREAM_LANGEVIN)
-    drift = 0.5 * step_size * step_size / temperature  # (ε²/2)·∇(G/T) = drift·∇G
-    state = _pad_rows(x.detach(), rows).clone(memory_format=memory_format_for(x.device))  # not the caller's
-    state.requires_grad_(True)  # a leaf updated in place under no_grad: no per-step graph inputs to build
-    blocks = noise_blocks(noise, tuple(x.shape[1:]), steps, x.dtype, rows=rows, device=x.device)
-    for first, z in zip(range(0, steps, NOISE_BLOCK_STEPS), blocks, strict=True):
+    noise = SampleNoise(_pad_rows(ids.to(x.device), rows), seed, STREAM_LANGEVIN)
+    state = _start_state(x, rows)
+    block = NOISE_BLOCK_STEPS.get(x.device.type, 1)
+    for first in range(0, steps, block):
+        z = noise.block(min(block, steps - first), tuple(x.shape[1:]), x.device, x.dtype)
         for k in range(z.shape[1]):
-            energy, grad = _energy_grad(energy_fn, state)  # G(x_t), ∇G(x_t) for t = first + k
+            energy, grad = update.energy_grad(state)  # G(x_t), ∇G(x_t) for t = first + k
             if observer is not None:
                 observer(first + k, part, state.detach()[:real], energy[:real])
-            with torch.no_grad():  # x_{t+1} = x_t − drift·∇G(x_t) + ε z_t
-                state.add_(grad, alpha=-drift).add_(z[:, k], alpha=step_size)
-            step = first + k + 1
-            if step % check_every == 0 or step == steps:
-                check_finite(energy[:real], grad[:real], where=f"purification Langevin step {step}", ids=ids)
+            update.apply(state, grad, z[:, k])
+            _check(first + k + 1, steps, check_every, energy[:real], grad[:real], ids)
     if observer is not None:
         observer(steps, part, state.detach()[:real], None)
     return state.detach()[:real]
 
 
-def _energy_grad(energy_fn: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(G(x) (N,), ∇ₓ Σ G (N, C, H, W)) for a leaf ``x`` that requires grad."""
-    with torch.enable_grad():
-        energy = energy_fn(x)
-        (grad,) = torch.autograd.grad(energy.sum(), x)
-    return energy.detach(), grad
+def _check(step: int, steps: int, check_every: int, energy: Tensor, grad: Tensor, ids: Tensor) -> None:
+    """NaN/Inf check after update ``step`` (1-based) every ``check_every`` steps and after the last."""
+    if step % check_every == 0 or step == steps:
+        check_finite(energy, grad, where=f"purification Langevin step {step}", ids=ids)
+
+
+class _GraphedChain:
+    """One Langevin step of a ``rows``-row micro-batch captured once as a CUDA graph, replayed ``steps``
+    times per micro-batch. The noise is made inside the graph from a device-side draw counter, so a replay
+    needs nothing from the host; the numbers are those of ``_chain`` (same kernels, same order)."""
+
+    WARMUP_STEPS = 3  # on a side stream before capture, as CUDA graph capture requires
+
+    def __init__(self, update: _Update, x: Tensor, rows: int, seed: int) -> None:
+        self.rows, self.device = rows, x.device
+        self.state = _start_state(x[:1], rows)
+        self.ids = torch.zeros(rows, dtype=torch.int64, device=x.device)
+        self.draw = torch.zeros(1, dtype=torch.int64, device=x.device)
+        key, shape, dtype = stream_key(seed, STREAM_LANGEVIN), tuple(self.state.shape), x.dtype
+
+        def step() -> tuple[Tensor, Tensor]:
+            energy, grad = update.energy_grad(self.state)
+            z = gaussian(self.ids, key, self.draw, math.prod(shape[1:]), dtype).view(shape)
+            update.apply(self.state, grad, z)
+            self.draw.add_(1)
+            return energy, grad
+
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.energy, self.grad = step()
+
+    def run(self, x: Tensor, ids: Tensor, *, steps: int, check_every: int) -> Tensor:
+        """All ``steps`` of one micro-batch: (b, C, H, W) -> same, b <= rows."""
+        real = x.shape[0]
+        with torch.no_grad():
+            self.state.copy_(_pad_rows(x.detach(), self.rows))
+            self.ids.copy_(_pad_rows(ids.to(self.device), self.rows))
+            self.draw.zero_()
+        for step in range(1, steps + 1):
+            self.graph.replay()
+            _check(step, steps, check_every, self.energy[:real], self.grad[:real], ids)
+        return self.state.detach()[:real].clone()
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:

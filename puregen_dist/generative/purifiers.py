@@ -68,7 +68,7 @@ class EBMPurifier:
         y = langevin_purify(fast_energy(self.energy), x, torch.as_tensor(ids), seed=seed, steps=cfg.steps,
                             step_size=cfg.step_size, temperature=cfg.temperature,
                             check_every=FINITE_CHECK_EVERY, rows=micro_batch_size(self.energy, x),
-                            observer=observer)
+                            precision=cfg.precision, cuda_graph=cfg.cuda_graph, observer=observer)
         return y.clamp_(-1.0, 1.0)
 
     def energies(self, x: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from puregen_dist.config.identity import with_device
 from puregen_dist.config.loading import key_dict
 from puregen_dist.config.schema import NoAttackConfig
 from puregen_dist.data.io import read_imageset
+from puregen_dist.generative.noise import NOISE_SOURCE
 from puregen_dist.pipeline.actors import ray_device
 from puregen_dist.pipeline.keys import model_artifact
 from puregen_dist.pipeline.models import file_fingerprints, model_fingerprints, resolve_models
@@ -268,8 +269,11 @@ def read_target(store: ArtifactStore, poison_key: str) -> TargetSpec:
 
 
 def purified_artifact(job: PurifyJob, poison_key: str) -> tuple[str, dict[str, Any]]:
-    """(key, keyed config) of the purified set of (poison set, defense, models, seed)."""
+    """(key, keyed config) of the purified set of (poison set, defense, models, seed, and the version of the
+    noise scheme for a defense that draws random streams)."""
     config = {"defense": key_dict(job.defense), "seed": job.seed, "models": model_fingerprints(job.defense)}
+    if job.defense.random_streams:
+        config["noise"] = NOISE_SOURCE
     return artifact_key("purified", config, inputs=[poison_key]), config
 
 

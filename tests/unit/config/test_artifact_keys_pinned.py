@@ -26,15 +26,17 @@ def test_quickstart_poison_and_purified_keys_are_pinned(quickstart_plan):
     """Re-pinned once, deliberately, in issue 10: the quickstart's additive trigger was renamed ``blend`` ->
     ``sign`` (``blend`` is now Chen et al.'s alpha-blend), which changes its value and so its keys. Cell ids were
     re-pinned once more in issue 11, when they stopped hashing key-neutral fields at their default (so adding
-    such an option, as ``classifier.dropout``, never renames cells again); artifact keys did not change."""
+    such an option, as ``classifier.dropout``, never renames cells again); artifact keys did not change.
+    Re-pinned in issue 15: PureGen's purified sets carry the version of the noise scheme (per-sample CPU
+    generators -> counter-based Philox on the device changed every purified image); JPEG's key did not change."""
     _, plan = quickstart_plan
     by_row = {(t.cell.row, t.cell.config.seed): t for t in plan.trials if t.cell.col == "badnets"}
     ebm = by_row[("puregen_ebm", 0)]
     assert (ebm.cell.cell_id, ebm.poison_key, ebm.train_key) == (
-        "cell-4422d279d7be65d3", "poison-1df535d87074ae4b", "purified-b33a8c83cb63bb2d")
+        "cell-4422d279d7be65d3", "poison-1df535d87074ae4b", "purified-6ff4dd3fe2a50d8b")
     assert ebm.model_keys == {"ebm": "ebm-9c82639b93ba71ef"}
     assert by_row[("jpeg", 0)].train_key == "purified-4067270d78c2ccb6"
-    assert by_row[("puregen_ddpm", 0)].train_key == "purified-a2c41611a62ab023"
+    assert by_row[("puregen_ddpm", 0)].train_key == "purified-57191353cfa271eb"
     assert by_row[("none", 0)].train_key == "poison-1df535d87074ae4b"
 
 

@@ -12,7 +12,7 @@ from puregen_dist.data.transforms import sym_to_uint8
 from puregen_dist.generative import langevin_fast
 from puregen_dist.generative.ebm import ConvNetEnergy, SNGAN32Energy
 from puregen_dist.generative.folded_sngan import FoldedSNGAN32
-from puregen_dist.generative.langevin_fast import draw_noise, fast_energy
+from puregen_dist.generative.langevin_fast import fast_energy
 from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise
 from puregen_dist.generative.purifiers import EBMPurifier
 
@@ -53,26 +53,6 @@ def reference_purify(energy: nn.Module, x: Tensor, ids: Tensor, *, seed: int, cf
         z = noise.randn(tuple(x.shape[1:]), x.device, x.dtype)
         x = x.detach() - 0.5 * cfg.step_size ** 2 * grad + cfg.step_size * z
     return x.clamp(-1.0, 1.0)
-
-
-# ------------------------------------------------------------------------------------------------ noise
-
-
-@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32), (3, 5, 5), (2, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_block_noise_draws_equal_per_step_draws(shape, dtype):
-    ids = torch.tensor([5, 0, 123456])
-    per_step, block = SampleNoise(ids, 3, STREAM_LANGEVIN), SampleNoise(ids, 3, STREAM_LANGEVIN)
-    for steps, threads in ((16, 0), (3, 2), (5, 0)):  # consecutive blocks: the streams stay in step
-        want = torch.stack([per_step.randn(shape, dtype=dtype) for _ in range(steps)], dim=1)
-        got = draw_noise(block, shape, steps, dtype, rows=4, threads=threads)
-        assert got.shape == (4, steps, *shape) and got.dtype == dtype
-        assert torch.equal(got[:3], want) and not got[3].any()
-
-
-def test_block_draw_rule_matches_this_torch_build():
-    assert langevin_fast.block_draws_match(3 * 32 * 32, torch.float32)
-    assert not langevin_fast.block_draws_match(3 * 5 * 5, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ equality
@@ -168,13 +148,30 @@ def test_purification_is_batch_invariant_bit_for_bit(micro_batch, monkeypatch):
         assert torch.equal(again, whole)
 
 
-def test_noise_drawn_ahead_on_threads_gives_the_same_output(monkeypatch):
-    """The accelerator path (noise drawn one block ahead, in parallel over samples) changes no number."""
-    purifier = EBMPurifier(tiny_energy(), LangevinConfig(steps=20))  # two noise blocks
+def test_noise_blocks_of_several_steps_give_the_same_output(monkeypatch):
+    """The accelerator path (noise made 16 steps at a time) changes no number."""
+    purifier = EBMPurifier(tiny_energy(), LangevinConfig(steps=20))  # a block of 16, then one of 4
     x, ids = images(24), torch.arange(24)
-    inline = purifier.purify(x, ids, seed=4)
-    monkeypatch.setitem(langevin_fast.NOISE_THREADS, "cpu", 3)
-    assert torch.equal(purifier.purify(x, ids, seed=4), inline)
+    per_step = purifier.purify(x, ids, seed=4)
+    monkeypatch.setitem(langevin_fast.NOISE_BLOCK_STEPS, "cpu", 16)
+    assert torch.equal(purifier.purify(x, ids, seed=4), per_step)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    """``precision: bf16`` (meant for CUDA; autocast runs on CPU too) moves purified pixels by at most a few
+    8-bit levels of the fp32 result on the tiny net, and most pixels not at all."""
+    x, ids = images(16), torch.arange(16)
+    fp32 = EBMPurifier(tiny_energy(), LangevinConfig(steps=STEPS)).purify(x, ids, seed=1)
+    bf16 = EBMPurifier(tiny_energy(), LangevinConfig(steps=STEPS, precision="bf16")).purify(x, ids, seed=1)
+    levels = torch.from_numpy(sym_to_uint8(bf16.cpu()).astype(int) - sym_to_uint8(fp32.cpu()).astype(int)).abs()
+    assert not torch.equal(bf16, fp32)
+    assert levels.max() <= 3 and levels.float().mean() < 0.2
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision"):
+        langevin_fast.langevin_purify(tiny_energy(), images(2), torch.arange(2), seed=0, steps=1, step_size=0.1,
+                                      temperature=1.0, check_every=1, rows=8, precision="fp16")
 
 
 def test_micro_batch_size_follows_the_network_and_image_shape_only():
@@ -240,3 +237,32 @@ def test_cuda_fast_path_matches_the_reference_and_is_batch_invariant():
     shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(3))
     for order, batch in [(torch.arange(64), 16), (shuffled, 5)]:
         assert torch.equal(purify_in_batches(purifier, x, ids, order, batch), whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_gives_the_eager_numbers_and_catches_nan():
+    cuda = torch.device("cuda")
+    x, ids = images(40).to(cuda), torch.arange(40)
+    eager = EBMPurifier(tiny_energy().to(cuda), LangevinConfig(steps=STEPS)).purify(x, ids, seed=3)
+    graphed = EBMPurifier(tiny_energy().to(cuda), LangevinConfig(steps=STEPS, cuda_graph=True))
+    assert torch.equal(graphed.purify(x, ids, seed=3), eager)
+    assert torch.equal(purify_in_batches(graphed, x, ids, torch.arange(40), 7), eager)
+    energy = tiny_energy().to(cuda)
+    with torch.no_grad():
+        energy.blocks[0].c1.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 3"):
+        EBMPurifier(energy, LangevinConfig(steps=3, cuda_graph=True)).purify(x[:3], ids[:3], seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_stays_close_to_fp32():
+    cuda = torch.device("cuda")
+    x, ids = images(32).to(cuda), torch.arange(32)
+    fp32 = EBMPurifier(tiny_energy().to(cuda), LangevinConfig(steps=STEPS)).purify(x, ids, seed=1)
+    for graph in (False, True):
+        cfg = LangevinConfig(steps=STEPS, precision="bf16", cuda_graph=graph)
+        bf16 = EBMPurifier(tiny_energy().to(cuda), cfg).purify(x, ids, seed=1)
+        levels = torch.from_numpy(sym_to_uint8(bf16.cpu()).astype(int) - sym_to_uint8(fp32.cpu()).astype(int)).abs()
+        assert levels.max() <= 3 and levels.float().mean() < 0.2
