@@ -293,6 +293,19 @@ def print_table(report: dict[str, object]) -> None:
           f"reference {fl['reference_gflops']:.1f} GFLOP/s ({100 * fl['reference_gflops'] / roof:.0f}%)")
 
 
+def headline(report: dict[str, object]) -> list[tuple[str, float, str, bool]]:
+    """Issue 15's targets: >= 2.0x the literal loop on CPU, >= 3x on CUDA (nf = 128)."""
+    config, rows = report["config"], report["variants"]
+    target = 3.0 if config["device"] == "cuda" else 2.0
+    out = []
+    for name, row in rows.items():
+        if name == "ours" or (name.startswith("ours, ") and ("graph" in name or "bf16" in name)):
+            ratio = row["speedup_vs_reference"]
+            out.append((f"Langevin nf={config['nf']} batch {config['batch']}: {name} vs literal loop", ratio,
+                        f">= {target:.1f}x", ratio >= target))
+    return out
+
+
 def markdown(report: dict[str, object]) -> str:
     """The RESULTS.md section of one run (``benchmarks/run.py``)."""
     config, rows, fl = report["config"], report["variants"], report["flops"]

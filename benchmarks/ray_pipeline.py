@@ -19,6 +19,10 @@
     the plasma store usage is polled from the driver. ``--row-group-rows`` writes the input in bounded row
     groups, ``--object-store-mb`` caps the object store.
 (c) Actor scaling: 1 vs 2 actors of 1 torch thread each (num_cpus 0.5 each, 2-CPU session).
+(g) GPU, end to end: ``puregen-dist purify benchmarks/purify_cifar10_ebm150_gpu.yaml`` (all 50,000 CIFAR-10
+    training images, EBM-150, nf = 128, one actor on one GPU) in a fresh store, timed around the command, with
+    the pipeline's own purification time from the artifact's manifest. ``--gpu-set KEY=VALUE`` overrides the
+    config (e.g. to try the mode on a CPU at toy size).
 
     python benchmarks/ray_pipeline.py --which all --json ray_pipeline.json
     python benchmarks/ray_pipeline.py --which a --images 4096 --steps 20 --nf 32
@@ -447,6 +451,98 @@ def bench_c(args: argparse.Namespace, root: Path, ckpt: str) -> dict[str, Any]:
             "summary": rows}
 
 
+def bench_g(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The whole-CIFAR-10 EBM-150 purification through the CLI, in a fresh store under ``root``."""
+    config = Path(__file__).resolve().parent / "purify_cifar10_ebm150_gpu.yaml"
+    store = root / "gpu_store"
+    command = [sys.executable, "-m", "puregen_dist", "purify", str(config)]
+    for item in [f"store={store}", *args.gpu_set]:
+        command += ["--set", item]
+    print(f"[g] {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"purify failed (exit {done.returncode}): {(done.stdout + done.stderr)[-3000:]}")
+    manifests = [json.loads(p.read_text()) for p in store.rglob("manifest.json")]
+    purified = [m for m in manifests if m.get("kind") == "purified"]
+    timings = purified[0].get("timings", {}) if purified else {}
+    rows = purified[0].get("stats", {}).get("rows_purified") if purified else None
+    return {"config": "benchmarks/purify_cifar10_ebm150_gpu.yaml", "overrides": args.gpu_set, "wall_s": wall,
+            "timings": timings, "rows_purified": rows, "output_tail": (done.stdout + done.stderr)[-1500:]}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def headline(report: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """Issue 15's targets: Ray Data efficiency >= 0.85 end to end, memory ratio (50,000 / 5,000) <= 1.3."""
+    out = []
+    for case, stats in report.get("a", {}).get("summary", {}).items():
+        if case.startswith("ray_"):
+            value = stats["efficiency_e2e"]["median"]
+            out.append((f"Ray Data efficiency end to end, {case}", value, ">= 0.85", value >= 0.85))
+    if "b" in report:
+        for stat in ("rss_ratio", "pss_ratio"):
+            value = report["b"]["summary"][stat]
+            out.append((f"peak memory 50,000 / 5,000 images, sum of {stat[:3].upper()}", value, "<= 1.3",
+                        value <= 1.3))
+    if "g" in report:
+        out.append(("CIFAR-10 train, EBM-150, Ray Data on one GPU: wall s", report["g"]["wall_s"],
+                    "< 60 s (design goal)", report["g"]["wall_s"] < 60))
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The RESULTS.md section of one run (``benchmarks/run.py``)."""
+    lines = ["## Ray Data purification pipeline (issue 4, re-measured in issue 15)", "",
+             "`purify_parquet` (read Parquet, actor start-up and model load, purify, write Parquet) against the "
+             "in-process purifier `PureGenDefense(cfg).apply` with the same torch threads, every configuration in "
+             "a fresh subprocess and Ray session; random-init SNGAN-32 EBM, seeded random 32x32x3 images stored "
+             "as the package stores a poison set. Method and earlier runs: docs/performance.md.", "",
+             "```", "python benchmarks/ray_pipeline.py " + " ".join(report["argv"]), "```", ""]
+    if "a" in report:
+        lines += _markdown_a(report["a"])
+    if "b" in report:
+        lines += _markdown_b(report["b"])
+    if "g" in report:
+        g = report["g"]
+        timings = ", ".join(f"{k} {v:.1f}" for k, v in g["timings"].items() if isinstance(v, (int, float)))
+        lines += [f"(g) `puregen-dist purify {g['config']}` {' '.join('--set ' + o for o in g['overrides'])}: "
+                  f"**{g['wall_s']:.1f} s** end to end for {g['rows_purified']} images (manifest timings: "
+                  f"{timings}).", ""]
+    return "\n".join(lines)
+
+
+def _markdown_a(a: dict[str, Any]) -> list[str]:
+    lines = [f"(a) Efficiency, N = {a['images']}, nf = {a['nf']}, {a['steps']} Langevin steps, batch "
+             f"{a['batch_size']}, {len(a['repeats'])} interleaved repeat(s); the fixed cost comes from a "
+             f"{a['small']}-image run in the same Ray session:", "",
+             "| case | images/s end to end | efficiency end to end | efficiency steady | fixed cost s | same bytes |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for case, stats in a["summary"].items():
+        if case.startswith("inproc"):
+            lines.append(f"| {case} | {stats['apply_img_s']['median']:.1f} | 1 | 1 | | |")
+            continue
+        lines.append(f"| {case} | {stats['e2e_img_s']['median']:.1f} | **{stats['efficiency_e2e']['median']:.3f}** "
+                     f"| {stats['efficiency_steady']['median']:.3f} | {stats['fixed_cost_s']['median']:.1f} | "
+                     f"{stats['same_bytes_as_inproc']} |")
+    return lines + [""]
+
+
+def _markdown_b(b: dict[str, Any]) -> list[str]:
+    lines = [f"(b) Peak memory of the whole job (driver and every process it spawns, sampled every 0.2 s), "
+             f"EBM nf = {b['nf']}, {b['steps']} step(s), {b['config']['actors']} actors:", "",
+             "| N | peak sum RSS MiB | peak sum PSS MiB | driver peak RSS MiB |", "| ---: | ---: | ---: | ---: |"]
+    for n, run in b["runs"].items():
+        mem = run["memory"]
+        lines.append(f"| {int(n):,} | {mem['peak_rss_sum_mib']:.0f} | {mem['peak_pss_sum_mib']:.0f} | "
+                     f"{mem['peak_driver_rss_mib']:.0f} |")
+    summary = b["summary"]
+    return lines + ["", f"Ratio 50,000 / 5,000: **{summary['rss_ratio']:.2f}** (sum of RSS), "
+                    f"**{summary['pss_ratio']:.2f}** (sum of PSS); target <= 1.3.", ""]
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -468,7 +564,9 @@ def machine() -> dict[str, Any]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--which", choices=["a", "b", "c", "all"], default="all")
+    p.add_argument("--which", default="all", help="any of the letters a, b, c, g (g: GPU), or all (= abc)")
+    p.add_argument("--gpu-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="(g) override a value of benchmarks/purify_cifar10_ebm150_gpu.yaml (repeatable)")
     p.add_argument("--images", type=int, default=4096, help="(a) images")
     p.add_argument("--steps", type=int, default=20, help="(a) Langevin steps")
     p.add_argument("--nf", type=int, default=32, help="(a), (c) SNGAN-32 width")
@@ -505,6 +603,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ray_pipeline_", dir=args.workdir) as tmp:
         root = Path(tmp)
         which = "abc" if args.which == "all" else args.which
+        if not which or set(which) - set("abcg"):
+            raise SystemExit(f"--which: expected letters from a, b, c, g or 'all', got {args.which!r}")
         if "a" in which or "c" in which:
             ckpt = make_checkpoint(root, args.nf)
         if "a" in which:
@@ -516,6 +616,9 @@ def main() -> None:
         if "c" in which:
             report["c"] = bench_c(args, root, ckpt)
             print("[c] summary", json.dumps(report["c"]["summary"], indent=2), flush=True)
+        if "g" in which:
+            report["g"] = bench_g(args, root)
+            print("[g]", json.dumps({k: v for k, v in report["g"].items() if k != "output_tail"}), flush=True)
     report["machine"]["loadavg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
