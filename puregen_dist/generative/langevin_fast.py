@@ -50,7 +50,7 @@ a busy machine. A function of the network and the image shape only."""
 
 CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": True}
 """Run the energy in channels-last memory format, by device type (faster with oneDNN on CPU and with cuDNN
-on an H200; see benchmarks/RESULTS.md)."""
+on an H200; see docs/benchmarks_history.md)."""
 
 FOLD_POOL = True
 """Evaluate an ``SNGAN32Energy`` as ``FoldedSNGAN32``: the same function, about 40 % fewer FLOPs."""

@@ -310,7 +310,7 @@ def read_dataset(source: ParquetInput, ray_cfg: RayPurifyConfig) -> Any:
 
     The read's ``target_max_block_size`` is set for this dataset only (the dataset keeps the context it was
     created with; the process-wide context is restored). This replaced a ``repartition`` step, whose worker
-    held ~13x the input at 50,000 images (benchmarks/RESULTS.md (b)).
+    held ~13x the input at 50,000 images (docs/benchmarks_history.md, Ray Data (b)).
     """
     import ray
 
