@@ -14,7 +14,17 @@ from torch import Tensor
 def to_unit(images: np.ndarray) -> Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]. A read-only array (Ray's zero-copy objects) is
     copied first: torch.from_numpy wants a writable buffer even though the float conversion copies anyway."""
-    return torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
+    return uint8_to_unit(as_tensor(images))
+
+
+def as_tensor(images: np.ndarray) -> Tensor:
+    """An array as a tensor sharing its memory (a read-only or non-contiguous array is copied first)."""
+    return torch.from_numpy(np.require(images, requirements=["C", "W"]))
+
+
+def uint8_to_unit(images: Tensor) -> Tensor:
+    """(N, H, W, C) uint8 tensor on any device -> (N, C, H, W) float32 in [0, 1] on the same device."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def to_sym(images: np.ndarray) -> Tensor:
@@ -35,10 +45,19 @@ def sym_to_uint8(x_sym: Tensor) -> np.ndarray:
 
 def normalize(x_unit: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """Per-channel (x - mean) / std for (N, C, H, W); a single value broadcasts over channels."""
-    c = x_unit.shape[1]
-    m = torch.tensor(mean if len(mean) == c else mean[:1] * c, dtype=x_unit.dtype, device=x_unit.device)
-    s = torch.tensor(std if len(std) == c else std[:1] * c, dtype=x_unit.dtype, device=x_unit.device)
-    return (x_unit - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1)
+    m, s = channel_stats(mean, std, x_unit.shape[1], x_unit.dtype, x_unit.device)
+    return (x_unit - m) / s
+
+
+def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], channels: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """(mean, std) as (1, C, 1, 1) tensors of ``dtype`` on ``device``, for :func:`normalize`: a tuple whose
+    length is not ``channels`` gives its first value to every channel. On CUDA this is a blocking copy from
+    the host: callers that normalise batch after batch keep the result."""
+    c = channels
+    m = torch.tensor(mean if len(mean) == c else mean[:1] * c, dtype=dtype, device=device)
+    s = torch.tensor(std if len(std) == c else std[:1] * c, dtype=dtype, device=device)
+    return m.view(1, c, 1, 1), s.view(1, c, 1, 1)
 
 
 def random_crop_flip(
@@ -47,22 +66,24 @@ def random_crop_flip(
     """Standard CIFAR augmentation on a batch: zero-pad by ``padding``, random crop back, random h-flip.
 
     Args:
-        x: (N, C, H, W) float.
+        x: (N, C, H, W) float on any device; the result is on the same device.
         padding: pixels of zero padding on each side (0 disables cropping).
         flip: whether to flip each image horizontally with probability 1/2.
-        generator: CPU generator that drives the choices (keeps training seeded).
+        generator: CPU generator that drives the choices (keeps training seeded, and the same on every
+            device); the draws are copied to ``x``'s device without waiting for it (a host-to-device copy of
+            pageable memory is staged before the call returns, so non_blocking is safe here).
     """
     n, _, h, w = x.shape
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding,) * 4)
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
-        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device, non_blocking=True)
+        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device, non_blocking=True)
         idx_n = torch.arange(n, device=x.device).view(n, 1, 1)
         x = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
     return x.contiguous()
 

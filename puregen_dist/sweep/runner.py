@@ -310,7 +310,8 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
         tuner = tune.Tuner(
             wrapped, param_space={"trial": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or None,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                                        reuse_actors=settings.reuse_actors, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                       callbacks=[TrialProgress(epochs)],
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures)))

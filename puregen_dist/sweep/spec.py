@@ -83,6 +83,9 @@ class SweepSettings:
     """0: as many as the trial resources allow."""
     max_failures: int = 1
     """Retries of a failed trial (Tune ``FailureConfig``); -1 retries forever."""
+    reuse_actors: bool = True
+    """Run the next trial in a finished trial's worker process (Tune ``reuse_actors``): saves the ~6 s of imports
+    and start-up per trial measured by benchmarks/sweep_overhead.py (same results). False: a fresh process each."""
     seeds: tuple[int, ...] = ()
     """A seed axis appended to the space (empty: the base seed only)."""
     targets: tuple[int, ...] = ()
