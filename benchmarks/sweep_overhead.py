@@ -360,6 +360,15 @@ def machine() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ report
 
 
+def headline(result: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """Images purified equal the distinct (image, id, seed, purifier) tuples; per-trial overhead share."""
+    images = result["images"]
+    return [("sweep: images purified / distinct (image, id, seed, purifier) tuples",
+             images["rows_purified"] / images["distinct_tuples"], "= 1 exactly", bool(result["images_match"])),
+            ("sweep: median per-trial overhead, share of the trial's wall time", result["median"]["overhead_share"],
+             "measured (no target)", True)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The RESULTS.md section of one run's ``result`` (what :func:`main` writes with ``--json``)."""
     sweep, images, median = result["sweep"], result["images"], result["median"]

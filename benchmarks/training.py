@@ -300,6 +300,12 @@ def _cpu_model() -> str:
 # ------------------------------------------------------------------------------------------ report
 
 
+def headline(result: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """Issue 15's target: ``train_classifier`` >= 0.95x the plain loop (time ratio plain / ours)."""
+    return [(f"classifier training ({result['case']['name']}): plain loop "
+             "time / ours", result["ratio"], f">= {result['target']}", result["ratio"] >= result["target"])]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The RESULTS.md section of one run's ``result`` (what :func:`main` writes with ``--json``)."""
     case, info, median = result["case"], result["machine"], result["median_s"]
