@@ -21,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from puregen_dist.generative.folded_sngan import FoldedSNGAN32, folds_exactly
 from puregen_dist.generative.langevin import EnergyFn, StepObserver, check_finite
+from puregen_dist.generative.micro_batches import fixed_kernels, pad_rows
 from puregen_dist.generative.noise import STREAM_LANGEVIN, SampleNoise, gaussian, stream_key
 
 PRECISIONS = ("fp32", "bf16")
@@ -102,7 +102,7 @@ def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, s
     out = torch.empty_like(x)
     ids = torch.as_tensor(ids)
     update = _Update(energy_fn, 0.5 * step_size * step_size / temperature, step_size, precision)
-    with _fixed_kernels(x.device):
+    with fixed_kernels(x.device):
         graphed = (_GraphedChain(update, x, rows, seed)
                    if cuda_graph and x.device.type == "cuda" and observer is None and x.shape[0] else None)
         for start in range(0, x.shape[0], rows):
@@ -113,22 +113,6 @@ def langevin_purify(energy_fn: EnergyFn, x: Tensor, ids: Tensor, *, seed: int, s
                 out[part] = _chain(update, x[part], ids[part], part, seed=seed, rows=rows, steps=steps,
                                    check_every=check_every, observer=observer)
     return out
-
-
-@contextlib.contextmanager
-def _fixed_kernels(device: torch.device) -> Iterator[None]:
-    """On CUDA: deterministic cuDNN algorithms, chosen without benchmarking, so that equal inputs give equal
-    bits in every call (other cuDNN settings, TF32 included, are left as they are; restored on exit)."""
-    if device.type != "cuda":
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    saved = cudnn.deterministic, cudnn.benchmark
-    cudnn.deterministic, cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        cudnn.deterministic, cudnn.benchmark = saved
 
 
 class _Update:
@@ -160,7 +144,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def _start_state(x: Tensor, rows: int) -> Tensor:
     """The chain's own state buffer: ``x`` padded to ``rows`` rows, in the device's memory format, a leaf
     that requires grad (updated in place under no_grad: no per-step graph inputs to build)."""
-    state = _pad_rows(x.detach(), rows).clone(memory_format=memory_format_for(x.device))
+    state = pad_rows(x.detach(), rows).clone(memory_format=memory_format_for(x.device))
     return state.requires_grad_(True)
 
 
@@ -169,7 +153,7 @@ def _chain(update: _Update, x: Tensor, ids: Tensor, part: slice, *, seed: int, r
     """All ``steps`` of one micro-batch (b <= rows real rows at ``part`` of the batch, padded to ``rows``):
     (b, C, H, W) -> same."""
     real = x.shape[0]
-    noise = SampleNoise(_pad_rows(ids.to(x.device), rows), seed, STREAM_LANGEVIN)
+    noise = SampleNoise(pad_rows(ids.to(x.device), rows), seed, STREAM_LANGEVIN)
     state = _start_state(x, rows)
     block = NOISE_BLOCK_STEPS.get(x.device.type, 1)
     for first in range(0, steps, block):
@@ -226,19 +210,13 @@ class _GraphedChain:
         """All ``steps`` of one micro-batch: (b, C, H, W) -> same, b <= rows."""
         real = x.shape[0]
         with torch.no_grad():
-            self.state.copy_(_pad_rows(x.detach(), self.rows))
-            self.ids.copy_(_pad_rows(ids.to(self.device), self.rows))
+            self.state.copy_(pad_rows(x.detach(), self.rows))
+            self.ids.copy_(pad_rows(ids.to(self.device), self.rows))
             self.draw.zero_()
         for step in range(1, steps + 1):
             self.graph.replay()
             _check(step, steps, check_every, self.energy[:real], self.grad[:real], ids)
         return self.state.detach()[:real].clone()
-
-
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    """(b, ...) -> (rows, ...): ``t`` then copies of its last row (rows >= b; their results are unused)."""
-    missing = rows - t.shape[0]
-    return t if missing <= 0 else torch.cat([t, t[-1:].expand(missing, *t.shape[1:])])
 
 
 def fast_energy(energy: nn.Module) -> nn.Module:
