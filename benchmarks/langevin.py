@@ -108,7 +108,7 @@ def variants(args: argparse.Namespace, model: nn.Module, x: Tensor,
         runs["ours, CUDA graph"] = ours(LangevinConfig(steps=args.steps, cuda_graph=True))
         runs["ours, bf16"] = ours(LangevinConfig(steps=args.steps, precision="bf16"))
         runs["ours, bf16 + CUDA graph"] = ours(LangevinConfig(steps=args.steps, precision="bf16", cuda_graph=True))
-    runs["noise alone (Philox, per step)"] = lambda: noise_alone(x, ids, args.steps)
+    runs["noise alone (Philox, as the chain makes it)"] = lambda: noise_alone(model, x, ids, args.steps)
     if args.ablations:
         runs["reference (.backward)"] = lambda: backward_purify(ref_model, x, args.steps)
         runs["previous EBMPurifier"] = lambda: previous_purify(copy.deepcopy(model), x, ids, args.steps)
@@ -123,12 +123,15 @@ def variants(args: argparse.Namespace, model: nn.Module, x: Tensor,
     return runs
 
 
-def noise_alone(x: Tensor, ids: Tensor, steps: int) -> Tensor:
-    """Only the per-sample noise of ``steps`` steps, made on ``x``'s device the way the chain makes it."""
-    noise = SampleNoise(ids.to(x.device), 0, STREAM_LANGEVIN)
+def noise_alone(model: nn.Module, x: Tensor, ids: Tensor, steps: int) -> Tensor:
+    """Only the per-sample noise of ``steps`` steps, made on ``x``'s device the way the chain makes it (per
+    micro-batch, in blocks of ``NOISE_BLOCK_STEPS``)."""
+    rows = langevin_fast.micro_batch_size(model, x)
     block = langevin_fast.NOISE_BLOCK_STEPS.get(x.device.type, 1)
-    for first in range(0, steps, block):
-        z = noise.block(min(block, steps - first), tuple(x.shape[1:]), x.device, x.dtype)
+    for start in range(0, x.shape[0], rows):
+        noise = SampleNoise(ids[start:start + rows].to(x.device), 0, STREAM_LANGEVIN)
+        for first in range(0, steps, block):
+            z = noise.block(min(block, steps - first), tuple(x.shape[1:]), x.device, x.dtype)
     return z
 
 

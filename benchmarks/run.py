@@ -50,7 +50,7 @@ class Benchmark:
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # spinning OpenMP threads distort timings on a shared machine
 
 BENCHMARKS = (
-    Benchmark("langevin", ("--nf", "128", "--batch", "64", "--steps", "5", "--threads", "2", "--repeats", "3"),
+    Benchmark("langevin", ("--nf", "128", "--batch", "64", "--steps", "5", "--threads", "2", "--repeats", "5"),
               ("--device", "cuda", "--nf", "128", "--batch", "256", "--steps", "48", "--repeats", "3"),
               timeout_s=300, env=PASSIVE),
     Benchmark("ddpm", ("--repeats", "5"), ("--device", "cuda", "--batch", "256", "--steps", "75"), timeout_s=420,
@@ -58,7 +58,7 @@ BENCHMARKS = (
     Benchmark("training", (), ("--device", "cuda"), timeout_s=420, env=PASSIVE),
     Benchmark("facility_location", ("--n", "2000", "--k", "600", "--repeats", "3", "--threads", "1"),
               timeout_s=300),
-    Benchmark("ray_pipeline", ("--which", "ab", "--threads", "T1", "--repeats", "1"),
+    Benchmark("ray_pipeline", ("--which", "ab", "--threads", "T1", "--repeats", "2"),
               ("--which", "g"), timeout_s=900, env=PASSIVE),
     Benchmark("sweep_overhead", (), None, timeout_s=420, env=PASSIVE),
 )
@@ -66,9 +66,14 @@ BENCHMARKS = (
 
 def load_module(name: str) -> ModuleType:
     """benchmarks/<name>.py as a module (for its ``markdown`` and ``headline``)."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", HERE / f"{name}.py")
+    qualified = f"benchmarks_{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    spec = importlib.util.spec_from_file_location(qualified, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT))
+    sys.modules[qualified] = module  # dataclasses look their module up while the class is made
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     spec.loader.exec_module(module)
     return module
 
@@ -132,7 +137,7 @@ def render(info: dict[str, Any], runs: list[tuple[Benchmark, str, dict[str, Any]
              f"{info['mlflow']}, diffusers {info['diffusers']} |",
              f"| date | {started}, {wall / 60:.1f} min in all |",
              f"| load average | {' / '.join(f'{v:.2f}' for v in info['loadavg_start'])} at the start, "
-             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end |", ""]
+             f"{' / '.join(f'{v:.2f}' for v in info.get('loadavg_end', os.getloadavg()))} at the end |", ""]
     lines += acceptance(runs)
     for bench, device, run in runs:
         lines += section(bench, device, run)
@@ -170,6 +175,16 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def render_saved(args: argparse.Namespace) -> int:
+    """--render-only: RESULTS.md again from the saved raw results (e.g. after a change to a ``markdown``)."""
+    saved = json.loads(args.raw.read_text())
+    by_name = {bench.name: bench for bench in BENCHMARKS}
+    runs = [(by_name[run["benchmark"]], run["device"], run) for run in saved["runs"]]
+    write_atomically(args.output, render(saved["machine"], runs, saved["argv"], saved["started"], saved["wall_s"]))
+    print(f"wrote {args.output} from {args.raw}")
+    return 0 if all("result" in run for _, _, run in runs) else 1
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -177,6 +192,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
     parser.add_argument("--skip-cpu", action="store_true", help="with --device cuda: only the GPU runs")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--raw", type=Path, default=HERE / "RESULTS.json",
+                        help="every benchmark's JSON result, written before the Markdown is rendered")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-render --output from --raw without running anything")
     return parser.parse_args()
 
 
@@ -188,6 +207,8 @@ def main() -> int:
         print(f"--only: unknown benchmark(s) {sorted(unknown)}; known: {[b.name for b in BENCHMARKS]}",
               file=sys.stderr)
         return 2
+    if args.render_only:
+        return render_saved(args)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -207,8 +228,12 @@ def main() -> int:
             for device, bench_args in plans:
                 if bench_args is not None:
                     runs.append((bench, device, run_benchmark(bench, bench_args, Path(scratch))))
-    text = render(info, runs, sys.argv[1:], started, time.perf_counter() - start)
-    write_atomically(args.output, text)
+    wall = time.perf_counter() - start
+    info["loadavg_end"] = os.getloadavg()
+    saved = {"machine": info, "argv": sys.argv[1:], "started": started, "wall_s": wall,
+             "runs": [{"benchmark": bench.name, "device": device, **run} for bench, device, run in runs]}
+    write_atomically(args.raw, json.dumps(saved, indent=1))
+    write_atomically(args.output, render(info, runs, sys.argv[1:], started, wall))
     print(f"wrote {args.output} ({(time.perf_counter() - start) / 60:.1f} min)")
     return 0 if all("result" in run for _, _, run in runs) else 1
 
