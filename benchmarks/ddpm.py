@@ -26,15 +26,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import cpu_model, time_rounds
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.schedulers import scheduling_ddpm
 from torch import Tensor
@@ -161,24 +160,6 @@ def variants(args: argparse.Namespace, unet: UNet2DModel, schedule: DDPMSchedule
     return runs
 
 
-def time_rounds(runs: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per run, ``repeats`` alternating rounds (every variant once per round; warm up before)."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            _sync()
-            start = time.perf_counter()
-            run()
-            _sync()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def warm_up_and_compare(runs: dict[str, Callable[[], Tensor]],
                         untimed: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
     """Run every variant once (the warm-up) and every untimed check; max |ours − other| over the batch."""
@@ -201,14 +182,8 @@ def load_unet(args: argparse.Namespace, device: torch.device) -> tuple[UNet2DMod
 
 def machine() -> dict[str, object]:
     """nproc, CPU model, torch version, threads, date."""
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "date": date, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
@@ -309,7 +284,7 @@ def main() -> None:
     ids = torch.arange(args.batch)
     runs = variants(args, unet, schedule, x, ids)
     diffs = warm_up_and_compare(runs, untimed_checks(args, unet, schedule, x, ids))
-    seconds = time_rounds(runs, args.repeats)
+    seconds = time_rounds(runs, args.repeats, warm_up=False)
     result = summarise(args, machine(), model, seconds, diffs)
     print_table(result)
     if args.json:

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import cpu_model, sync, time_rounds
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -135,26 +135,6 @@ def noise_alone(model: nn.Module, x: Tensor, ids: Tensor, steps: int) -> Tensor:
     return z
 
 
-def time_rounds(runs: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per run, ``repeats`` alternating rounds (every variant once per round) after one warm-up."""
-    for run in runs.values():
-        run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            _sync()
-            start = time.perf_counter()
-            run()
-            _sync()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def step_flops(model: nn.Module, x: Tensor) -> dict[str, float]:
     """FLOPs of one Langevin step on the batch (forward + input-gradient backward): the model as written (what
     the reference executes) and what ``EBMPurifier`` executes (pool-folded network, padded micro-batches)."""
@@ -181,10 +161,10 @@ def matmul_roofline(device: torch.device, repeats: int = 5) -> float:
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
-        _sync()
+        sync()
         start = time.perf_counter()
         torch.mm(a, b)
-        _sync()
+        sync()
         times.append(time.perf_counter() - start)
     return 2.0 * n ** 3 / statistics.median(times)
 
@@ -202,14 +182,8 @@ def profile_ours(model: nn.Module, x: Tensor, ids: Tensor, steps: int, rows: int
 
 def machine() -> dict[str, object]:
     """nproc, CPU model, torch version, date."""
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        lines = cpuinfo.read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": date}
 
 

@@ -549,14 +549,9 @@ def _markdown_b(b: dict[str, Any]) -> list[str]:
 def machine() -> dict[str, Any]:
     import ray
     import torch
+    from common import cpu_model
 
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "ray": ray.__version__,
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "ray": ray.__version__,
             "python": platform.python_version(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "loadavg": os.getloadavg()}

@@ -29,6 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from common import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -72,8 +74,9 @@ def load_module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(qualified, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[qualified] = module  # dataclasses look their module up while the class is made
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    for path in (str(ROOT), str(HERE)):  # the package; benchmarks/common.py
+        if path not in sys.path:
+            sys.path.insert(0, path)
     spec.loader.exec_module(module)
     return module
 
@@ -104,11 +107,6 @@ def machine() -> dict[str, Any]:
     """CPU model, cores, memory, versions, GPU, load."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30 if hasattr(os, "sysconf") else 0.0
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -117,7 +115,7 @@ def machine() -> dict[str, Any]:
             versions[package] = __import__(package).__version__
         except ImportError:
             versions[package] = "not installed"
-    return {"cpu": cpu, "nproc": os.cpu_count(), "memory_gib": round(memory, 1), "gpu": gpu, **versions,
+    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "memory_gib": round(memory, 1), "gpu": gpu, **versions,
             "loadavg_start": os.getloadavg()}
 
 
