@@ -255,29 +255,32 @@ def test_a_sweep_job_runs_its_trials_and_actors_on_the_second_node(cluster):
 
 
 def test_a_stopped_job_resubmitted_runs_only_the_missing_cells(cluster):
-    more = ("--set", "settings.seeds=[2,3,4]")
+    # Trials reuse their actors and take about two seconds each: enough cells that the stop lands mid-sweep.
+    new_seeds = [str(seed) for seed in range(2, 10)]
+    more = ("--set", f"settings.seeds=[{','.join(new_seeds)}]")
     assert cluster.submit("--submission-id", "e2e-2", "--no-wait", sweep_args=more).returncode == 0
     client = cluster.client()
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
         seeds = {r.data.tags.get("seed") for r in _children(client, "cluster-e2e") if r.info.status == "FINISHED"}
-        if seeds & {"2", "3", "4"}:
+        if seeds & set(new_seeds):
             break
         assert "SUCCEEDED" not in cluster.ray("job", "status", "e2e-2").stdout
     else:
         pytest.fail("no trial of the second job finished in time")
     assert cluster.ray("job", "stop", "e2e-2").returncode == 0
     done = {r.data.tags["cell_id"] for r in _children(client, "cluster-e2e")
-            if r.info.status == "FINISHED" and r.data.tags.get("seed") in {"2", "3", "4"}}
-    assert 1 <= len(done) < 3
+            if r.info.status == "FINISHED" and r.data.tags.get("seed") in new_seeds}
+    cells = len(new_seeds)
+    assert 1 <= len(done) < cells
 
     result = cluster.submit("--submission-id", "e2e-3", sweep_args=more)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     logs = cluster.ray("job", "logs", "e2e-3").stdout
-    assert f"trials: 3 ({3 - len(done)} to run, {len(done)} already finished)" in logs
+    assert f"trials: {cells} ({cells - len(done)} to run, {len(done)} already finished)" in logs
     resumed = _parents(client, "cluster-e2e")[-1]
-    assert resumed.data.metrics["trials_run"] == 3 - len(done)
+    assert resumed.data.metrics["trials_run"] == cells - len(done)
     finished = [r.data.tags["cell_id"] for r in _children(client, "cluster-e2e")
-                if r.info.status == "FINISHED" and r.data.tags.get("seed") in {"2", "3", "4"}]
-    assert len(finished) == len(set(finished)) == 3  # every cell once: nothing ran twice
+                if r.info.status == "FINISHED" and r.data.tags.get("seed") in new_seeds]
+    assert len(finished) == len(set(finished)) == cells  # every cell once: nothing ran twice

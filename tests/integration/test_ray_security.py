@@ -1,9 +1,13 @@
-"""The local Ray runtime the CLI starts is not open to the network (issue 8, deliverable 7).
+"""The local Ray runtime a sweep starts is not open to the network (issue 8, deliverable 7; issue 16, item 4).
 
-Ray 2.60's GCS, raylets, workers and agents listen on all interfaces whatever node address is given, so the
-runtime that ``ensure_ray`` starts must require a token: the test lists the sockets its processes listen on
-(they do include non-loopback ones, which is why) and shows that a client without the token is refused while
-one with it connects.
+Ray 2.60's GCS, raylets, core workers and agents listen on all interfaces whatever node address is given
+(``ray.init(_node_ip_address="127.0.0.1")`` is rewritten to the machine's address, and the C++ gRPC servers bind
+``::``), so the runtime that ``ensure_ray`` starts must require a token. The test runs a small local sweep and,
+while it runs, records every TCP socket the session's processes listen on, and knocks on each one as a stranger
+(no token): a real Ray gRPC method must answer UNAUTHENTICATED and an HTTP endpoint 401. The only socket that
+answers a stranger is the agent's Prometheus metrics exporter (read-only counters and gauges, no code path;
+Ray 2.60 has no switch for it), which the test names. Nothing of MLflow listens at all (sqlite), the dashboard is
+off, the token file is private, and a full client without the token is refused while one with it connects.
 """
 
 from __future__ import annotations
@@ -18,34 +22,103 @@ import pytest
 
 pytestmark = pytest.mark.ray
 
+SWEEP = """
+name: sec
+base:
+  output_dir: {root}/out
+  data: {{dataset: digits, train_per_class: 8, test_fraction: 0.25}}
+  attack: {{name: badnets, target_class: 0, budget: 0.1, label_mode: dirty}}
+  defense: {{name: jpeg, quality: 50}}
+  classifier: {{name: small_cnn, epochs: 1, batch_size: 32, threads: 1, crop_padding: 1, flip: false}}
+  eval: {{magnifications: [1.0]}}
+settings:
+  seeds: [0]
+  trial_cpus: 1
+  storage: {root}/tune
+  store: {root}/store
+  pipeline: {{actors: 1, batch_size: 32, cpu_tasks: 1, craft: {{num_cpus: 1}}}}
+"""
+
 SCRIPT = textwrap.dedent("""
-    import json, os, subprocess, sys
-    import psutil, ray
+    import json, os, subprocess, sys, threading, time, urllib.error, urllib.request
+    import grpc, psutil, ray
+    from puregen_dist.cli import main
     from puregen_dist.pipeline.purify import ensure_ray
 
-    ensure_ray(num_cpus=1)
+    ensure_ray(num_cpus=2)
+    node = ray._private.worker._global_node
+    session = os.path.basename(node.get_session_dir_path())
+    # one real method per Ray gRPC service: without the token each answers UNAUTHENTICATED
+    METHODS = ["/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
+               "/ray.rpc.CoreWorkerService/GetCoreWorkerStats", "/ray.rpc.ReporterService/GetTraceback",
+               "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.RuntimeEnvGcsService/PinRuntimeEnvURI"]
+
+    def family():
+        pids = {os.getpid()}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if session in " ".join(proc.info["cmdline"] or []):
+                    pids.add(proc.pid)
+            except psutil.Error:
+                pass
+        for pid in list(pids):
+            try:
+                pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                pass
+        return pids
+
+    def knock(ip, port):
+        host = "127.0.0.1" if ip in ("0.0.0.0", "::") else ip.removeprefix("::ffff:")
+        answers = []
+        channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        for method in METHODS:
+            call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            try:
+                call(b"", timeout=5)
+                answers.append("grpc-ok")
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    answers.append("grpc-" + exc.code().name)
+        channel.close()
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=5) as response:
+                body = response.read(4096).decode("latin-1")
+                answers.append("http-200-metrics" if "# HELP" in body or "# TYPE" in body or not body
+                               else "http-200")
+        except urllib.error.HTTPError as exc:
+            answers.append(f"http-{exc.code}")
+        except Exception:
+            pass
+        return answers
+
+    seen, done = {}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            pids = family()
+            for c in psutil.net_connections("tcp"):
+                if c.status == psutil.CONN_LISTEN and c.pid in pids and (c.laddr.ip, c.laddr.port) not in seen:
+                    try:
+                        name = psutil.Process(c.pid).name()
+                    except psutil.Error:
+                        name = "?"
+                    seen[(c.laddr.ip, c.laddr.port)] = {"ip": c.laddr.ip, "port": c.laddr.port, "process": name,
+                                                        "answers": knock(c.laddr.ip, c.laddr.port)}
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    code = main(["-q", "sweep", sys.argv[1]])
+    time.sleep(1)
+    done.set()
+    watcher.join()
 
     @ray.remote
     def mode():
         return os.environ.get("RAY_AUTH_MODE")
 
     worker_mode = ray.get(mode.remote())
-    node = ray._private.worker._global_node
-    session = os.path.basename(node.get_session_dir_path())
-    pids = {os.getpid()}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if session in " ".join(proc.info["cmdline"] or []):
-                pids.add(proc.pid)
-        except psutil.Error:
-            pass
-    for pid in list(pids):
-        try:
-            pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-        except psutil.Error:
-            pass
-    sockets = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
-                      if c.status == psutil.CONN_LISTEN and c.pid in pids})
     connect = "import ray; ray.init(address=%r); print('CONNECTED')" % node.gcs_address
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     stranger = subprocess.run([sys.executable, "-c", connect], env={**clean, "RAY_AUTH_MODE": "disabled"},
@@ -53,24 +126,45 @@ SCRIPT = textwrap.dedent("""
     friend = subprocess.run([sys.executable, "-c", connect], env=dict(os.environ),
                             capture_output=True, text=True, timeout=120)
     token_path = os.environ["RAY_AUTH_TOKEN_PATH"]
-    print(json.dumps({"driver_mode": os.environ["RAY_AUTH_MODE"], "worker_mode": worker_mode,
-                      "token_file_mode": oct(os.stat(token_path).st_mode & 0o777), "sockets": sockets,
+    print(json.dumps({"sweep_exit": code, "driver_mode": os.environ["RAY_AUTH_MODE"], "worker_mode": worker_mode,
+                      "token_file_mode": oct(os.stat(token_path).st_mode & 0o777), "sockets": list(seen.values()),
                       "stranger": "CONNECTED" in stranger.stdout, "friend": "CONNECTED" in friend.stdout}))
     ray.shutdown()
 """)
 
 
-def test_local_runtime_requires_a_token_on_every_listening_socket(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=400)
+def _loopback(ip: str) -> bool:
+    return ip.startswith(("127.", "::ffff:127.")) or ip == "::1"
+
+
+def test_every_socket_of_a_local_sweep_refuses_a_stranger(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    sweep = tmp_path / "sec.yaml"
+    sweep.write_text(SWEEP.format(root=tmp_path))
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(sweep)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sweep_exit"] == 0
     assert result["driver_mode"] == "token" and result["worker_mode"] == "token"
     assert result["token_file_mode"] == "0o600"
-    exposed = [(ip, port) for ip, port in result["sockets"] if not ip.startswith("127.") and ip != "::1"]
-    assert result["sockets"], "no listening socket found for the local Ray session"
-    # Ray listens beyond loopback (why the token matters); a client without the token is refused.
-    assert exposed
-    assert result["stranger"] is False
-    assert result["friend"] is True
+    assert result["stranger"] is False and result["friend"] is True
+
+    sockets = result["sockets"]
+    assert {s["process"] for s in sockets} >= {"gcs_server", "raylet"}, sockets
+    assert not [s for s in sockets if "mlflow" in s["process"].lower() or "gunicorn" in s["process"].lower()]
+    exposed = [s for s in sockets if not _loopback(s["ip"])]
+    assert exposed, "Ray 2.60 listens beyond loopback: the reason for the token"
+    open_doors = [s for s in exposed if any(a in ("grpc-ok", "http-200") for a in s["answers"])]
+    assert not open_doors, f"sockets that served a client without the token: {open_doors}"
+    metrics = [s for s in exposed if "http-200-metrics" in s["answers"]]
+    assert len(metrics) <= 1 and all(s["process"] == "ray::DashboardAgent" for s in metrics), metrics
+    # Every other exposed socket that answered at all refused the stranger; a socket that closed before the knock
+    # (a short-lived worker) answers UNAVAILABLE, which serves no one either.
+    answered = [s for s in exposed if s not in metrics and set(s["answers"]) - {"grpc-UNAVAILABLE"}]
+    assert all({"grpc-UNAUTHENTICATED", "http-401"} & set(s["answers"]) for s in answered), answered
+    refusing = {s["process"] for s in answered}
+    assert {"gcs_server", "raylet"} <= refusing, answered
+    assert any(p.startswith("ray::") and p not in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+               for p in refusing), answered  # the core workers that ran the sweep's tasks and trials
