@@ -41,6 +41,9 @@ from puregen_dist.types import ImageSet
 
 log = logging.getLogger(__name__)
 
+WALL_CLOCK_STATS = ("epoch_seconds",)
+"""Epoch statistics left out of checkpoint metadata: a checkpoint is a function of its recipe and data only."""
+
 
 class EBMTrainer:
     """State of one EBM training run: model, Adam, schedule, persistent bank and generator."""
@@ -149,7 +152,8 @@ class EBMTrainer:
         extra = {"bank": self.bank, "generator": self.generator.get_state(),
                  **optimizer_tensors(self.optimizer)}
         save_checkpoint(directory, self.model, kind="ebm", model_config=asdict(self.job.ebm),
-                        meta={"epoch": self.epoch, "seed": self.job.seed, "train": asdict(self.cfg), **stats},
+                        meta={"epoch": self.epoch, "seed": self.job.seed, "train": asdict(self.cfg),
+                              **{k: v for k, v in stats.items() if k not in WALL_CLOCK_STATS}},
                         extra_tensors=extra)
 
     def resume(self, directory: Path) -> None:
