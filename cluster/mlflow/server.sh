@@ -4,7 +4,8 @@
 # Settings (environment): MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_WORKERS (2),
 # MLFLOW_BACKEND_STORE_URI (sqlite:///$PWD/mlflow-server/mlflow.db; a PostgreSQL URI for shared servers),
 # MLFLOW_ARTIFACTS_DESTINATION ($PWD/mlflow-server/artifacts, or s3://... / gs://...), and MLflow's own
-# MLFLOW_SERVER_ALLOWED_HOSTS (Host headers accepted; default localhost and private IPs).
+# MLFLOW_SERVER_ALLOWED_HOSTS (Host headers accepted; default localhost and private IPs) and
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION (false here).
 # Point puregen-dist at it with MLFLOW_TRACKING_URI=http://<host>:<port> (or --set base.tracking.uri=...).
 set -euo pipefail
 
@@ -13,6 +14,9 @@ port="${MLFLOW_PORT:-5000}"
 workers="${MLFLOW_WORKERS:-2}"
 backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$PWD/mlflow-server/mlflow.db}"
 artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$PWD/mlflow-server/artifacts}"
+# puregen-dist uses no MLflow server jobs (GenAI scorers, prompt optimisation): without them the server starts
+# no job-runner processes beside its workers. Set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have them.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 # Local directories for the defaults (a sqlite file and an artifact directory); URIs are left alone.
 if [[ "$backend" == sqlite:///* ]]; then

@@ -52,7 +52,7 @@ from puregen_dist.tracking.names import (
     param_column,
     tag_column,
 )
-from puregen_dist.tracking.reader import read_runs
+from puregen_dist.tracking.reader import check_run_id, read_runs
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = N
         UserInputError: no database at a ``sqlite:///`` URI, no such experiment, a ``parent_run_id`` that is
             not a run id, or no matching runs.
     """
+    if parent_run_id is not None:
+        check_run_id(parent_run_id, "report --parent")  # pasted into an MLflow filter string: never unchecked
     latest = latest_per_cell(read_runs(tracking_uri, experiment, parent_run_id=parent_run_id))
     if cells is not None and not latest.empty:
         latest = latest[latest[tag_column(Tag.CELL_ID)].isin(set(cells))].reset_index(drop=True)

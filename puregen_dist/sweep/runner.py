@@ -3,7 +3,8 @@ record everything in MLflow (a parent run per invocation, a child run per trial)
 
 Resume: every stage is cached by content key in the store, and a cell with a finished MLflow child run is not
 run again, so re-running the same command after a crash, a kill or a node loss finishes only what is missing.
-Within one plan, an interrupted Tune experiment is restored (``Tuner.restore``) when its state exists.
+Within one plan, an interrupted Tune experiment is restored (``Tuner.restore``) when its state exists and holds
+the marker this runner wrote when it started it (:data:`TUNE_MARKER`): an unknown directory is never unpickled.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
     to inject failures); ``echo`` prints the plan and the report, ``progress`` shows each stage (details go to
     the log). The report covers this invocation's cells, or (``report_all``) every cell of the experiment.
     ``connected``: the caller already ran :func:`connect`."""
+    from puregen_dist.tracking.base import status_for
     from puregen_dist.tracking.mlflow_tracker import MLflowTracker, ensure_experiment
 
     uri = connect(sweep) if not connected else tracking_uri_of(sweep)
@@ -107,6 +109,9 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
     ensure_experiment(uri, sweep.name)  # database and experiment exist before any trial starts
     plan = plan_sweep(sweep, store)
     finished = finished_cells(uri, sweep.name)
+    pending_ids = [t.cell.cell_id for t in plan.trials if t.cell.cell_id not in finished]
+    if pending_ids:  # an unknown Tune directory is refused now, before anything is built
+        restorable_tune_experiment(sweep, pending_ids)
     echo(format_plan(plan, finished))
     parent = MLflowTracker(uri, sweep.name, run_name=f"{sweep.name} sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
                            tags=_parent_tags(sweep, plan))
@@ -120,8 +125,8 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
         log_floors(plan.trials, store, uri, cell_runs(uri, sweep.name))
         report_dir, markdown = _report(sweep, uri, parent, echo,
                                        None if report_all else {t.cell.cell_id for t in plan.trials})
-    except BaseException:
-        parent.close("FAILED")
+    except BaseException as exc:
+        parent.close(status_for(type(exc)))  # KILLED on Ctrl-C, else FAILED
         raise
     parent.log_metrics({"trials_run": len(specs), "trials_failed": len(failed)})
     parent.close("FINISHED" if not failed else "FAILED")
@@ -135,9 +140,11 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
 def browse_hint(uri: str, experiment: str) -> str:
     """How to look at the runs: the server's own page for a tracking server, else ``mlflow ui`` on the
     database (bound to 127.0.0.1, MLflow's default)."""
+    from puregen_dist.tracking.redaction import redact_uri
+
     if uri.startswith(("http://", "https://")):
-        return f"browse: {uri.rstrip('/')} (experiment {experiment!r})"
-    return f"browse: mlflow ui --backend-store-uri {uri}"
+        return f"browse: {redact_uri(uri).rstrip('/')} (experiment {experiment!r})"
+    return f"browse: mlflow ui --backend-store-uri {redact_uri(uri)}"
 
 
 def _parent_tags(sweep: Sweep, plan: SweepPlan) -> dict[str, str]:
@@ -296,17 +303,18 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
     # cells (data.root, checkpoint directories) mean what they mean to the driver (and to `ray job submit
     # --working-dir`). Tune propagates this variable from the driver to the trial processes.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    storage = _storage_path(settings.storage)
-    name = f"{sweep.name}-{artifact_key('trials', {'cells': [s['cell_id'] for s in specs]})[7:]}"
+    cell_ids = [spec["cell_id"] for spec in specs]
+    name, path = tune_experiment(sweep, cell_ids)
+    storage = path.rsplit("/", 1)[0]
     wrapped = tune.with_resources(trainable, {"cpu": settings.trial_cpus, "gpu": settings.trial_gpus,
                                               **settings.trial_resources})
-    path = f"{storage.rstrip('/')}/{name}"
     bar = progress("trials", len(specs), "finished")
     epochs = sum(int(spec["config"]["classifier"]["epochs"]) for spec in specs)
-    if tune.Tuner.can_restore(path):
+    if restorable_tune_experiment(sweep, cell_ids):
         echo(f"restoring the interrupted Tune experiment {path}")
         tuner = tune.Tuner.restore(path, wrapped, resume_unfinished=True, restart_errored=True)
     else:
+        _write_text(f"{path}/{TUNE_MARKER}", json.dumps(tune_marker(sweep, cell_ids), indent=1) + "\n")
         tuner = tune.Tuner(
             wrapped, param_space={"trial": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or None,
@@ -324,6 +332,70 @@ def run_trials(sweep: Sweep, plan: SweepPlan, specs: list[dict[str, Any]], train
         if result.error is not None:
             echo(f"  FAILED cell {result.config['trial']['cell_id']}: {str(result.error).splitlines()[0][:300]}")
     return failed
+
+
+TUNE_MARKER = "puregen-tune.json"
+"""Written by :func:`run_trials` into a Tune experiment directory it starts: :func:`tune_marker`. Only a directory
+holding it (for the same sweep and cells) is ever restored: ``Tuner.restore`` unpickles the directory's files."""
+
+
+def tune_experiment(sweep: Sweep, cell_ids: list[str]) -> tuple[str, str]:
+    """(name, path) of the Tune experiment that runs ``cell_ids`` (the storage directory is created)."""
+    name = f"{sweep.name}-{artifact_key('trials', {'cells': cell_ids})[7:]}"
+    return name, f"{_storage_path(sweep.settings.storage).rstrip('/')}/{name}"
+
+
+def tune_marker(sweep: Sweep, cell_ids: list[str]) -> dict[str, Any]:
+    """What :data:`TUNE_MARKER` holds: who started the experiment, for which sweep and which cells."""
+    return {"created_by": "puregen-dist", "format": 1, "sweep": sweep.name,
+            "tune_experiment": tune_experiment(sweep, cell_ids)[0],
+            "cells": artifact_key("trials", {"cells": cell_ids})}
+
+
+def restorable_tune_experiment(sweep: Sweep, cell_ids: list[str]) -> bool:
+    """Whether the Tune experiment of ``cell_ids`` was interrupted and can be restored: True when its directory
+    holds Tune's state and this project's :data:`TUNE_MARKER` for the same sweep and cells; False when it holds
+    no Tune state (a fresh start). Nothing is unpickled here.
+
+    Raises:
+        UserInputError: Tune state without the marker, or with another plan's (a directory this project did
+            not start: restoring it would unpickle whatever is there).
+    """
+    from ray import tune
+
+    _, path = tune_experiment(sweep, cell_ids)
+    if not tune.Tuner.can_restore(path):
+        return False
+    try:
+        found = json.loads(_read_text(f"{path}/{TUNE_MARKER}"))
+    except (OSError, ValueError):
+        found = None
+    if found != tune_marker(sweep, cell_ids):
+        why = f"no {TUNE_MARKER}" if found is None else f"its {TUNE_MARKER} is for another sweep or set of cells"
+        raise UserInputError(
+            f"{path}: a Ray Tune experiment that puregen-dist did not start for these cells of sweep "
+            f"{sweep.name!r} ({why}); it is not restored, because restoring unpickles its files. Move it away "
+            "and re-run (cells with a finished MLflow run are not run again)")
+    return True
+
+
+def _read_text(path: str) -> str:
+    filesystem, fs_path = resolve_path(path)
+    with filesystem.open_input_stream(fs_path) as stream:
+        return stream.read().decode("utf-8")
+
+
+def _write_text(path: str, text: str) -> None:
+    """``text`` into ``path``, a local file (atomically) or a ``pyarrow.fs`` URI."""
+    if "://" not in path:
+        from puregen_dist.atomic import atomic_write_text
+
+        atomic_write_text(Path(path), text)
+        return
+    filesystem, fs_path = resolve_path(path)
+    filesystem.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(fs_path) as stream:
+        stream.write(text.encode("utf-8"))
 
 
 def _trial_name(trial: Any) -> str:

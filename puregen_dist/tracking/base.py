@@ -8,6 +8,16 @@ from typing import Any
 
 import numpy as np
 
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+
+
+def status_for(exc_type: type[BaseException] | None) -> str:
+    """MLflow status of a run whose block ended with ``exc_type``: FINISHED (none), KILLED (interrupted: a
+    KeyboardInterrupt, i.e. Ctrl-C / SIGINT, or a SystemExit), else FAILED."""
+    if exc_type is None:
+        return FINISHED
+    return KILLED if issubclass(exc_type, (KeyboardInterrupt, SystemExit)) else FAILED
+
 
 class NullTracker:
     """A Tracker that writes nothing anywhere; what it was given stays inspectable in memory."""
@@ -42,8 +52,8 @@ class NullTracker:
     def __enter__(self) -> NullTracker:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close("FAILED" if exc[0] else "FINISHED")
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self.close(status_for(exc_type))
 
     def final_metrics(self) -> dict[str, float]:
         """The last value logged for each metric key."""

@@ -32,14 +32,15 @@ INFO_COLUMNS = ("run_id", "experiment_id", "status", "artifact_uri", "start_time
 _RUN_ID = re.compile(r"[0-9a-fA-F]{32}")
 
 
-def check_run_id(run_id: str) -> str:
+def check_run_id(run_id: str, what: str = "--parent") -> str:
     """``run_id`` when it is an MLflow run id (32 hex digits), so that it can be pasted into a filter string.
 
     Raises:
-        UserInputError: anything else (quotes, spaces, a run name, a truncated id, ...).
+        UserInputError: anything else (quotes, spaces, a run name, a truncated id, ...), naming ``what`` (the
+            option or field it came from).
     """
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
-        raise UserInputError(f"{run_id!r} is not an MLflow run id (32 hexadecimal digits, e.g. the parent "
+        raise UserInputError(f"{what}: {run_id!r} is not an MLflow run id (32 hexadecimal digits, e.g. the parent "
                              "run id printed by `puregen-dist sweep` or shown by `mlflow ui`)")
     return run_id
 
