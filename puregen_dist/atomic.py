@@ -6,6 +6,9 @@ survives a power loss. A directory (a checkpoint) is filled under a temporary si
 place; an existing one is moved aside first and removed only once the new one is in place (renamed back if
 the swap fails). On any exception the temporary file or directory is removed and the target is untouched.
 
+A write that runs out of space (ENOSPC, EDQUOT) or hits a file-size limit (EFBIG) raises :class:`DiskFullError`
+(an ``OSError`` naming the target and the cause), after the same clean-up.
+
 Temporary names start with a dot (``.<name>.<random>.tmp``, ``.<name>.tmp-<random>``,
 ``.<name>.old-<random>``), so listings that skip hidden files (Parquet readers, Ray Data) never see them.
 
@@ -15,6 +18,7 @@ This module imports nothing from ``puregen_dist``: algorithm packages and the pi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -22,6 +26,24 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
+
+SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large (a file-size limit such as `ulimit -f`, or the filesystem's maximum)"}
+"""errno values of a write that failed for lack of space, and what each means."""
+
+
+class DiskFullError(OSError):
+    """Writing ``filename`` failed for lack of space or a file-size limit (``errno`` ENOSPC, EDQUOT or EFBIG).
+    The target kept its previous content (or stays absent) and the temporary file or directory was removed."""
+
+
+def _disk_full(exc: BaseException, target: Path) -> DiskFullError | None:
+    """``exc`` as a :class:`DiskFullError` naming ``target`` when it is a write failing for lack of space."""
+    if isinstance(exc, DiskFullError) or not isinstance(exc, OSError) or exc.errno not in SPACE_ERRNOS:
+        return None
+    return DiskFullError(exc.errno, f"writing {target} failed: {SPACE_ERRNOS[exc.errno]}; it was left as it "
+                                    "was and the temporary copy removed: free space and run again", str(target))
+
 
 FILE_MODE = 0o644
 """Permissions of a file written by :func:`atomic_file` (``mkstemp`` alone would give 0600)."""
@@ -52,9 +74,12 @@ def atomic_file(path: str | os.PathLike[str], mode: Literal["wb", "w"] = "wb") -
             os.fsync(handle.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        full = _disk_full(exc, path)
+        if full is not None:
+            raise full from exc
         raise
     _fsync_dir(path.parent)
 
@@ -89,8 +114,13 @@ def atomic_dir(directory: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_tree(tmp)
         _publish_modes(tmp)
         _swap_in(tmp, directory)
-    finally:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(exc, directory)
+        if full is not None:
+            raise full from exc
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(directory.parent)
 
 
@@ -144,4 +174,4 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-__all__ = ["DIR_MODE", "FILE_MODE", "atomic_dir", "atomic_file", "atomic_write_text"]
+__all__ = ["DIR_MODE", "FILE_MODE", "SPACE_ERRNOS", "DiskFullError", "atomic_dir", "atomic_file", "atomic_write_text"]

@@ -121,8 +121,9 @@ def task_logging(enabled: bool) -> Iterator[None]:
 
 def cached_or_task(store: ArtifactStore, key: str, fn: Callable[..., tuple[dict[str, Any], bool]],
                    resources: TaskResources, *args: Any, address: str | None = None) -> StageResult:
-    """The committed artifact ``key``, or the result of the task ``fn(*args)`` that builds it."""
-    if store.exists(key):
+    """The committed artifact ``key`` (when it passes its checksums), or the result of the task ``fn(*args)``
+    that builds it (a corrupt one is set aside and rebuilt: ``ArtifactStore.reusable``)."""
+    if store.reusable(key):
         log.info("%s: in the store, skipped", key)
         return StageResult(key, store.manifest(key), False)
     log.info("%s: building as a Ray task (%s CPU, %s GPU)", key, resources.num_cpus, resources.num_gpus)
@@ -146,7 +147,7 @@ def model_stage(job: ModelJob, store: ArtifactStore, *, tracking_dir: str | Path
     """
     _, key, _ = model_artifact(job)
     reference = reference_for_key(key)
-    if reference is not None and not store.exists(key):
+    if reference is not None and not store.reusable(key):
         log.info("%s: importing the shipped reference model %s instead of training", key, reference.name)
         manifest = store.manifest(import_reference(reference, store)[0])
         return StageResult(key, manifest, True)
@@ -297,7 +298,7 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
     (same key); its manifest's ``stats`` say how many rows were purified and how many reused.
     """
     key, config = purified_artifact(job, poison_key)
-    if store.exists(key):
+    if store.reusable(key):
         return StageResult(key, store.manifest(key), False)
     clean_job = clean_source(job)
     clean: tuple[str, str] | None = None
@@ -320,7 +321,7 @@ def purify_stage(job: PurifyJob, poison_key: str, store: ArtifactStore) -> Stage
 def purify_whole(job: PurifyJob, poison_key: str, store: ArtifactStore, staged: StagedArtifact) -> dict[str, Any]:
     """Purify every row of ``poison_key`` into ``staged`` through Ray Data (a ``rank_by_energy`` defense: its
     ranking pass and the selected rows, the selection recorded beside them); the build result."""
-    stats = purify_parquet(store.imageset_path(poison_key), staged.uri, job.defense, seed=job.seed,
+    stats = purify_parquet(store.imageset_path(poison_key, verify=True), staged.uri, job.defense, seed=job.seed,
                            ray_cfg=job.pipeline, store_uri=store.uri)
     counts = {"rows_purified": float(stats.images), "rows_reused": 0.0}
     if stats.selected_ids is not None:
@@ -381,6 +382,7 @@ def assemble_purified(job: PurifyJob, poison_key: str, clean_key: str, clean_pur
     del clean
     todo, reuse = changed, ~changed
     if job.defense.rank_by_energy:
+        # the poison set's files were verified by get_imageset just above
         select = energy_selection(store.imageset_path(poison_key), job.defense, job.pipeline, store.uri)
         stage_selection(store, staged, select)
         selected = np.isin(poisoned.ids, select)
@@ -417,7 +419,7 @@ def read_selection(store: ArtifactStore, purified_key: str, poison_key: str, job
     the record, its ranking of ``poison_key`` again."""
     if SELECTION_JSON in store.manifest(purified_key).get("files", {}):
         return np.asarray(json.loads(store.read_bytes(purified_key, SELECTION_JSON)), dtype=np.int64)
-    return energy_selection(store.imageset_path(poison_key), job.defense, job.pipeline, store.uri)
+    return energy_selection(store.imageset_path(poison_key, verify=True), job.defense, job.pipeline, store.uri)
 
 
 def _assembled_timings(clean: dict[str, Any], spent: float, rows: int) -> dict[str, float]:

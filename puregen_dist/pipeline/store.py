@@ -10,6 +10,7 @@ Layout under the store root (a local directory, an NFS path or any ``pyarrow.fs`
     <root>/<key>/                 payload files (images.parquet, or model.safetensors + config.json, ...)
     <root>/<key>/manifest.json    written last: a key EXISTS iff its manifest exists (the commit point)
     <root>/.tmp/<key>-<hex>/      staging directories of writes in progress (or of crashed writes)
+    <root>/.corrupt/<key>-<hex>/  artifacts that failed their checksums, moved aside (``gc`` removes them)
 
 A write stages its files under ``.tmp``, moves the staging directory to ``<root>/<key>/`` with ``fs.move``
 (an atomic rename on local disks and NFS; object stores without directory rename fall back to per-file
@@ -19,6 +20,15 @@ key replaces the incomplete directory, and :meth:`ArtifactStore.gc` removes the 
 at a time is assumed (the sweep planner materialises each key once); a writer that finds the key already
 committed keeps the existing artifact and discards its own copy.
 
+Integrity: the manifest records each file's size and SHA-256. Reads verify them (``get_imageset``, ``get_dir``,
+``read_bytes``; a remote download hashes while it streams) and :meth:`ArtifactStore.reusable` -- what builders and
+the sweep planner ask before skipping a build -- verifies a cached artifact before it is reused. A file that does not
+match is never used: its artifact is moved to ``.corrupt/`` (uncommitted), with a warning naming the key and the
+file, and the next request rebuilds it (a read raises :class:`CorruptArtifactError`, which says so).
+
+A write that runs out of space (no space left on the device, a quota, a file-size limit) raises
+:class:`StoreSpaceError` naming the file; the staging directory is removed, so nothing is left under the key.
+
 This module may import pyarrow, never ray or mlflow.
 """
 
@@ -27,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import errno
 import hashlib
 import io
 import json
@@ -38,6 +49,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -60,6 +72,8 @@ ROWS_PER_FILE = 4096
 """Rows per Parquet file of a stored image set (Ray Data reads one file per task)."""
 ROWS_PER_GROUP = 1024
 TMP_DIR = ".tmp"
+CORRUPT_DIR = ".corrupt"
+NOT_COMMITTED = "not committed"
 STORE_FORMAT = 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # artifact kinds
 KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-[0-9a-f]{16}")  # what artifact_key returns
@@ -70,6 +84,42 @@ _BUILD_RESULT_KEYS = frozenset({"rows", "timings", "stats"})
 
 class StoreError(UserInputError):
     """A missing, incomplete or corrupt artifact, or an unusable store URI (exit code 2 in the CLI)."""
+
+
+class CorruptArtifactError(StoreError):
+    """A committed artifact's file is missing or does not match its manifest's size and SHA-256. The artifact
+    was moved aside (``<root>/.corrupt/``) and not used; the next request for the key rebuilds it."""
+
+
+class StoreSpaceError(StoreError):
+    """A write into the store failed for lack of space (ENOSPC, EDQUOT) or a file-size limit (EFBIG); the
+    partial files were removed and nothing was stored under the key."""
+
+
+_SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large (a file-size limit such as `ulimit -f`, or the filesystem's maximum)"}
+_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def space_problem(exc: BaseException) -> str | None:
+    """What ran out when ``exc`` (or an exception it was raised from, or wraps: a Ray task error's ``cause``)
+    is a write failing for lack of space or a file-size limit, e.g. ``"no space left on device"``; else None.
+    Exceptions that only carry the text (a remote worker's, re-raised by Ray) are recognised by it."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _SPACE_ERRNOS:
+            return _SPACE_ERRNOS[current.errno]
+        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    text = str(exc)
+    for code, needle in zip(_SPACE_ERRNOS, _SPACE_TEXTS, strict=True):
+        if needle in text:
+            return _SPACE_ERRNOS[code]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- keys
@@ -256,6 +306,78 @@ class ArtifactStore:
         """True iff ``key`` is committed (its ``manifest.json`` exists)."""
         return self._type(self._p(self._check_key(key), MANIFEST)) == pafs.FileType.File
 
+    def check(self, key: str, *, deep: bool | None = None) -> str | None:
+        """None when ``key`` is committed and every file its manifest lists is there with the recorded size and
+        (``deep``) SHA-256; else what is wrong: :data:`NOT_COMMITTED`, a corrupt manifest, a missing or corrupt
+        file. ``deep`` defaults to hashing on local stores and to sizes only on remote ones (where hashing
+        would download everything; their reads verify while they download)."""
+        if not self.exists(key):
+            return NOT_COMMITTED
+        try:
+            manifest = self.manifest(key)
+        except StoreError as exc:
+            return str(exc)
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            return f"its manifest {self._uri_of(self._p(key, MANIFEST))} lists no files"
+        deep = self.local if deep is None else deep
+        for name, expected in sorted(files.items()):
+            path = self._p(key, name)
+            if deep:
+                try:
+                    got = self._hash_file(path)
+                except FileNotFoundError:
+                    return f"file {name} is missing"
+                problem = _digest_problem(name, got, expected)
+            else:
+                info = self.fs.get_file_info(path)
+                if info.type != pafs.FileType.File:
+                    return f"file {name} is missing"
+                problem = _digest_problem(name, {"bytes": info.size, "sha256": None}, expected)
+            if problem:
+                return problem
+        return None
+
+    def intact(self, key: str) -> bool:
+        """True iff ``key`` is committed and passes :meth:`check` (a corrupt one is logged, left in place)."""
+        problem = self.check(key)
+        if problem not in (None, NOT_COMMITTED):
+            log.warning("artifact %s in store %s is corrupt: %s (it is rebuilt when next needed)", key, self.uri,
+                        problem)
+        return problem is None
+
+    def reusable(self, key: str) -> bool:
+        """True iff ``key`` is committed and intact (:meth:`check`), so a builder may skip building it. A corrupt
+        artifact is moved aside (:meth:`quarantine`) and False returned: the caller rebuilds it."""
+        problem = self.check(key)
+        if problem is None:
+            return True
+        if problem != NOT_COMMITTED:
+            self.quarantine(key, problem)
+        return False
+
+    def quarantine(self, key: str, reason: str) -> str | None:
+        """Move the corrupt artifact ``key`` to ``<root>/.corrupt/<key>-<hex>`` (uncommitting it: the manifest
+        goes with it, first on stores that copy) with a warning naming ``reason``; returns where it went (None
+        when another process moved or removed it first). ``gc`` removes quarantined artifacts."""
+        src, dest = self._p(self._check_key(key)), self._p(CORRUPT_DIR, f"{key}-{uuid.uuid4().hex[:12]}")
+        try:
+            self.fs.create_dir(self._p(CORRUPT_DIR), recursive=True)
+            if not self.local:  # per-file copies: uncommit before anything else
+                with suppress(FileNotFoundError):
+                    self.fs.delete_file(self._p(key, MANIFEST))
+            self._move_dir(src, dest)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # at least uncommit it, so it is rebuilt rather than used
+            log.warning("could not move corrupt artifact %s aside (%s); removing its manifest", key, exc)
+            with suppress(OSError):
+                self.fs.delete_file(self._p(key, MANIFEST))
+            return None
+        log.warning("artifact %s in store %s is corrupt (%s): not used, moved to %s; it is rebuilt when next "
+                    "needed", key, self.uri, reason, self._uri_of(dest))
+        return self._uri_of(dest)
+
     def manifest(self, key: str) -> dict[str, Any]:
         """The manifest of ``key``; StoreError naming the key when it is missing or unreadable."""
         path = self._p(self._check_key(key), MANIFEST)
@@ -286,14 +408,20 @@ class ArtifactStore:
         return sorted(i.base_name for i in infos
                       if i.type == pafs.FileType.Directory and KEY_RE.fullmatch(i.base_name))
 
-    def imageset_path(self, key: str, *, uri: bool = True) -> str:
+    def imageset_path(self, key: str, *, uri: bool = True, verify: bool = False) -> str:
         """Where the Parquet data of image set ``key`` lives, for Ray Data to read.
 
         The single ``.parquet`` file of the artifact, or the artifact directory when it holds several (e.g.
         as written by Ray's ``write_parquet``; readers must then only take ``*.parquet``). ``uri=True`` gives
-        a full URI (a plain path for local stores); ``uri=False`` the path inside ``store.fs``.
+        a full URI (a plain path for local stores); ``uri=False`` the path inside ``store.fs``. ``verify=True``
+        first checks the files' SHA-256 (:class:`CorruptArtifactError` when one differs): Ray Data reads the
+        files itself, unverified.
         """
-        names = self._parquet_files(key, self.manifest(key))
+        manifest = self.manifest(key)
+        names = self._parquet_files(key, manifest)
+        if verify:
+            for name, expected in sorted(manifest["files"].items()):
+                self._verify_present(key, name, expected)
         path = self._p(key, names[0]) if len(names) == 1 else self._p(key)
         return self._uri_of(path) if uri else path
 
@@ -309,8 +437,38 @@ class ArtifactStore:
     def begin(self, key: str) -> StagedArtifact:
         """A fresh staging directory ``<root>/.tmp/<key>-<hex>/`` for a write of ``key``."""
         path = self._p(TMP_DIR, f"{self._check_key(key)}-{uuid.uuid4().hex[:12]}")
-        self.fs.create_dir(path, recursive=True)
+        with self._writing(key, path):
+            self.fs.create_dir(path, recursive=True)
         return StagedArtifact(key=key, path=path, uri=self._uri_of(path))
+
+    @contextmanager
+    def _writing(self, key: str, path: str) -> Iterator[None]:
+        """Turn a write failing for lack of space inside the block into :class:`StoreSpaceError` naming ``path``
+        (the callers remove the staging directory)."""
+        try:
+            yield
+        except StoreSpaceError:
+            raise
+        except Exception as exc:
+            problem = space_problem(exc)
+            if problem is None:
+                raise
+            raise self._space_error(key, path, problem) from exc
+
+    def _space_error(self, key: str, path: str, problem: str) -> StoreSpaceError:
+        return StoreSpaceError(f"artifact {key!r}: writing {self._uri_of(path)} failed: {problem}. Nothing was "
+                               f"stored under the key (the partial files were removed); free space in {self.uri} "
+                               "(or raise the quota or file-size limit) and run the command again")
+
+    def _fail_write(self, staged: StagedArtifact, exc: BaseException) -> None:
+        """After a failed write of ``staged``: remove the staging directory, and raise :class:`StoreSpaceError`
+        instead of ``exc`` when it was for lack of space (else return: the caller re-raises ``exc``)."""
+        self.abort(staged)
+        if isinstance(exc, StoreSpaceError) or not isinstance(exc, Exception):
+            return
+        problem = space_problem(exc)
+        if problem is not None:
+            raise self._space_error(staged.key, staged.path, problem) from exc
 
     def abort(self, staged: StagedArtifact) -> None:
         """Remove a staging directory (best effort; :meth:`gc` catches what this misses)."""
@@ -335,7 +493,8 @@ class ArtifactStore:
         starts = range(0, max(len(data), 1), ROWS_PER_FILE)
         for index, start in enumerate(starts):
             name = IMAGESET_FILE if len(starts) == 1 else f"images-{index:05d}.parquet"
-            with self.fs.open_output_stream(f"{staged.path}/{name}") as out:
+            path = f"{staged.path}/{name}"
+            with self._writing(staged.key, path), self.fs.open_output_stream(path) as out:
                 writer = _HashingWriter(out)
                 pq.write_table(table.slice(start, ROWS_PER_FILE), writer, compression="zstd",
                                row_group_size=ROWS_PER_GROUP)
@@ -346,17 +505,26 @@ class ArtifactStore:
         """Write ``payload`` as file ``name`` (no subdirectories) into ``staged``."""
         if "/" in name or name == MANIFEST:
             raise ValueError(f"invalid artifact file name {name!r}")
-        with self.fs.open_output_stream(f"{staged.path}/{name}") as out:
+        path = f"{staged.path}/{name}"
+        with self._writing(staged.key, path), self.fs.open_output_stream(path) as out:
             writer = _HashingWriter(out)
             writer.write(payload)
         staged.checksums[name] = writer.digest()
 
     def read_bytes(self, key: str, name: str) -> bytes:
-        """The content of file ``name`` of the committed artifact ``key``."""
-        if name not in self.manifest(key).get("files", {}):
+        """The content of file ``name`` of the committed artifact ``key``, checked against its manifest's size
+        and SHA-256 (:class:`CorruptArtifactError` when it differs or is missing)."""
+        expected = self.manifest(key).get("files", {}).get(name)
+        if expected is None:
             raise StoreError(f"artifact {key!r} in store {self.uri} has no file {name!r}")
-        with self.fs.open_input_stream(self._p(key, name)) as src:
-            return src.read()
+        try:
+            with self.fs.open_input_stream(self._p(key, name)) as src:
+                payload = src.read()
+        except FileNotFoundError:
+            raise self._corrupt(key, f"file {name} is missing") from None
+        got = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        self._check_digest(key, name, got, expected)
+        return payload
 
     def stage_dir(self, staged: StagedArtifact, local_dir: str | os.PathLike[str]) -> int:
         """Copy every file under the local directory ``local_dir`` into ``staged``; returns the file count."""
@@ -369,11 +537,12 @@ class ArtifactStore:
             if rel == MANIFEST:
                 raise StoreError(f"{file}: {MANIFEST!r} is reserved for the store's manifest")
             dest = f"{staged.path}/{rel}"
-            if "/" in rel:
-                self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-            with open(file, "rb") as f, self.fs.open_output_stream(dest) as out:
-                writer = _HashingWriter(out)
-                shutil.copyfileobj(f, writer, _CHUNK)
+            with self._writing(staged.key, dest):
+                if "/" in rel:
+                    self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+                with open(file, "rb") as f, self.fs.open_output_stream(dest) as out:
+                    writer = _HashingWriter(out)
+                    shutil.copyfileobj(f, writer, _CHUNK)
             staged.checksums[rel] = writer.digest()
         return len(files)
 
@@ -392,8 +561,8 @@ class ArtifactStore:
             files = self._checksums(staged)
             manifest = self._new_manifest(staged.key, kind, config, inputs, rows, timings, files, stats)
             return self._publish(staged, manifest)
-        except Exception:
-            self.abort(staged)
+        except Exception as exc:
+            self._fail_write(staged, exc)
             raise
 
     def _checksums(self, staged: StagedArtifact) -> dict[str, dict[str, Any]]:
@@ -433,10 +602,12 @@ class ArtifactStore:
 
     def _publish(self, staged: StagedArtifact, manifest: dict[str, Any]) -> dict[str, Any]:
         key, dest = staged.key, self._p(staged.key)
-        if self.exists(key):
+        if self.exists(key) and self.check(key) is None:
             log.info("artifact %s was committed meanwhile; discarding this copy", key)
             self.abort(staged)
             return self.manifest(key)
+        if self.exists(key):  # committed but corrupt: set aside, replaced by this copy
+            self.quarantine(key, self.check(key) or "corrupt")
         if self._type(dest) != pafs.FileType.NotFound:
             log.warning("replacing incomplete artifact dir %s (no manifest: a crashed write)",
                         self._uri_of(dest))
@@ -470,9 +641,14 @@ class ArtifactStore:
     def _write_manifest(self, key: str, manifest: Mapping[str, Any]) -> None:
         """Write the manifest under a temporary name, then move it into place: the commit point."""
         tmp = self._p(TMP_DIR, f"{key}-{uuid.uuid4().hex[:12]}.{MANIFEST}")
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-        self.fs.move(tmp, self._p(key, MANIFEST))
+        try:
+            with self._writing(key, tmp), self.fs.open_output_stream(tmp) as out:
+                out.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+            self.fs.move(tmp, self._p(key, MANIFEST))
+        except BaseException:
+            with suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise
 
     # ------------------------------------------------------------------------------------------- put / get
 
@@ -482,21 +658,22 @@ class ArtifactStore:
         """Store ``data`` (N images) as Parquet (see :meth:`stage_imageset`); returns the manifest (the
         existing one if ``key`` is already committed: content-addressed, so the same content)."""
         self._expect_key(key, kind, config, inputs)
-        if self.exists(key):
+        if self.reusable(key):
             return self.manifest(key)
         staged = self.begin(key)
         try:
             rows = self.stage_imageset(staged, data, poisoned_ids)
-        except Exception:
-            self.abort(staged)
+        except Exception as exc:
+            self._fail_write(staged, exc)
             raise
         return self.commit(staged, kind=kind, config=config, inputs=inputs, rows=rows, timings=timings)
 
-    def get_imageset(self, key: str, *, verify: bool = False) -> tuple[ImageSet, np.ndarray]:
+    def get_imageset(self, key: str, *, verify: bool = True) -> tuple[ImageSet, np.ndarray]:
         """(ImageSet, poisoned flags (N,) bool) of image set ``key``, sorted by id (Ray Data writes blocks in
         completion order, across files and within one file), read through ``store.fs`` by
-        :func:`~puregen_dist.data.io.read_imageset`. ``verify=True`` first checks every file's sha256 against
-        the manifest (on a remote store that reads the files twice)."""
+        :func:`~puregen_dist.data.io.read_imageset`. ``verify`` (default) first checks every file's sha256
+        against the manifest (:class:`CorruptArtifactError` when one differs; on a remote store that reads the
+        files twice)."""
         manifest = self.manifest(key)
         names = self._parquet_files(key, manifest)
         if verify:
@@ -517,17 +694,22 @@ class ArtifactStore:
         try:
             self._verify(key, name, expected)
         except FileNotFoundError:
-            raise StoreError(f"artifact {key!r} in store {self.uri}: file {name} is missing") from None
+            raise self._corrupt(key, f"file {name} is missing") from None
 
     def _verify(self, key: str, name: str, expected: Mapping[str, Any]) -> None:
         self._check_digest(key, name, self._hash_file(self._p(key, name)), expected)
 
     def _check_digest(self, key: str, name: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-        if got["bytes"] != expected["bytes"] or got["sha256"] != expected["sha256"]:
-            raise StoreError(f"artifact {key!r} in store {self.uri}: {name} is corrupt "
-                             f"(sha256 {got['sha256'][:12]}, {got['bytes']} bytes; manifest says "
-                             f"{expected['sha256'][:12]}, {expected['bytes']} bytes); remove it with "
-                             f"`puregen-dist artifacts rm {key}` and rebuild")
+        problem = _digest_problem(name, got, expected)
+        if problem:
+            raise self._corrupt(key, problem)
+
+    def _corrupt(self, key: str, problem: str) -> CorruptArtifactError:
+        """Quarantine ``key`` (:meth:`quarantine`) and the error that says so."""
+        where = self.quarantine(key, problem)
+        moved = f"moved to {where}" if where else "no longer in the store"
+        return CorruptArtifactError(f"artifact {key!r} in store {self.uri}: {problem}. It was not used ({moved}); "
+                                    "the next `puregen-dist sweep` or stage command that needs it rebuilds it")
 
     def _download(self, key: str, name: str, local: Path, expected: Mapping[str, Any] | None) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -536,7 +718,7 @@ class ArtifactStore:
                 writer = _HashingWriter(dst)
                 shutil.copyfileobj(src, writer, _CHUNK)
         except FileNotFoundError:
-            raise StoreError(f"artifact {key!r} in store {self.uri}: file {name} is missing") from None
+            raise self._corrupt(key, f"file {name} is missing") from None
         if expected is not None:
             self._check_digest(key, name, writer.digest(), expected)
 
@@ -545,29 +727,30 @@ class ArtifactStore:
         """Store every file under ``local_dir`` (e.g. a model dir: model.safetensors + config.json); returns
         the manifest (the existing one if ``key`` is already committed)."""
         self._expect_key(key, kind, config, inputs)
-        if self.exists(key):
+        if self.reusable(key):
             return self.manifest(key)
         staged = self.begin(key)
         try:
             self.stage_dir(staged, local_dir)
-        except Exception:
-            self.abort(staged)
+        except Exception as exc:
+            self._fail_write(staged, exc)
             raise
         return self.commit(staged, kind=kind, config=config, inputs=inputs, timings=timings)
 
     def get_dir(self, key: str, local_dir: str | os.PathLike[str] | None = None, *,
-                verify: bool = False) -> Path:
+                verify: bool = True) -> Path:
         """A local directory holding the files of ``key``.
 
         Local stores return ``<root>/<key>`` itself (treat it as read-only; it also holds ``manifest.json``).
         Remote stores download the files into ``local_dir`` (a fresh temporary directory, owned by the caller,
-        when None). ``verify=True`` checks sha256 checksums.
+        when None). ``verify`` (default) checks sha256 checksums (:class:`CorruptArtifactError` when one
+        differs; a download hashes while it streams).
         """
         manifest = self.manifest(key)
         if self.local:
             if verify:
-                for name, expected in manifest["files"].items():
-                    self._verify(key, name, expected)
+                for name, expected in sorted(manifest["files"].items()):
+                    self._verify_present(key, name, expected)
             return Path(self._p(key))
         target = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix=f"{key}-"))
         for name, expected in sorted(manifest["files"].items()):
@@ -582,16 +765,18 @@ class ArtifactStore:
         ``build(staged)`` writes the payload into ``staged.path`` (through ``store.fs``, or with
         ``store.stage_imageset`` / ``store.stage_dir``) and returns None or
         ``{"rows": int, "timings": {...}, "stats": {...}}`` (stats: numbers describing the result).
-        The build time is recorded as ``timings["build_s"]``. A failing build leaves nothing behind.
+        The build time is recorded as ``timings["build_s"]``. A failing build leaves nothing behind (a build
+        that ran out of space: :class:`StoreSpaceError`). A committed artifact that fails its checksums is moved
+        aside and rebuilt (:meth:`reusable`).
         """
         self._expect_key(key, kind, config, inputs)
-        if self.exists(key):
+        if self.reusable(key):
             return self.manifest(key), False
         staged, start = self.begin(key), time.perf_counter()
         try:
             result = dict(build(staged) or {})
-        except Exception:
-            self.abort(staged)
+        except Exception as exc:
+            self._fail_write(staged, exc)
             raise
         unknown = set(result) - _BUILD_RESULT_KEYS
         if unknown:
@@ -616,8 +801,8 @@ class ArtifactStore:
         log.info("removed artifact %s", key)
 
     def gc(self, older_than_s: float = 0.0) -> list[str]:
-        """Remove staging leftovers (``.tmp/*``) and key directories without a manifest; returns their
-        names relative to the root. Entries younger than ``older_than_s`` seconds (by mtime) are kept, so a
+        """Remove staging leftovers (``.tmp/*``), quarantined corrupt artifacts (``.corrupt/*``) and key
+        directories without a manifest; returns their names relative to the root. Entries younger than ``older_than_s`` seconds (by mtime) are kept, so a
         gc with a margin is safe next to running writers; the default 0 assumes no writer is active."""
         removed = []
         for name in self._gc_candidates():
@@ -634,10 +819,11 @@ class ArtifactStore:
         return removed
 
     def _gc_candidates(self) -> Iterator[str]:
-        tmp = self._p(TMP_DIR)
-        if self._type(tmp) == pafs.FileType.Directory:
-            for info in self.fs.get_file_info(pafs.FileSelector(tmp, recursive=False)):
-                yield f"{TMP_DIR}/{info.base_name}"
+        for special in (TMP_DIR, CORRUPT_DIR):
+            tmp = self._p(special)
+            if self._type(tmp) == pafs.FileType.Directory:
+                for info in self.fs.get_file_info(pafs.FileSelector(tmp, recursive=False)):
+                    yield f"{special}/{info.base_name}"
         for key in self._key_dirs():
             if not self.exists(key):
                 yield key
@@ -651,10 +837,21 @@ class ArtifactStore:
         return time.time() - max(stamps) if stamps else 0.0
 
 
+def _digest_problem(name: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+    """None when ``got`` matches ``expected`` (``{"bytes", "sha256"}``; a None sha256 in ``got`` checks the size
+    only), else what differs, naming file ``name``."""
+    if got["bytes"] != expected.get("bytes"):
+        return f"file {name} has {got['bytes']} bytes, its manifest says {expected.get('bytes')}"
+    if got["sha256"] is not None and got["sha256"] != expected.get("sha256"):
+        return (f"file {name} is corrupt (sha256 {got['sha256'][:12]}..., its manifest says "
+                f"{str(expected.get('sha256'))[:12]}...)")
+    return None
+
+
 def total_bytes(manifest: Mapping[str, Any]) -> int:
     """Sum of the payload file sizes recorded in ``manifest``."""
     return int(sum(f.get("bytes", 0) for f in manifest.get("files", {}).values()))
 
 
-__all__ = ["ArtifactStore", "StagedArtifact", "StoreError", "artifact_key", "canonical_json", "total_bytes",
-           "MANIFEST", "IMAGESET_FILE"]
+__all__ = ["ArtifactStore", "CorruptArtifactError", "StagedArtifact", "StoreError", "StoreSpaceError", "artifact_key",
+           "canonical_json", "space_problem", "total_bytes", "MANIFEST", "IMAGESET_FILE"]

@@ -2,12 +2,16 @@
 poison sets, purified sets), which of them the store already holds, and the trials.
 
 Keys are computed from configs alone (nothing is loaded or built here), with the same functions the stages
-use, so a plan's "cached" is exactly what the build will skip.
+use, so a plan's "cached" is exactly what the build will skip. "Cached" means committed and intact
+(``ArtifactStore.intact``: checksums on a local store, sizes on a remote one): a corrupt artifact is planned as a
+build, which sets it aside and rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,13 +98,14 @@ def purify_job_of(cell: Cell, sweep: Sweep) -> PurifyJob:
 def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
     """The unique artifacts per stage (first-use order) and one trial per cell. A model that no cell references
     (a ``--set`` that narrows the space, say) is not planned: nothing would use it."""
+    intact = functools.cache(store.intact)  # each artifact's checksums once, however many cells share it
     models: dict[str, ArtifactPlan] = {}
     keys = sweep.model_keys()
     used = {ref for cell in sweep.cells for ref in used_models(cell.config).values()}
     for name, job in sweep.models.items():
         if keys[name] not in used:
             continue
-        models.setdefault(keys[name], ArtifactPlan("model", keys[name], store.exists(keys[name]),
+        models.setdefault(keys[name], ArtifactPlan("model", keys[name], intact(keys[name]),
                                                    _with_store(job, store), _model_label(name, job),
                                                    reference_for_key(keys[name])))
     poisons: dict[str, ArtifactPlan] = {}
@@ -109,29 +114,29 @@ def plan_sweep(sweep: Sweep, store: ArtifactStore) -> SweepPlan:
     for cell in sweep.cells:
         job = purify_job_of(cell, sweep)
         poison_key, _ = poison_artifact(job)
-        poisons.setdefault(poison_key, ArtifactPlan("poison", poison_key, store.exists(poison_key), job,
+        poisons.setdefault(poison_key, ArtifactPlan("poison", poison_key, intact(poison_key), job,
                                                     f"{cell.col} seed={cell.config.seed}{_target(cell)}"))
         train_key = poison_key
         if cell.config.defense.pipeline != "none":
             train_key, _ = purified_artifact(job, poison_key)
-            cached = store.exists(train_key)
+            cached = intact(train_key)
             if not cached and (clean_job := clean_source(job)) is not None:
-                _plan_clean_rows(clean_job, cell, store, poisons, purified)
+                _plan_clean_rows(clean_job, cell, intact, poisons, purified)
             purified.setdefault(train_key, ArtifactPlan("purified", train_key, cached, job,
                                                         f"{cell.row} on {poison_key}", source=poison_key))
         trials.append(TrialPlan(cell, poison_key, train_key, used_models(cell.config)))
     return SweepPlan(sweep, list(models.values()), list(poisons.values()), list(purified.values()), trials)
 
 
-def _plan_clean_rows(clean_job: PurifyJob, cell: Cell, store: ArtifactStore, poisons: dict[str, ArtifactPlan],
-                     purified: dict[str, ArtifactPlan]) -> None:
+def _plan_clean_rows(clean_job: PurifyJob, cell: Cell, intact: Callable[[str], bool],
+                     poisons: dict[str, ArtifactPlan], purified: dict[str, ArtifactPlan]) -> None:
     """Plan the clean training set and its purified set, ahead of a poisoned set that reuses its purified
     clean rows (:func:`~puregen_dist.pipeline.stages.purify_stage`)."""
     clean_key, _ = poison_artifact(clean_job)
-    poisons.setdefault(clean_key, ArtifactPlan("poison", clean_key, store.exists(clean_key), clean_job,
+    poisons.setdefault(clean_key, ArtifactPlan("poison", clean_key, intact(clean_key), clean_job,
                                                f"none seed={cell.config.seed} (clean rows)"))
     key, _ = purified_artifact(clean_job, clean_key)
-    purified.setdefault(key, ArtifactPlan("purified", key, store.exists(key), clean_job,
+    purified.setdefault(key, ArtifactPlan("purified", key, intact(key), clean_job,
                                           f"{cell.row} on {clean_key} (clean rows, shared)", source=clean_key))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,11 +27,14 @@ from puregen_dist.protocols import Tracker, TrainHook
 from puregen_dist.sweep.floors import store_clean_model
 from puregen_dist.sweep.plan import TrialPlan
 from puregen_dist.tracking.names import AttackKind, Metric, Tag, definition_tag
-from puregen_dist.tracking.reader import finished_cells  # re-exported: resume's view of MLflow
+from puregen_dist.tracking.reader import finished_cells, iter_runs  # finished_cells: resume's view of MLflow
 
 log = logging.getLogger(__name__)
 
 FINISHED = "FINISHED"
+LOST = "KILLED"
+"""The status given to a run whose attempt died without ending it (see :func:`close_lost_attempts`)."""
+_CELL_ID = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def trial_spec(trial: TrialPlan, *, sweep: str, store_uri: str, tracking_uri: str,
@@ -120,11 +124,62 @@ def node_tags() -> dict[str, str]:
             "ray_node_ip": ray.util.get_node_ip_address()}
 
 
+def close_lost_attempts(tracking_uri: str, experiment_id: str, cell_id: str, current_run_id: str) -> list[str]:
+    """End as KILLED the runs of ``cell_id`` still RUNNING that started before ``current_run_id``: attempts whose
+    process died (a SIGKILLed or OOM-killed worker, a lost node, a killed driver) before they could end their run,
+    now superseded by this attempt. A sweep runs one trial per cell, and Tune retries it only after the previous
+    attempt died, so no live attempt is touched. Each gets the tags ``error`` and ``superseded_by``; returns their
+    run ids."""
+    from mlflow.tracking import MlflowClient
+
+    if not _CELL_ID.fullmatch(cell_id):
+        return []
+    client = MlflowClient(tracking_uri)
+    start = client.get_run(current_run_id).info.start_time
+    query = f"attributes.status = 'RUNNING' AND tags.`{Tag.CELL_ID}` = '{cell_id}'"
+    lost = [run.info.run_id for run in iter_runs(client, experiment_id, query)
+            if run.info.run_id != current_run_id and run.info.start_time <= start]
+    for run_id in lost:
+        client.set_tag(run_id, "error", "attempt lost: its process died before it ended this run (a killed worker "
+                                        f"or a lost node); the cell was run again as run {current_run_id}")
+        client.set_tag(run_id, "superseded_by", current_run_id)
+        client.set_terminated(run_id, status=LOST)
+    if lost:
+        log.warning("cell %s: ended %d lost attempt(s) as %s: %s", cell_id, len(lost), LOST, ", ".join(lost))
+    return lost
+
+
+def close_orphaned_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> list[str]:
+    """End as KILLED the child runs of ``parent_run_id`` still RUNNING, once the invocation's trials are over
+    (``tuner.fit()`` returned, so none of them is alive): attempts whose process died and whose cell was not
+    retried (``max_failures`` exhausted). Returns their run ids. (A later sweep that runs their cells again ends
+    them too: :func:`close_lost_attempts`.)"""
+    from mlflow.tracking import MlflowClient
+
+    from puregen_dist.tracking.reader import check_run_id
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = f"attributes.status = 'RUNNING' AND tags.`{Tag.PARENT_RUN_ID}` = '{check_run_id(parent_run_id)}'"
+    orphans = [run.info.run_id for run in iter_runs(client, found.experiment_id, query)]
+    for run_id in orphans:
+        client.set_tag(run_id, "error", "attempt lost: its process died before it ended this run, and the cell "
+                                        "was not retried (max_failures exhausted)")
+        client.set_terminated(run_id, status=LOST)
+    if orphans:
+        log.warning("ended %d run(s) of dead attempts as %s: %s", len(orphans), LOST, ", ".join(orphans))
+    return orphans
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one cell, one MLflow child run (FINISHED, or FAILED with the error).
 
     Idempotent: a cell that already has a finished child run in the sweep's experiment is not run again
-    (a restored Tune experiment or a re-run sweep never duplicates a result).
+    (a restored Tune experiment or a re-run sweep never duplicates a result). A retried attempt (the previous
+    one's worker was killed or its node lost) ends the dead attempt's run as KILLED (:func:`close_lost_attempts`),
+    so a cell has one FINISHED run and none left RUNNING.
     """
     from ray import tune
 
@@ -143,6 +198,12 @@ def run_trial(config: dict[str, Any]) -> None:
     tracker = MLflowTracker(spec["tracking_uri"], cfg.tracking.experiment,
                             run_name=f"{spec['row']} | {spec['col']} | {cfg.classifier.name} | seed {cfg.seed}",
                             parent_run_id=spec["parent_run_id"], tags={Tag.CELL_ID: spec["cell_id"], **node_tags()})
+    try:
+        lost = close_lost_attempts(spec["tracking_uri"], tracker.experiment_id, spec["cell_id"], tracker.run_id)
+        if lost:
+            tracker.set_tags({"retry_of": ",".join(lost)})
+    except Exception as exc:  # bookkeeping only: never fail the attempt for it
+        log.warning("cell %s: could not end lost attempts: %s", spec["cell_id"], exc)
     try:
         metrics = execute_trial(spec, tracker, report=lambda m, step: tune.report({**m, "epoch": step}))
     except BaseException as exc:

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from puregen_dist.atomic import atomic_dir, atomic_file, atomic_write_text
+from puregen_dist.atomic import DiskFullError, atomic_dir, atomic_file, atomic_write_text
 
 
 class Crash(Exception):
@@ -118,3 +122,47 @@ def test_a_failing_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="swap failed"), atomic_dir(target) as tmp:
         _fill(tmp, "v2")
     assert (target / "weights.bin").read_text() == "v1" and _names(tmp_path) == ["ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_is_a_disk_full_error_naming_the_target_and_leaves_the_old_content(tmp_path, monkeypatch):
+    path = atomic_write_text(tmp_path / "t.txt", "old")
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DiskFullError, match=f"writing {path} failed: no space left on device") as info:
+        atomic_write_text(path, "new")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_text() == "old" and _names(tmp_path) == ["t.txt"]
+    monkeypatch.undo()
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        _fill(tmp, "v1")
+    with pytest.raises(DiskFullError, match="disk quota exceeded"), atomic_dir(target) as tmp:
+        _fill(tmp, "v2")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert (target / "weights.bin").read_text() == "v1" and _names(tmp_path) == ["ckpt", "t.txt"]
+
+
+def test_a_file_size_limit_hit_for_real_leaves_no_partial_file(tmp_path):
+    """RLIMIT_FSIZE in a child process (SIGXFSZ ignored): the write itself fails with EFBIG."""
+    script = f"""
+import json, resource, signal, sys
+from puregen_dist.atomic import DiskFullError, atomic_file, atomic_write_text
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+atomic_write_text({str(tmp_path / "t.txt")!r}, "old")
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    with atomic_file({str(tmp_path / "t.txt")!r}) as handle:
+        handle.write(b"x" * 100_000)
+except DiskFullError as exc:
+    print(json.dumps({{"errno": exc.errno, "message": str(exc)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["errno"] == errno.EFBIG and "file too large" in out["message"] and "t.txt" in out["message"]
+    assert (tmp_path / "t.txt").read_text() == "old" and _names(tmp_path) == ["t.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,8 +21,10 @@ from puregen_dist.pipeline.artifacts_cli import format_table, human_bytes, show
 from puregen_dist.pipeline.store import (
     MANIFEST,
     ArtifactStore,
+    CorruptArtifactError,
     StagedArtifact,
     StoreError,
+    StoreSpaceError,
     artifact_key,
     canonical_json,
 )
@@ -116,25 +119,143 @@ def test_second_put_is_a_cache_hit(store):
                               inputs=INPUTS) == first
 
 
-def test_verify_detects_a_corrupt_file(store, tmp_path):
-    key, _, _ = _put(store)
+def _flip(path: Path, offset: int = -20) -> None:
+    """Flip one bit of ``path`` in place (same size: only the checksum can tell)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_file_is_detected_never_used_set_aside_and_rebuilt(store, tmp_path):
+    key, data, manifest = _put(store)
     path = tmp_path / "store" / key / "images.parquet"
-    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(StoreError, match=f"{key}.*images.parquet is corrupt"):
-        store.get_imageset(key, verify=True)
+    _flip(path)
+    assert store.exists(key) and "images.parquet is corrupt" in store.check(key)
+    assert not store.intact(key) and store.exists(key)  # intact() only looks
+    with pytest.raises(CorruptArtifactError, match=f"{key}.*images.parquet is corrupt.*not used.*rebuilds it"):
+        store.get_imageset(key)  # verified by default
+    assert not store.exists(key) and not path.exists()  # uncommitted: moved aside whole
+    (aside,) = (tmp_path / "store" / ".corrupt").iterdir()
+    assert aside.name.startswith(key) and (aside / MANIFEST).is_file()
+    # the next request rebuilds it: the same bytes as before the corruption
+    _, _, rebuilt = _put(store)
+    assert rebuilt["files"] == manifest["files"] and store.check(key) is None
+    assert np.array_equal(store.get_imageset(key)[0].images, data.images)
+    assert store.gc() == [f".corrupt/{aside.name}"]
 
 
-def test_a_missing_or_unreadable_file_is_a_store_error_naming_key_and_file(store, tmp_path):
+def test_reusable_sets_a_corrupt_artifact_aside_so_get_or_build_rebuilds_it(store, tmp_path):
+    key, config = _key({"n": 1}, ()), {"n": 1}
+    calls = []
+
+    def build(staged):
+        calls.append(1)
+        store.stage_bytes(staged, "payload.bin", b"abc" * 100)
+
+    store.get_or_build(key, build, kind="purified", config=config)
+    _flip(tmp_path / "store" / key / "payload.bin")
+    assert store.get_or_build(key, build, kind="purified", config=config)[1] is True and len(calls) == 2
+    assert store.read_bytes(key, "payload.bin") == b"abc" * 100
+    (tmp_path / "store" / key / "payload.bin").write_bytes(b"abc")  # truncated
+    with pytest.raises(CorruptArtifactError, match="payload.bin has 3 bytes, its manifest says 300"):
+        store.read_bytes(key, "payload.bin")
+    assert not store.exists(key)
+
+
+def test_a_corrupt_manifest_or_a_missing_file_is_not_reused(store, tmp_path):
+    key, _, _ = _put(store)
+    (tmp_path / "store" / key / MANIFEST).write_text("{not json")
+    assert "corrupt manifest" in store.check(key) and not store.reusable(key) and not store.exists(key)
+    key, _, _ = _put(store)
+    (tmp_path / "store" / key / "images.parquet").unlink()
+    assert store.check(key) == "file images.parquet is missing"
+    with pytest.raises(CorruptArtifactError, match="file images.parquet is missing"):
+        store.get_imageset(key)
+
+
+def test_a_remote_store_checks_sizes_without_downloading(tmp_path):
+    remote = ArtifactStore(str(tmp_path / "bucket"), filesystem=pafs.PyFileSystem(ObjectStoreLike()))
+    key, _, _ = _put(remote)
+    path = tmp_path / "bucket" / key / "images.parquet"
+    _flip(path)
+    assert remote.check(key) is None  # same size: only a download (a read) can tell
+    assert "is corrupt" in remote.check(key, deep=True)
+    with pytest.raises(CorruptArtifactError, match="images.parquet is corrupt"):
+        remote.get_imageset(key)
+    assert not remote.exists(key)
+    key, _, _ = _put(remote)
+    path.write_bytes(b"x")
+    assert "has 1 bytes" in remote.check(key) and not remote.reusable(key) and not remote.exists(key)
+
+
+def test_an_unreadable_file_is_a_store_error_naming_key_and_file(store, tmp_path):
     key, _, _ = _put(store)
     path = tmp_path / "store" / key / "images.parquet"
     path.write_bytes(b"garbage")
     with pytest.raises(StoreError, match=f"{key}.*images.parquet: not a readable Parquet file"):
-        store.get_imageset(key)
+        store.get_imageset(key, verify=False)
     path.unlink()
     with pytest.raises(StoreError, match=f"{key}.*images.parquet: Parquet image set not found"):
-        store.get_imageset(key)
+        store.get_imageset(key, verify=False)
     with pytest.raises(StoreError, match=f"{key}.*file images.parquet is missing"):
-        store.get_imageset(key, verify=True)
+        store.get_imageset(key)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
+@pytest.mark.parametrize("where", ["payload", "manifest"])
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(store, tmp_path, monkeypatch, code, where):
+    """A write failing with ENOSPC / EFBIG (the payload's or the manifest's): StoreSpaceError naming the file
+    and the cause, no artifact under the key, no staging leftovers."""
+    from puregen_dist.pipeline import store as store_module
+
+    if where == "payload":
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(store_module._HashingWriter, "write", write)
+    else:
+        real_open = pafs.LocalFileSystem.open_output_stream
+
+        def open_output_stream(fs, path, *args, **kwargs):
+            if path.endswith(MANIFEST):
+                raise OSError(code, f"Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
+            return real_open(fs, path, *args, **kwargs)
+        monkeypatch.setattr(store, "fs", _Patched(store.fs, open_output_stream))
+    cause = "no space left on device" if code == errno.ENOSPC else "file too large"
+    name = "images.parquet" if where == "payload" else MANIFEST
+    with pytest.raises(StoreSpaceError, match=f"{_key()}.*: writing .*{name} failed: {cause}.*Nothing was stored"):
+        _put(store)
+    assert isinstance(StoreSpaceError("x"), UserInputError)  # exit code 2 in the CLI
+    assert not store.exists(_key()) and store.ls() == []
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [".tmp"]
+    assert not list((tmp_path / "store" / ".tmp").iterdir())
+
+
+class _Patched:
+    """``fs`` with ``open_output_stream`` replaced (pyarrow's filesystem methods are read-only)."""
+
+    def __init__(self, fs, open_output_stream):
+        self._fs, self._open = fs, open_output_stream
+
+    def open_output_stream(self, path, *args, **kwargs):
+        return self._open(self._fs, path, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+def test_space_problem_recognises_wrapped_and_textual_errors():
+    from puregen_dist.pipeline.store import space_problem
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("write task failed") from inner
+    except RuntimeError as outer:
+        assert space_problem(outer) == "no space left on device"
+    remote = RuntimeError("ray.exceptions.RayTaskError: OSError: [Errno 122] Disk quota exceeded")
+    assert space_problem(remote) == "disk quota exceeded"
+    assert space_problem(OSError(errno.EACCES, "Permission denied")) is None
 
 
 def test_commit_of_files_written_by_another_writer(store):
