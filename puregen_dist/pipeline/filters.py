@@ -39,7 +39,7 @@ def cached_detector(store: ArtifactStore, defense: Any, seed: int, poison_key: s
 
     cfg = defense.cfg.detector
     key, config = detector_key(defense.cfg, seed, poison_key)
-    if store.exists(key):
+    if store.reusable(key):  # a corrupt one is moved aside and trained again
         log.info("%s: detector in the store, reused", key)
         return load_classifier(store.get_dir(key), resolve_device(cfg.device))[0], key, False
     model = defense.fit_detector(data, seed=seed)

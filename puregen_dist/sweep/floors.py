@@ -52,7 +52,7 @@ def store_clean_model(store: ArtifactStore, cfg: ExperimentConfig, train_key: st
     from puregen_dist.classifiers.transfer import save_trained_classifier
 
     key, config = clean_model_key(cfg, train_key)
-    if store.exists(key):
+    if store.reusable(key):  # a corrupt one is moved aside and committed again
         return key
     with tempfile.TemporaryDirectory() as tmp:
         directory = save_trained_classifier(f"{tmp}/model", model, name=cfg.classifier.name,
@@ -104,7 +104,7 @@ def log_floors(trials: Iterable[TrialPlan], store: ArtifactStore, tracking_uri: 
         if any(name.startswith(Metric.FLOOR_PREFIX) for name in logged):
             continue
         key, _ = clean_model_key(reference.cell.config, reference.train_key)
-        if not store.exists(key):
+        if not store.reusable(key):
             continue
         if key not in models:
             models[key] = load_classifier(store.get_dir(key))[0]

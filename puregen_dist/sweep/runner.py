@@ -41,7 +41,7 @@ from puregen_dist.sweep.floors import cell_runs, log_floors
 from puregen_dist.sweep.locations import check_sweep_locations, in_ray_job
 from puregen_dist.sweep.plan import ArtifactPlan, SweepPlan, format_plan, plan_sweep
 from puregen_dist.sweep.spec import Sweep
-from puregen_dist.sweep.trial import run_trial, trial_spec
+from puregen_dist.sweep.trial import close_orphaned_runs, run_trial, trial_spec
 from puregen_dist.tracking.names import Tag
 from puregen_dist.tracking.reader import finished_cells
 
@@ -122,6 +122,10 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
         specs = [trial_spec(t, sweep=sweep.name, store_uri=store.uri, tracking_uri=uri,
                             parent_run_id=parent.run_id) for t in pending]
         failed = run_trials(sweep, plan, specs, trainable or run_trial, echo, progress) if specs else []
+        orphans = close_orphaned_runs(uri, sweep.name, parent.run_id) if specs else []
+        if orphans:
+            log.warning("ended %d trial run(s) left RUNNING by dead attempts as KILLED: %s", len(orphans),
+                        ", ".join(orphans))
         log_floors(plan.trials, store, uri, cell_runs(uri, sweep.name))
         report_dir, markdown = _report(sweep, uri, parent, echo,
                                        None if report_all else {t.cell.cell_id for t in plan.trials})
