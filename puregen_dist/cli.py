@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from puregen_dist.atomic import atomic_write_text
+from puregen_dist.atomic import DiskFullError, atomic_write_text
 from puregen_dist.config.errors import UserInputError
 from puregen_dist.config.generative import (
     ClassifierJob,
@@ -30,6 +30,7 @@ from puregen_dist.config.generative import (
 )
 from puregen_dist.config.loading import load_config, load_yaml, to_yaml
 from puregen_dist.config.schema import ExperimentConfig
+from puregen_dist.device import check_devices
 from puregen_dist.plugins import load_plugins
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("puregen_dist")
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT, as a shell reports it)."""
 
 
 def run_cmd(args: argparse.Namespace) -> int:
@@ -47,6 +50,8 @@ def run_cmd(args: argparse.Namespace) -> int:
     from puregen_dist.tracking import open_tracker
 
     cfg = load_config(ExperimentConfig, args.config, args.set)
+    check_output_path(cfg.output_dir, "output_dir")
+    check_devices(cfg)
     _set_threads(cfg.classifier.threads)
     prepared = prepare_experiment(cfg)  # all validation happens here: nothing has been written yet
     with open_tracker(cfg.tracking, cfg.output_dir, default_run_name=cfg.name) as tracker, \
@@ -81,6 +86,11 @@ def _train_model(kind: str, args: argparse.Namespace) -> int:
     entry = MODELS.get(kind)
     overrides = [*args.set, *([f"store={args.store}"] if args.store else [])]
     job = load_config(entry.config_cls, args.config, overrides)
+    if job.store:
+        check_output_path(job.store, "store")
+    else:
+        _check_checkpoint_output(kind, job.output)
+        check_devices(job)
     data = training_data(resolve_models(job, job.store, "job"))  # errors here, before anything is written
     if job.store:
         return _train_into_store(job, args.address)
@@ -89,6 +99,40 @@ def _train_model(kind: str, args: argparse.Namespace) -> int:
         path = entry.builder(job, tracked, data)
     print(f"{kind} checkpoint: {path}")
     return 0
+
+
+CHECKPOINT_KINDS = {"ebm": "ebm", "ddpm": "ddpm", "classifier": "classifier", "surrogate": "classifier"}
+"""Model kind -> the kind of checkpoint its ``train-<kind>`` command writes into ``output``."""
+
+
+def _check_checkpoint_output(kind: str, output: str) -> None:
+    """``output`` can receive the checkpoint of a ``kind`` model: never a file or a directory of other files,
+    which the checkpoint write would replace."""
+    from puregen_dist.generative.checkpoints import check_checkpoint_output
+
+    if kind in CHECKPOINT_KINDS:
+        check_checkpoint_output(output, CHECKPOINT_KINDS[kind])
+    else:
+        check_output_path(output, "output")
+
+
+def check_output_path(path: str | None, key: str, *, kind: Literal["dir", "file"] = "dir") -> None:
+    """A local output location (``key`` of the config) must be creatable: not below a file, and not an existing
+    file where a directory goes (``kind="dir"``) or an existing directory where a file goes (``"file"``). URIs
+    (``scheme://``) are left to their filesystem. Raises UserInputError naming ``key``, before anything is
+    written."""
+    if not path or "://" in path:
+        return
+    target = Path(path).expanduser()
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserInputError(f"{key}: {path}: {parent} is a file, not a directory")
+            break
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise UserInputError(f"{key}: {path} is an existing file, expected a directory (the file is left untouched)")
+    if kind == "file" and target.is_dir():
+        raise UserInputError(f"{key}: {path} is an existing directory, expected the path of a file")
 
 
 def _train_into_store(job: Any, address: str | None) -> int:
@@ -126,6 +170,10 @@ def purify_cmd(args: argparse.Namespace) -> int:
 
     overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
     job = load_config(PurifyJob, args.config, overrides)
+    if args.no_ray:
+        check_output_path(job.output, "output", kind="file")
+        check_devices(job)
+    check_output_path(job.store, "store")
     local = dataclasses.replace(job, defense=resolve_models(job.defense, job.store),  # model keys -> dirs
                                 attack=resolve_models(job.attack, job.store, "attack"))
     prepared = prepare_purify(local)  # validation and checkpoint loading: nothing written yet
@@ -176,6 +224,8 @@ def craft_cmd(args: argparse.Namespace) -> int:
 
     overrides = [*args.set, *([f"pipeline.address={args.address}"] if args.address else [])]
     job = load_config(CraftJob, args.config, overrides)
+    check_output_path(job.store, "store")
+    check_output_path(job.output_dir, "output_dir")
     train, _ = load_data(job.data)
     build_attack(resolve_models(job.attack, job.store, "attack")).validate(train)  # nothing written yet
     store = ArtifactStore(job.store)
@@ -222,6 +272,8 @@ def diagnose_cmd(args: argparse.Namespace) -> int:
     from puregen_dist.tracking import open_tracker
 
     job = load_config(DiagnoseJob, args.config, args.set)
+    check_output_path(job.output_dir, "output_dir")
+    check_devices(job)
     prepared = prepare_diagnose(job)
     with open_tracker(job.tracking, job.output_dir, default_run_name=job.name) as tracker:
         outputs = run_diagnose(prepared, tracker)
@@ -281,7 +333,10 @@ def report_cmd(args: argparse.Namespace) -> int:
     """The paper-shaped table of a sweep's MLflow experiment (Markdown printed; CSV, PNG written)."""
     from puregen_dist.sweep.report import REPORT_FILES, render_report
     from puregen_dist.tracking.mlflow_tracker import resolve_tracking_uri
+    from puregen_dist.tracking.reader import check_run_id
 
+    if args.parent is not None:
+        check_run_id(args.parent, "report --parent")  # before anything is written (--with-runs copies the DB)
     uri = resolve_tracking_uri(args.tracking_uri, args.output_dir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserInputError(f"{uri}: no MLflow database there (pass --tracking-uri, or --output-dir of the "
@@ -326,6 +381,9 @@ def artifacts_cmd(args: argparse.Namespace) -> int:
     from puregen_dist.pipeline.artifacts_cli import format_table, show
     from puregen_dist.pipeline.store import ArtifactStore
 
+    if args.action != "import" and "://" not in args.store and not Path(args.store).is_dir():
+        raise UserInputError(f"--store {args.store}: no artifact store there (not a directory); name the store with "
+                             f"--store or $PUREGEN_STORE (default {DEFAULT_STORE})")  # read-only: never created
     store = ArtifactStore(args.store)
     if args.action in ("show", "rm", "import") and not args.key:
         raise UserInputError(f"artifacts {args.action}: a KEY (for import: a reference model directory or the "
@@ -386,7 +444,7 @@ CONFIG_KINDS: dict[str, type] = {"run": ExperimentConfig, "train-ebm": EBMJob, "
 
 def show_config_cmd(args: argparse.Namespace) -> int:
     """Print the resolved, validated config (as the command ``--as`` would read it; guessed by default)."""
-    kind = args.as_command or guess_command(load_yaml(args.config))
+    kind = args.as_command or guess_command(load_yaml(args.config, allow_empty=True))
     if kind == "sweep":
         from puregen_dist.sweep.spec import load_sweep
 
@@ -395,7 +453,7 @@ def show_config_cmd(args: argparse.Namespace) -> int:
         print("\n".join(cell.describe() for cell in sweep.cells))
         return 0
     print(f"# resolved as `puregen-dist {kind}` config", file=sys.stderr)
-    print(to_yaml(load_config(CONFIG_KINDS[kind], args.config, args.set)), end="")
+    print(to_yaml(load_config(CONFIG_KINDS[kind], args.config, args.set, allow_empty=True)), end="")
     return 0
 
 
@@ -525,6 +583,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (FloatingPointError, DiskFullError) as exc:  # a non-finite loss, energy or gradient; a full disk
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _parent(path: str) -> Path:
@@ -540,9 +604,11 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _print_browse(tracker: object) -> None:
+    from puregen_dist.tracking.redaction import browse_hint
+
     uri = getattr(tracker, "tracking_uri", None)
     if uri:
-        print(f"browse: mlflow ui --backend-store-uri {uri}")
+        print(browse_hint(uri))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 
 class UserInputError(ValueError):
     """Bad input (config, dataset, checkpoint) detected before any compute; exit code 2."""
@@ -53,3 +56,42 @@ def check_custom_resources(resources: dict[str, float], key: str) -> None:
               f"not a custom resource: {', '.join(RAY_BUILTIN_RESOURCES)} are set by the num_cpus / num_gpus fields")
         check(amount >= 0 and amount != float("inf"), f"{key}.{name}", "must be a finite number >= 0")
 
+
+
+SEED_MAX = 2**32 - 1
+"""Largest seed a config accepts (seeds are unsigned 32-bit integers: NumPy, torch and Philox all take them)."""
+INT_MAX = 2**63 - 1
+"""Largest magnitude of any config integer (torch and NumPy store them as int64)."""
+BATCH_MAX = 2**20
+"""Largest batch size a config accepts (1,048,576 rows: far above any real batch, below an overflow)."""
+IMAGE_SIZE_MAX = 4096
+"""Largest square image size a config accepts (pixels per side)."""
+NAME_MAX = 128
+"""Longest name (of a sweep, an experiment, a model, a job) a config accepts."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_finite(value: float, key: str) -> None:
+    """``value`` must be a finite number (not NaN or +-inf)."""
+    check(math.isfinite(value), key, f"expected a finite number, got {value}")
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name something that becomes a path component (a sweep's Tune directory, a
+    reference model's folder, an MLflow run): None when it can."""
+    if not isinstance(name, str) or not name.strip():
+        return "must be a non-empty name"
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        return (f"{name!r} is not a plain name: it must not contain '/' or '\\' nor start with '.' (names "
+                "become directory names; path traversal is refused)")
+    if _CONTROL.search(name):
+        return f"{name!r} contains control characters"
+    if len(name) > NAME_MAX:
+        return f"is {len(name)} characters long, at most {NAME_MAX} allowed"
+    return None
+
+
+def check_name(name: str, key: str = "name") -> None:
+    """``name`` must be a plain, non-empty name usable as one path component (see :func:`name_problem`)."""
+    problem = name_problem(name)
+    check(problem is None, key, problem or "")

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from puregen_dist.config.errors import check, check_at_least, check_custom_resources, check_eps
+from puregen_dist.config.errors import check, check_at_least, check_custom_resources, check_eps, check_name
 from puregen_dist.config.identity import (
     PipelineKind,
     execution_only,
@@ -26,6 +26,9 @@ from puregen_dist.config.schema import (
     TrackingConfig,
 )
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest finite float32: Langevin's drift and noise scale multiply float32 tensors."""
+
 # --------------------------------------------------------------------------------------------------- EBM
 
 
@@ -41,6 +44,7 @@ class EBMConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, nf=1, in_channels=1, image_size=8)
+        check(self.nf <= 1024, "nf", "must be <= 1024 (sngan32: 128, convnet: 32)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +68,9 @@ class LangevinConfig:
         check(self.steps >= 0, "steps", "must be >= 0")
         check(self.step_size > 0, "step_size", "must be > 0")
         check(self.temperature > 0, "temperature", "must be > 0")
+        drift = self.step_size ** 2 / (2 * self.temperature)
+        check(drift < FLOAT32_MAX, "step_size", f"the drift step_size**2 / (2 * temperature) = {drift:.3g} overflows "
+              f"float32 (at most {FLOAT32_MAX:.3g}; the defaults give 0.78)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,6 +244,9 @@ class ModelJob:
     models trained on Narcissus-poisoned data. ``data`` still gives the test split."""
     tracking: TrackingConfig = execution_only(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        check_name(self.name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class EBMJob(ModelJob):
@@ -273,6 +283,7 @@ class ClassifierJob(ModelJob):
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.classifier.transfer == "scratch", "classifier.transfer",
               "pretraining trains from scratch (transfer: scratch)")
 
@@ -311,6 +322,7 @@ class SurrogateJob(ModelJob):
     classifier: ClassifierConfig = field(default_factory=_narcissus_surrogate_recipe)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(len(self.target_classes) >= 1, "target_classes", "must list at least one victim class")
         check(len(set(self.target_classes)) == len(self.target_classes) and min(self.target_classes) >= 0,
               "target_classes", "must be distinct classes >= 0")
@@ -367,6 +379,9 @@ class PurifyJob:
     defense: DefenseConfig = field(default_factory=NoDefenseConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=False))
 
+    def __post_init__(self) -> None:
+        check_name(self.name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class CraftJob:
@@ -384,6 +399,9 @@ class CraftJob:
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=NoAttackConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="craft"))
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -436,5 +454,6 @@ class DiagnoseJob:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        check_name(self.name)
         check(self.ebm is not None or self.ddpm is not None, "ebm", "set ebm and/or ddpm checkpoints to diagnose")
         check_at_least(self, num_images=1, every=1)

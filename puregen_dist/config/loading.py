@@ -1,9 +1,22 @@
 """YAML -> frozen dataclasses, strictly: unknown keys, wrong types and out-of-range values are errors that
-name the key and the file. Also dotted ``--set a.b=c`` overrides and ``flatten`` for logging params."""
+name the key and the file. Also dotted ``--set a.b=c`` overrides and ``flatten`` for logging params.
+
+Besides each config class's own checks, the loader applies these to every config, by type or field name:
+
+* a file must be UTF-8, must not repeat a key within one mapping, and must not be empty (unless the caller
+  allows it: ``show-config``); ``1e-3`` is read as a number (YAML 1.2), not as a string;
+* floats must be finite (no ``.inf`` / ``.nan``), integers must fit in int64;
+* seeds (fields named ``seed``, ``*_seed``, ``seeds``) lie in [0, 2**32 - 1]; batch sizes (``batch_size``,
+  ``*_batch_size``) in [1, 2**20]; image sizes (``image_size``) at most 4096;
+* devices (fields named ``device``) are ``auto``, ``cpu`` or ``cuda`` / ``mps`` / ``xpu`` with an optional
+  ``:<index>`` (whether that device exists is checked where the job runs: :mod:`puregen_dist.device`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -12,7 +25,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from puregen_dist.config.errors import ConfigError, FieldError
+from puregen_dist.config.errors import BATCH_MAX, IMAGE_SIZE_MAX, INT_MAX, SEED_MAX, ConfigError, FieldError
 from puregen_dist.config.identity import at_key_neutral_default, config_fields, left_out_of_key
 from puregen_dist.config.schema import ExperimentConfig, RegistryConfig
 from puregen_dist.registry import UnknownNameError, registry_for
@@ -20,20 +33,64 @@ from puregen_dist.registry import UnknownNameError, registry_for
 C = TypeVar("C")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file, malformed YAML or a non-mapping top level is a ConfigError."""
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated within one mapping (PyYAML keeps the last silently) and
+    reads ``1e-3`` as a float (YAML 1.2; PyYAML's YAML 1.1 resolver wants ``1.0e-3``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first}); a key may appear once per mapping",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text strictly (:class:`_StrictLoader`: safe types only, no repeated keys)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_yaml(path: str | Path, *, allow_empty: bool = False) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or non-UTF-8 file, malformed YAML, a repeated key, a non-mapping top level
+    or (unless ``allow_empty``) an empty file is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (expected a YAML file)")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); save the config "
+                          "as UTF-8") from None
+    try:
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
-        return {}
+        if allow_empty:
+            return {}
+        raise ConfigError(f"{path}: empty config (the file holds no keys, so every default would apply, e.g. "
+                          "200 epochs of ResNet-18); write the sections you mean, or `{}` for all defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level, got {type(data).__name__}")
     return data
@@ -47,7 +104,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -88,6 +145,8 @@ def build(cls: type[C], data: Any, *, source: str, path: str = "") -> C:
         raise ConfigError(
             f"{source}: unknown key {_join(path, unknown[0])!r}; valid keys here: {', '.join(sorted(fields))}"
         )
+    for name, value in data.items():  # before the type checks: a seed of 2**64 is a seed out of range
+        _check_by_name(name, value, source=source, path=_join(path, name))
     kwargs = {name: _coerce(hints[name], value, source=source, path=_join(path, name))
               for name, value in data.items()}
     try:
@@ -98,9 +157,10 @@ def build(cls: type[C], data: Any, *, source: str, path: str = "") -> C:
         raise ConfigError(f"{source}: {path or 'config'}: {exc}") from None
 
 
-def load_config(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
-    """Load a YAML file into config class ``cls`` with ``--set`` overrides applied, validated."""
-    data = deep_merge(load_yaml(path), parse_overrides(overrides))
+def load_config(cls: type[C], path: str | Path, overrides: Sequence[str] = (), *, allow_empty: bool = False) -> C:
+    """Load a YAML file into config class ``cls`` with ``--set`` overrides applied, validated (an empty file is
+    an error unless ``allow_empty``)."""
+    data = deep_merge(load_yaml(path, allow_empty=allow_empty), parse_overrides(overrides))
     return build(cls, data, source=str(path))
 
 
@@ -223,11 +283,19 @@ def _coerce(tp: Any, value: Any, *, source: str, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: {path}: expected an integer, got {_describe(value)}")
+        if abs(value) > INT_MAX:
+            raise ConfigError(f"{source}: {path}: {value} is out of range (integers must lie within +-(2**63 - 1))")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {path}: expected a number, got {_describe(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {path}: expected a finite number, got {value}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {path}: expected a string, got {_describe(value)}")
@@ -235,6 +303,31 @@ def _coerce(tp: Any, value: Any, *, source: str, path: str) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"config type {tp!r} at {path} is not supported by the loader")
+
+
+_DEVICE = re.compile(r"auto|cpu|(?:cuda|mps|xpu)(?::[0-9]+)?")
+
+
+def _check_by_name(name: str, value: Any, *, source: str, path: str) -> None:
+    """The rules every config field of a given name obeys (module docstring): seeds, batch and image sizes,
+    devices."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    numbers = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    if name in ("seed", "seeds") or name.endswith("_seed"):
+        bad = [v for v in numbers if not 0 <= v <= SEED_MAX]
+        if bad:
+            raise ConfigError(f"{source}: {path}: seed {bad[0]} is out of range (seeds lie in [0, 2**32 - 1 = "
+                              f"{SEED_MAX}])")
+    elif name == "batch_size" or name.endswith("_batch_size"):
+        if any(v > BATCH_MAX for v in numbers):
+            raise ConfigError(f"{source}: {path}: {max(numbers)} is too large (at most 2**20 = {BATCH_MAX} rows "
+                              "per batch)")
+    elif name == "image_size":
+        if any(v > IMAGE_SIZE_MAX for v in numbers):
+            raise ConfigError(f"{source}: {path}: {max(numbers)} pixels is too large (at most {IMAGE_SIZE_MAX})")
+    elif name == "device" and isinstance(value, str) and not _DEVICE.fullmatch(value):
+        raise ConfigError(f"{source}: {path}: expected auto, cpu, cuda or cuda:<index> (also mps, xpu), got "
+                          f"{value!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+from urllib.parse import urlparse
 
-from puregen_dist.config.errors import check, check_at_least
+from puregen_dist.config.errors import check, check_at_least, check_name
 from puregen_dist.config.identity import PipelineKind, execution_only, key_neutral_default, model_ref
 
 
@@ -201,6 +202,30 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str | None = None
 
+    def __post_init__(self) -> None:
+        problem = None if self.uri is None else tracking_uri_problem(self.uri)
+        check(problem is None, "uri", problem or "")
+        check(bool(self.experiment.strip()), "experiment", "the MLflow experiment name must not be empty")
+        check(self.run_name is None or bool(self.run_name.strip()), "run_name",
+              "must not be empty (null: the default run name)")
+
+
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "uc")
+"""URI schemes of MLflow's tracking stores (a database scheme may carry a ``+driver`` suffix); a bare path is a
+local file store, and ``databricks`` / ``databricks-uc`` / ``uc`` alone name a Databricks workspace."""
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` is no MLflow tracking URI (None when its scheme is one of :data:`TRACKING_SCHEMES`)."""
+    if not uri.strip():
+        return "must not be empty (null: $MLFLOW_TRACKING_URI, else sqlite under output_dir)"
+    scheme = urlparse(uri).scheme.split("+", 1)[0].lower()
+    if len(scheme) <= 1 or scheme in TRACKING_SCHEMES:  # "" or a Windows drive letter: a path
+        return None
+    return (f"unsupported scheme {scheme!r}; expected one of "
+            f"{', '.join(TRACKING_SCHEMES)} (e.g. sqlite:////abs/path/mlflow.db, http://127.0.0.1:5000)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
@@ -231,5 +256,6 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        check_name(self.name)
         check(self.seed >= 0, "seed", "must be >= 0")
         self.defense.check_epochs(self.classifier.epochs)

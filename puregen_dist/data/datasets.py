@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +50,9 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 _GRAY_MODES = frozenset({"1", "L", "LA"})
+_WIDE_MODES = {"I": "32-bit integer pixels", "F": "32-bit float pixels", "I;16": "16-bit pixels",
+               "I;16B": "16-bit pixels", "I;16L": "16-bit pixels", "I;16N": "16-bit pixels"}
+"""PIL modes whose pixels are not 8-bit: refused rather than silently clipped to 0..255."""
 _DECODE_WORKERS = 2
 _DECODE_CHUNK = 2048
 _RESIZE_CHUNK = 2048
@@ -124,8 +128,13 @@ def _decode_one(source: Source, index: int, where: Callable[[int], str]) -> np.n
         raise DatasetError(f"{where(index)}: the image is missing (null)")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            if im.mode.startswith("I") or im.mode == "F":  # I, I;16*: 16/32-bit integers; F: floats
+                raise DatasetError(f"{where(index)}: a {im.mode!r} image ({_WIDE_MODES.get(im.mode, 'not 8-bit')}); "
+                                   "expected 8-bit images (modes L, RGB, RGBA, P: uint8 pixels)")
             target = "L" if im.mode in _GRAY_MODES else "RGB"
             return np.asarray(im if im.mode == target else im.convert(target))
+    except DatasetError:
+        raise
     except UnidentifiedImageError as exc:
         raise DatasetError(f"{where(index)}: cannot decode the image (unrecognised image format)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -289,12 +298,20 @@ def _read_parquet_file(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndar
     return _decode_images(blobs, lambda i: f"{path} row {i}"), labels
 
 
-def _read_parquet_split(root: Path, split: str, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W, C) uint8 and labels (N,) int64 of a split, shards concatenated in name order."""
+def _read_parquet_split(root: Path, split: str, cfg: DataConfig
+                        ) -> tuple[np.ndarray, np.ndarray, Callable[[int], str]]:
+    """Images (N, H, W, C) uint8 and labels (N,) int64 of a split, shards concatenated in name order, and
+    ``where(i)``: the file and row of row ``i`` (for error messages)."""
     files = _parquet_files(root, split)
     parts = [_read_parquet_file(path, cfg) for path in files]
     images = _stack_parts([p[0] for p in parts], [str(f) for f in files])
-    return images, np.concatenate([p[1] for p in parts])
+    starts = np.cumsum([0, *(len(p[1]) for p in parts)])
+
+    def where(i: int) -> str:
+        shard = int(np.searchsorted(starts, i, side="right")) - 1
+        return f"{files[shard]} row {i - int(starts[shard])}"
+
+    return images, np.concatenate([p[1] for p in parts]), where
 
 
 def _hf_class_names(path: Path, label_column: str) -> list[str] | None:
@@ -310,25 +327,55 @@ def _hf_class_names(path: Path, label_column: str) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-def _parquet_classes(root: Path, cfg: DataConfig, num_labels: int) -> list[str]:
-    """Hugging Face ClassLabel names, else CIFAR-10's for a 10-class cifar10 root, else "0".."K-1"."""
+def _first_row(bad: np.ndarray) -> int:
+    """The first row flagged in ``bad`` (a boolean mask over the rows)."""
+    return int(np.flatnonzero(bad)[0])
+
+
+def _parquet_classes(root: Path, cfg: DataConfig, train: tuple[np.ndarray, Callable[[int], str]],
+                     test: tuple[np.ndarray, Callable[[int], str]]) -> list[str]:
+    """The class names of a Parquet dataset, checking its labels against them.
+
+    Hugging Face ClassLabel names declare the classes (every label, train or test, must be one of them); without
+    them the classes are those of the train split, which must be 0..K-1 with every class present (a gap means a
+    stray label: 100000 among 0..9 would make 100,001 classes), and the test split may only use those. Named
+    CIFAR-10's for a 10-class root named like cifar10, else "0".."K-1". Errors name the file and row.
+    """
+    (train_labels, train_where), (test_labels, test_where) = train, test
     names = _hf_class_names(_parquet_files(root, "train")[0], cfg.label_column)
     if names is not None:
-        if len(names) < num_labels:
-            raise DatasetError(f"parquet: labels reach {num_labels - 1} but the Hugging Face metadata of "
-                               f"{root} names only {len(names)} classes")
+        for labels, where in ((train_labels, train_where), (test_labels, test_where)):
+            bad = labels >= len(names)
+            if bad.any():
+                row = _first_row(bad)
+                raise DatasetError(f"{where(row)}: label {labels[row]} is not one of the {len(names)} classes the "
+                                   f"Hugging Face metadata of {root} declares (0..{len(names) - 1})")
         return names
-    if num_labels == len(CIFAR10_CLASSES) and _named_like(cfg.root) == "cifar10":
+    present = np.unique(train_labels)
+    gaps = np.flatnonzero(present != np.arange(len(present)))
+    if len(gaps):
+        missing, label = int(gaps[0]), int(present[gaps[0]])
+        row = _first_row(train_labels == label)
+        raise DatasetError(f"{train_where(row)}: label {label}, but no training image has label {missing}: without "
+                           f"Hugging Face ClassLabel metadata the labels must be 0..K-1 with every class in the train "
+                           f"split (this split has {len(present)} distinct labels)")
+    num_classes = len(present)
+    bad = test_labels >= num_classes
+    if bad.any():
+        row = _first_row(bad)
+        raise DatasetError(f"{test_where(row)}: label {test_labels[row]} is not a class of the train split (labels "
+                           f"0..{num_classes - 1})")
+    if num_classes == len(CIFAR10_CLASSES) and _named_like(cfg.root) == "cifar10":
         return list(CIFAR10_CLASSES)
-    return [str(k) for k in range(num_labels)]
+    return [str(k) for k in range(num_classes)]
 
 
 def _load_parquet(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     """Hugging Face style Parquet: encoded images in ``cfg.image_column``, labels in ``cfg.label_column``."""
     root = _root(cfg, _PARQUET_LAYOUT)
-    train_images, train_labels = _read_parquet_split(root, "train", cfg)
-    test_images, test_labels = _read_parquet_split(root, "test", cfg)
-    classes = _parquet_classes(root, cfg, int(max(train_labels.max(), test_labels.max())) + 1)
+    train_images, train_labels, train_where = _read_parquet_split(root, "train", cfg)
+    test_images, test_labels, test_where = _read_parquet_split(root, "test", cfg)
+    classes = _parquet_classes(root, cfg, (train_labels, train_where), (test_labels, test_where))
     return _image_set(train_images, train_labels, classes), _image_set(test_images, test_labels, classes)
 
 
@@ -365,9 +412,11 @@ def _read_files(files: list[Path], labels: list[int], classes: Sequence[str], fo
     return _image_set(images, np.asarray(labels, dtype=np.int64), classes)
 
 
-def _class_tree(folder: Path, classes: list[str], exclude: str | None = None) -> ImageSet:
+def _class_tree(folder: Path, classes: list[str], exclude: str | None = None, *, every_class: bool = False
+                ) -> ImageSet:
     """``<folder>/<class>/*`` images labelled by the class folder's position in ``classes`` (file names
-    containing ``exclude`` are skipped)."""
+    containing ``exclude`` are skipped); with ``every_class`` (the train split) a class without images is an
+    error."""
     files: list[Path] = []
     labels: list[int] = []
     index = {name: k for k, name in enumerate(classes)}
@@ -375,6 +424,10 @@ def _class_tree(folder: Path, classes: list[str], exclude: str | None = None) ->
         if name not in index:
             raise DatasetError(f"image_folder: {folder / name} is a class the train split lacks ({classes})")
         found = _image_files(folder / name, exclude)
+        if every_class and not found:
+            skipped = f" whose name does not contain {exclude!r} (data.exclude)" if exclude else ""
+            raise DatasetError(f"image_folder: {folder / name} holds no images (png/jpg/jpeg){skipped}: an empty "
+                               "class")
         files += found
         labels += [index[name]] * len(found)
     return _read_files(files, labels, classes, folder)
@@ -384,7 +437,7 @@ def _load_cinic(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     """CINIC-10 layout: class names are the sorted folder names of ``<root>/train``."""
     root = _root(cfg, _CINIC_LAYOUT)
     classes = _subfolders(root / "train", _CINIC_LAYOUT)
-    return (_class_tree(root / "train", classes, cfg.exclude),
+    return (_class_tree(root / "train", classes, cfg.exclude, every_class=True),
             _class_tree(root / "test", classes, cfg.exclude))
 
 
@@ -497,19 +550,50 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     if test is None:
         train, test = stratified_split(train, cfg.test_fraction, cfg.subset_seed)
     if cfg.train_partitions > 1:
+        whole = train
         train = stratified_partition(train, cfg.train_partitions, cfg.train_partition, cfg.subset_seed + 2)
+        _check_partition(cfg, whole, train)
     if cfg.train_per_class is not None:
         train = stratified_subset(train, cfg.train_per_class, cfg.subset_seed)
     if cfg.test_per_class is not None:
         test = stratified_subset(test, cfg.test_per_class, cfg.subset_seed + 1)
     size = cfg.image_size if cfg.image_size is not None else _DEFAULT_SIZE.get(cfg.dataset)
     if size is not None:
+        _check_resize_fits(train, test, size)
         train, test = _resized(train, size), _resized(test, size)
     if train.shape[2] != test.shape[2]:
         train, test = _to_rgb(train), _to_rgb(test)
     logger.info("loaded %s: %d train + %d test images of shape %s, %d classes",
                 cfg.dataset, len(train), len(test), train.shape, train.num_classes)
     return train, test
+
+
+def _check_partition(cfg: DataConfig, whole: ImageSet, part: ImageSet) -> None:
+    """Every class of the training split keeps at least one image in the selected partition."""
+    emptied = np.setdiff1d(np.unique(whole.labels), np.unique(part.labels))
+    if len(emptied):
+        k = int(emptied[0])
+        smallest = int(np.bincount(whole.labels)[np.unique(whole.labels)].min())
+        raise DatasetError(f"data.train_partition: part {cfg.train_partition} of {cfg.train_partitions} holds no "
+                           f"training image of class {k} ({whole.classes[k]!r}); the smallest class has {smallest} "
+                           f"images, so use at most {smallest} data.train_partitions")
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_resize_fits(train: ImageSet, test: ImageSet, size: int) -> None:
+    """Resizing both splits to ``size`` x ``size`` must fit in this machine's memory (refused before allocating)."""
+    need = (len(train) + len(test)) * size * size * train.shape[2]
+    memory = _physical_memory()
+    if memory is not None and need > memory:
+        raise DatasetError(f"data.image_size: {size}x{size} images of {len(train) + len(test)} rows need "
+                           f"{need / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of memory")
 
 
 def dataset_stats(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

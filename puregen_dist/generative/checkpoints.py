@@ -59,6 +59,37 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def check_checkpoint_output(directory: str | Path, kind: str, key: str = "output") -> None:
+    """``directory`` may receive a ``kind`` checkpoint: it is absent, an empty directory, or a checkpoint of
+    ``kind`` (which training resumes from). Anything else is refused before training starts, because a
+    checkpoint write replaces the whole directory: an existing file, a directory of other files, a checkpoint of
+    another kind, or a path below a file.
+
+    Raises:
+        CheckpointError: naming ``key`` and ``directory``.
+    """
+    path = Path(directory)
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{key}: {path}: {parent} is a file, not a directory")
+            break
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{key}: {path} is an existing file, but a checkpoint is a directory (the file is "
+                              "left untouched: choose another output)")
+    if not (path / CONFIG).is_file():
+        if any(path.iterdir()):
+            raise CheckpointError(f"{key}: {path} is a directory of other files, not a checkpoint (no {CONFIG}); "
+                                  f"writing the {kind} checkpoint would replace it: choose a new or empty directory")
+        return
+    found = read_checkpoint_config(path)["kind"]
+    if found != kind:
+        raise CheckpointError(f"{key}: {path} holds a {found!r} checkpoint, this job trains a {kind!r} model: choose "
+                              "another output")
+
+
 def load_state(directory: str | Path, model: nn.Module, *, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load weights into ``model`` after checking kind, names and shapes; returns (meta, extra tensors)."""
     config, state, extra = read_state(directory, kind=kind)
@@ -83,6 +114,10 @@ def read_state(directory: str | Path, *, kind: str
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); pickled checkpoints are refused") from None
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf): the checkpoint is "
+                                  "corrupt or its training diverged")
     return config, state, extra
 
 

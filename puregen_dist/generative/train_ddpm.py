@@ -33,6 +33,7 @@ from puregen_dist.data.transforms import image_grid, sym_to_uint8, to_sym
 from puregen_dist.device import resolve_device
 from puregen_dist.generative.checkpoints import (
     CheckpointError,
+    check_checkpoint_output,
     load_state,
     optimizer_tensors,
     read_checkpoint_config,
@@ -193,9 +194,10 @@ def train_ddpm(job: DDPMJob, train: ImageSet, test: ImageSet | None, tracker: Tr
     """
     _check_data(job, train, test)
     output = Path(job.output)
-    if output.exists() and any(output.iterdir()) and not is_puregen_checkpoint(output):
+    if output.is_dir() and any(output.iterdir()) and not is_puregen_checkpoint(output):
         raise CheckpointError(f"{output}: exists and is not a puregen-dist checkpoint; "
                               f"refusing to overwrite it")
+    check_checkpoint_output(output, KIND)  # nor a file, a path below one, or another kind's checkpoint
     trainer = DDPMTrainer(job, train)
     if is_puregen_checkpoint(output):
         trainer.resume(output)

@@ -28,6 +28,7 @@ from puregen_dist.data.transforms import image_grid, sym_to_uint8, to_sym
 from puregen_dist.device import resolve_device
 from puregen_dist.generative.checkpoints import (
     CONFIG,
+    check_checkpoint_output,
     load_state,
     optimizer_tensors,
     read_checkpoint_config,
@@ -186,6 +187,7 @@ def train_ebm(job: EBMJob, train: ImageSet, tracker: Tracker) -> Path:
     short-run samples. Resumes from ``job.output`` when it holds an earlier epoch of the same model.
     """
     output = Path(job.output)
+    check_checkpoint_output(output, "ebm")  # a file or a directory of other files is never moved aside
     trainer = EBMTrainer(job, train)
     if (output / CONFIG).is_file():
         trainer.resume(output)

@@ -44,6 +44,7 @@ from puregen_dist.sweep.spec import Sweep
 from puregen_dist.sweep.trial import close_orphaned_runs, run_trial, trial_spec
 from puregen_dist.tracking.names import Tag
 from puregen_dist.tracking.reader import finished_cells
+from puregen_dist.tracking.redaction import browse_hint
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,6 @@ def run_sweep(sweep: Sweep, *, trainable: Trainable | None = None, echo: Callabl
 
 
 # ------------------------------------------------------------------------------------------ parent run
-
-
-def browse_hint(uri: str, experiment: str) -> str:
-    """How to look at the runs: the server's own page for a tracking server, else ``mlflow ui`` on the
-    database (bound to 127.0.0.1, MLflow's default)."""
-    from puregen_dist.tracking.redaction import redact_uri
-
-    if uri.startswith(("http://", "https://")):
-        return f"browse: {redact_uri(uri).rstrip('/')} (experiment {experiment!r})"
-    return f"browse: mlflow ui --backend-store-uri {redact_uri(uri)}"
 
 
 def _parent_tags(sweep: Sweep, plan: SweepPlan) -> dict[str, str]:

@@ -42,6 +42,7 @@ from puregen_dist.config.errors import (
     check,
     check_at_least,
     check_custom_resources,
+    name_problem,
 )
 from puregen_dist.config.generative import ModelJob, PipelineConfig
 from puregen_dist.config.identity import model_fields, replace_model_refs
@@ -216,6 +217,8 @@ def sweep_from_dict(data: Mapping[str, Any], *, source: str) -> Sweep:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{source}: name: required, a non-empty string (the MLflow experiment name)")
+    if name_problem(name):  # the name is the Tune experiment's directory under settings.storage
+        raise ConfigError(f"{source}: name: {name_problem(name)}")
     base = _mapping(data.get("base", {}), source, "base")
     settings = build(SweepSettings, data.get("settings", {}), source=source, path="settings")
     models = _models(_mapping(data.get("models", {}), source, "models"), source)
@@ -265,6 +268,8 @@ def _models(specs: Mapping[str, Any], source: str) -> dict[str, ModelJob]:
     ddpm, classifier, ...), named after their entry."""
     models = {}
     for name, spec in specs.items():
+        if name_problem(name):
+            raise ConfigError(f"{source}: models.{name}: {name_problem(name)}")
         spec = _with_recipe(_mapping(spec, source, f"models.{name}"), source, f"models.{name}")
         kind = spec.pop("kind", None)
         try:

@@ -107,3 +107,12 @@ def redacted_file(path: Path) -> Iterator[Path]:
 
 
 __all__ = ["MASK", "redact", "redact_mapping", "redact_uri", "redacted_file", "secret_name", "secret_values"]
+
+
+def browse_hint(uri: str, experiment: str | None = None) -> str:
+    """How to look at the runs, credentials masked: the server's own page for a tracking server, else
+    ``mlflow ui`` on the database (bound to 127.0.0.1, MLflow's default)."""
+    shown = redact_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        return f"browse: {shown.rstrip('/')}" + (f" (experiment {experiment!r})" if experiment else "")
+    return f"browse: mlflow ui --backend-store-uri {shown}"

@@ -13,8 +13,9 @@ from puregen_dist.config.errors import ConfigError, UserInputError
 from puregen_dist.plugins import load_plugins
 from puregen_dist.sweep import locations
 from puregen_dist.sweep.locations import Location, in_ray_temp, sweep_locations
-from puregen_dist.sweep.runner import browse_hint, git_revision
+from puregen_dist.sweep.runner import git_revision
 from puregen_dist.sweep.spec import ROOT_ENV, load_sweep, rebase_on_root
+from puregen_dist.tracking.redaction import browse_hint
 
 REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = REPO / "sweeps" / "quickstart.yaml"
