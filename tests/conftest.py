@@ -105,3 +105,17 @@ def digits_detector(digits_patch_poison):
     from puregen_dist.defenses.filtering import train_detector
 
     return train_detector(digits_patch_poison[0], ClassifierConfig(**DIGITS_CNN_RECIPE), seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray instance (2 CPUs, token authentication) for the tests of one module, without Ray Data's
+    progress bars; shut down after the module."""
+    import ray
+
+    from puregen_dist.pipeline.purify import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

@@ -97,18 +97,6 @@ class Killer(threading.Thread):
             self.error = exc
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from puregen_dist.pipeline.purify import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def statuses_by_cell(children) -> dict[str, list[str]]:
     by_cell: dict[str, list[str]] = {}
     for run in children:

@@ -15,14 +15,8 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    from puregen_dist.pipeline.purify import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def _ray(ray_session):
+    """Every test of this module runs under the module's local Ray."""
 
 
 def test_ray_purify_is_cached_and_equals_in_process(tmp_path, tiny_checkpoints, capsys):

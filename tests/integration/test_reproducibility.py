@@ -69,18 +69,6 @@ def final_metrics(root: Path) -> dict[tuple[str, ...], dict[str, float]]:
             for run in runs if "cell_id" in run.data.tags and run.info.status == "FINISHED"}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from puregen_dist.pipeline.purify import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def test_the_same_sweep_twice_in_fresh_stores_is_bit_identical(ray_session, tmp_path):
     results = []
     for attempt in ("first", "second"):

@@ -51,18 +51,6 @@ def child_runs(tmp_path: Path, experiment: str = "t"):
     return client, parents, children
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from puregen_dist.pipeline.purify import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def test_sweep_builds_once_runs_8_trials_and_reports(ray_session, tmp_path, capsys):
     path = sweep_file(tmp_path)
     assert main(["-q", "sweep", str(path), "--dry-run"]) == 0
