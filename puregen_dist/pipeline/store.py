@@ -239,12 +239,15 @@ class ArtifactStore:
             or any other URI ``pyarrow.fs.FileSystem.from_uri`` understands.
         filesystem: an already configured filesystem (custom S3 endpoint, credentials, ...); ``uri`` is then
             the root path inside it.
+        create: create the root directory when it is absent (False: readers such as a dry run see an empty
+            store and leave nothing behind).
 
     Raises:
         StoreError: the URI is invalid or unreachable, or names a file (the message names the URI).
     """
 
-    def __init__(self, uri: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None) -> None:
+    def __init__(self, uri: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None,
+                 create: bool = True) -> None:
         uri = os.fspath(uri)
         if filesystem is None and not _SCHEME_RE.match(uri):
             uri = os.path.abspath(os.path.expanduser(uri))
@@ -253,7 +256,7 @@ class ArtifactStore:
         try:
             self.fs, root = (filesystem, uri) if filesystem is not None else pafs.FileSystem.from_uri(uri)
             self.root = root.rstrip("/") or "/"
-            self._ensure_root()
+            self._ensure_root(create)
         except StoreError:
             raise
         except (OSError, ValueError, NotImplementedError) as exc:
@@ -263,10 +266,11 @@ class ArtifactStore:
     def __repr__(self) -> str:
         return f"ArtifactStore({self.uri!r})"
 
-    def _ensure_root(self) -> None:
+    def _ensure_root(self, create: bool) -> None:
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
-            self.fs.create_dir(self.root, recursive=True)
+            if create:
+                self.fs.create_dir(self.root, recursive=True)
         elif info.type != pafs.FileType.Directory:
             raise StoreError(f"artifact store {self.uri!r} is not usable: {self.root} is a file, "
                              "not a directory")
@@ -404,7 +408,7 @@ class ArtifactStore:
         return sorted(manifests, key=lambda m: (str(m.get("created", "")), str(m.get("key", ""))))
 
     def _key_dirs(self) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True))
         return sorted(i.base_name for i in infos
                       if i.type == pafs.FileType.Directory and KEY_RE.fullmatch(i.base_name))
 

@@ -89,8 +89,8 @@ def connect(sweep: Sweep) -> str:
 
 def dry_run(sweep: Sweep) -> str:
     """The plan as text (artifacts to build and cached, trials to run and finished). Only reads the store
-    and the MLflow database (an absent store directory is created empty)."""
-    store = ArtifactStore(sweep.settings.store)
+    and the MLflow database: nothing is created, an absent store reads as empty."""
+    store = ArtifactStore(sweep.settings.store, create=False)
     plan = plan_sweep(sweep, store)
     return format_plan(plan, finished_cells(tracking_uri_of(sweep), sweep.name))  # never creates the database
 

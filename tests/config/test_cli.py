@@ -117,3 +117,13 @@ def test_bad_imported_poisons_are_refused_before_writing(tmp_path, case, command
     assert err.startswith("error: attack.") and err.count("\n") == 1 and needle in err, err
     assert set(tmp_path.iterdir()) == before and not out_dir.exists() and not store.exists()
     assert not marker.exists()
+
+
+def test_a_sweep_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
+    """``sweep --dry-run`` only reads: no store directory, no MLflow database, nothing in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    quickstart = Path(__file__).resolve().parents[2] / "sweeps" / "quickstart.yaml"
+    code = main(["-q", "sweep", str(quickstart), "--set", f"base.output_dir={tmp_path / 'out'}", "--dry-run"])
+    assert code == 0 and "trials: 16 (16 to run, 0 already finished)" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

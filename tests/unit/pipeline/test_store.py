@@ -537,3 +537,10 @@ def test_format_table_and_show(store):
     assert lines[1].split()[:3] == [key, "purified", "12"] and manifest["created"][:10] in lines[1]
     assert json.loads(show(store, key)) == manifest
     assert [human_bytes(n) for n in (5, 1536, 3 << 20)] == ["5 B", "1.5 KiB", "3.0 MiB"]
+
+
+def test_a_reader_store_creates_nothing_and_reads_as_empty(tmp_path):
+    root = tmp_path / "absent" / "store"
+    store = ArtifactStore(root, create=False)
+    assert store.ls() == [] and not store.exists("poison-0123456789abcdef")
+    assert not root.exists() and not (tmp_path / "absent").exists()
