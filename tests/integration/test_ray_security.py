@@ -4,9 +4,9 @@ Ray 2.60's GCS, raylets, core workers and agents listen on all interfaces whatev
 (``ray.init(_node_ip_address="127.0.0.1")`` is rewritten to the machine's address, and the C++ gRPC servers bind
 ``::``), so the runtime that ``ensure_ray`` starts must require a token. The test runs a small local sweep and,
 while it runs, records every TCP socket the session's processes listen on, and knocks on each one as a stranger
-(no token): a real Ray gRPC method must answer UNAUTHENTICATED and an HTTP endpoint 401. The only socket that
-answers a stranger is the agent's Prometheus metrics exporter (read-only counters and gauges, no code path;
-Ray 2.60 has no switch for it), which the test names. Nothing of MLflow listens at all (sqlite), the dashboard is
+(no token): a real Ray gRPC method must answer UNAUTHENTICATED and an HTTP endpoint 401. The only sockets that
+answer a stranger are Prometheus metrics exporters (the dashboard agent's and the autoscaler monitor's:
+read-only counters and gauges, no code path; Ray 2.60 has no switch for them), which the test names. Nothing of MLflow listens at all (sqlite), the dashboard is
 off, the token file is private, and a full client without the token is refused while one with it connects.
 """
 
@@ -81,15 +81,25 @@ SCRIPT = textwrap.dedent("""
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     answers.append("grpc-" + exc.code().name)
         channel.close()
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=5) as response:
-                body = response.read(4096).decode("latin-1")
-                answers.append("http-200-metrics" if "# HELP" in body or "# TYPE" in body or not body
-                               else "http-200")
-        except urllib.error.HTTPError as exc:
-            answers.append(f"http-{exc.code}")
-        except Exception:
-            pass
+        # A Prometheus exporter (prometheus_client) answers every path with its metrics; an application that also
+        # serves metrics would answer /api/jobs/ otherwise.
+        kinds = []
+        for path in ("/", "/api/jobs/"):
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
+                    kind = response.headers.get("Content-Type", "")
+                    kinds.append("metrics" if kind.startswith("text/plain; version=") or "openmetrics" in kind
+                                 else "200")
+            except urllib.error.HTTPError as exc:
+                kinds.append(str(exc.code))
+            except Exception:
+                kinds.append("none")
+        if kinds == ["metrics", "metrics"]:
+            answers.append("http-200-metrics")
+        elif "200" in kinds or "metrics" in kinds:
+            answers.append("http-200")
+        elif kinds[0] != "none":
+            answers.append(f"http-{kinds[0]}")
         return answers
 
     seen, done = {}, threading.Event()
@@ -100,10 +110,12 @@ SCRIPT = textwrap.dedent("""
             for c in psutil.net_connections("tcp"):
                 if c.status == psutil.CONN_LISTEN and c.pid in pids and (c.laddr.ip, c.laddr.port) not in seen:
                     try:
-                        name = psutil.Process(c.pid).name()
+                        proc = psutil.Process(c.pid)
+                        name, command = proc.name(), " ".join(proc.cmdline())
                     except psutil.Error:
-                        name = "?"
+                        name, command = "?", ""
                     seen[(c.laddr.ip, c.laddr.port)] = {"ip": c.laddr.ip, "port": c.laddr.port, "process": name,
+                                                        "command": command,
                                                         "answers": knock(c.laddr.ip, c.laddr.port)}
             time.sleep(0.5)
 
@@ -158,8 +170,11 @@ def test_every_socket_of_a_local_sweep_refuses_a_stranger(tmp_path):
     assert exposed, "Ray 2.60 listens beyond loopback: the reason for the token"
     open_doors = [s for s in exposed if any(a in ("grpc-ok", "http-200") for a in s["answers"])]
     assert not open_doors, f"sockets that served a client without the token: {open_doors}"
+    # Prometheus exporters (every path answers Content-Type text/plain; version=0.0.4) of Ray's own processes:
+    # the dashboard agent's and the autoscaler monitor's (port 44217 when free). Read-only counters and gauges;
+    # Ray 2.60 binds them beyond loopback, with no switch.
     metrics = [s for s in exposed if "http-200-metrics" in s["answers"]]
-    assert len(metrics) <= 1 and all(s["process"] == "ray::DashboardAgent" for s in metrics), metrics
+    assert all(s["process"].startswith("ray::") or "/ray/" in s["command"] for s in metrics), metrics
     # Every other exposed socket that answered at all refused the stranger; a socket that closed before the knock
     # (a short-lived worker) answers UNAVAILABLE, which serves no one either.
     answered = [s for s in exposed if s not in metrics and set(s["answers"]) - {"grpc-UNAVAILABLE"}]
