@@ -3,14 +3,17 @@
 A small digits sweep that exercises every stage that makes numbers: an EBM trained from scratch (model stage), a
 BadNets poison set (craft stage), PureGen-EBM Langevin purification through Ray Data (purify stage), classifier
 training and evaluation in Ray Tune trials, metrics in MLflow. Run twice into two fresh directories (store, Tune
-storage, MLflow database): the artifact keys, every committed file's sha256 and every final metric of every cell
-must be equal. Wall-clock metrics (seconds, throughput) are the only ones excluded.
+storage, MLflow database): the artifact keys, every committed file's sha256 (for Ray Data's purified sets: the
+sha256 of their content in id order, since Ray Data's row order within a file follows block completion) and every
+final metric of every cell must be equal. Wall-clock metrics (seconds, throughput) are the only ones excluded.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -51,11 +54,23 @@ def sweep_file(root: Path) -> Path:
 
 
 def artifact_checksums(store_root: Path) -> dict[str, list[str]]:
-    """``{key: sorted sha256 of its files}`` of every committed artifact, from the manifests the store wrote
-    (sorted digests, not names: Ray Data names the Parquet files it writes with random write ids)."""
+    """``{key: sorted sha256 of its files}`` of every committed artifact, from the manifests the store wrote.
+    A purified set is written by Ray Data, which names its files with random write ids and writes rows in block
+    completion order: its checksum is that of its content sorted by image id (ids, labels, poison flags, pixels),
+    which is how every reader sees it (``ArtifactStore.get_imageset``)."""
     store = ArtifactStore(store_root)
-    return {m["key"]: sorted(entry["sha256"] for entry in store.manifest(m["key"])["files"].values())
-            for m in store.ls()}
+    sums = {}
+    for manifest in store.ls():
+        key = manifest["key"]
+        if manifest["kind"] == "purified":
+            data, poisoned = store.get_imageset(key)
+            digest = hashlib.sha256()
+            for array in (data.ids, data.labels, poisoned, data.images):
+                digest.update(np.ascontiguousarray(array).tobytes())
+            sums[key] = [digest.hexdigest()]
+        else:
+            sums[key] = sorted(entry["sha256"] for entry in store.manifest(key)["files"].values())
+    return sums
 
 
 def final_metrics(root: Path) -> dict[tuple[str, ...], dict[str, float]]:
