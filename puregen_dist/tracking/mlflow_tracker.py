@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from puregen_dist.config.errors import UserInputError
+from puregen_dist.config.schema import TRACKING_SCHEMES
 from puregen_dist.tracking.base import FINISHED, status_for
 from puregen_dist.tracking.redaction import redact, redact_mapping, redact_uri, redacted_file
 
@@ -60,9 +61,9 @@ DEFAULT_BACKOFF_S = 2.0
 MAX_BACKOFF_S = 60.0
 DEFAULT_PROBE_S = 10.0
 SQLITE_HEADER = b"SQLite format 3\x00"
-SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
-"""Tracking URI schemes MLflow 3.17 accepts (a ``+driver`` suffix allowed); its deprecated file store is
-refused unless ``MLFLOW_ALLOW_FILE_STORE=true``."""
+SCHEMES = tuple(scheme for scheme in TRACKING_SCHEMES if scheme != "file")
+"""Tracking URI schemes MLflow 3.17 accepts (a ``+driver`` suffix allowed): the config's list, less the deprecated
+file store, which is refused here unless ``MLFLOW_ALLOW_FILE_STORE=true``."""
 
 _NOT_SENT = ("Connection refused", "NewConnectionError", "Failed to establish a new connection",
              "ConnectTimeoutError", "Name or service not known", "Temporary failure in name resolution")
