@@ -93,7 +93,9 @@ def _train_model(kind: str, args: argparse.Namespace) -> int:
         check_devices(job)
     data = training_data(resolve_models(job, job.store, "job"))  # errors here, before anything is written
     if job.store:
-        return _train_into_store(job, args.address)
+        rerun = _private_ray_network(args, address=args.address, tracking_uri=_job_tracking_uri(job),
+                                     stores=[job.store])
+        return _train_into_store(job, args.address) if rerun is None else rerun
     with open_tracker(job.tracking, _parent(job.output), default_run_name=job.name) as tracker, \
             epoch_progress(tracker, f"training {kind}", None, enabled=not args.quiet) as tracked:
         path = entry.builder(job, tracked, data)
@@ -177,7 +179,11 @@ def purify_cmd(args: argparse.Namespace) -> int:
     local = dataclasses.replace(job, defense=resolve_models(job.defense, job.store),  # model keys -> dirs
                                 attack=resolve_models(job.attack, job.store, "attack"))
     prepared = prepare_purify(local)  # validation and checkpoint loading: nothing written yet
-    return _purify_in_process(local, prepared) if args.no_ray else _purify_with_ray(job)
+    if args.no_ray:
+        return _purify_in_process(local, prepared)
+    rerun = _private_ray_network(args, address=job.pipeline.address, tracking_uri=_job_tracking_uri(job),
+                                 stores=[job.store])
+    return _purify_with_ray(job) if rerun is None else rerun
 
 
 def _purify_in_process(job: PurifyJob, prepared: object) -> int:
@@ -228,6 +234,10 @@ def craft_cmd(args: argparse.Namespace) -> int:
     check_output_path(job.output_dir, "output_dir")
     train, _ = load_data(job.data)
     build_attack(resolve_models(job.attack, job.store, "attack")).validate(train)  # nothing written yet
+    rerun = _private_ray_network(args, address=job.pipeline.address, tracking_uri=_job_tracking_uri(job),
+                                 stores=[job.store])
+    if rerun is not None:
+        return rerun
     store = ArtifactStore(job.store)
     poison = poison_stage(job, store, progress=True)
     _log_poison_set(job, store, poison.key, train)
@@ -285,7 +295,7 @@ def diagnose_cmd(args: argparse.Namespace) -> int:
 def sweep_cmd(args: argparse.Namespace) -> int:
     """Plan a sweep, build its missing artifacts, run its trials with Ray Tune, print the report."""
     from puregen_dist.sweep.locations import in_ray_job
-    from puregen_dist.sweep.runner import connect, dry_run, run_sweep
+    from puregen_dist.sweep.runner import connect, dry_run, run_sweep, tracking_uri_of
     from puregen_dist.sweep.spec import load_sweep
 
     sweep = load_sweep(args.config, args.set)  # every cell validated: nothing computed or written yet
@@ -297,6 +307,10 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     on_cluster = bool(sweep.settings.address or os.environ.get("RAY_ADDRESS")) or in_ray_job()
     if on_cluster:  # refuse unshared locations before the log file is made (a laptop's own Ray checks nothing)
         connect(sweep)
+    rerun = _private_ray_network(args, address=sweep.settings.address, tracking_uri=tracking_uri_of(sweep),
+                                 stores=[sweep.settings.store, sweep.settings.storage])
+    if rerun is not None:
+        return rerun
     with _sweep_console(sweep.cells[0].config.output_dir, quiet=args.quiet) as progress:
         outcome = run_sweep(sweep, progress=progress, report_all=args.report_all, connected=on_cluster)
     return 0 if not outcome.trials_failed else 1
@@ -573,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``puregen-dist`` console script."""
     args = build_parser().parse_args(argv)
+    # the command line a command may re-run itself with in a private network; None when called in-process
+    args.rerun_argv = list(sys.argv[1:]) if argv is None else None
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)  # force: the current stderr, also on repeated calls
@@ -589,6 +605,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _private_ray_network(args: argparse.Namespace, *, address: str | None, tracking_uri: str | None,
+                         stores: Sequence[str | None]) -> int | None:
+    """Where a command that may start a local Ray instance runs (``pipeline/isolation.py``): the exit code of
+    the same command re-run in a private network namespace, or None to carry on here (also when ``main`` was
+    called in-process with its own argv: a library caller or a test keeps its process)."""
+    from puregen_dist.pipeline.isolation import maybe_rerun_private
+    from puregen_dist.sweep.locations import in_ray_job
+
+    ray = sys.modules.get("ray")
+    joins = bool(address or os.environ.get("RAY_ADDRESS")) or in_ray_job() or bool(ray and ray.is_initialized())
+    return maybe_rerun_private(getattr(args, "rerun_argv", None), starts_local_ray=not joins,
+                               tracking_uri=tracking_uri, stores=stores)
+
+
+def _job_tracking_uri(job: Any) -> str | None:
+    """The tracking URI a job writes to (None: tracking off, or the default local sqlite database)."""
+    tracking = getattr(job, "tracking", None)
+    if tracking is None or not tracking.enabled:
+        return None
+    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _parent(path: str) -> Path:

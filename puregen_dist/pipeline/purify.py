@@ -96,7 +96,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     (``address="local"``, so a stale ``/tmp/ray/ray_current_cluster`` is ignored), no dashboard, with token
     authentication on (:func:`enable_local_token_auth`): Ray's GCS, raylet, workers and agents listen on all
     network interfaces (Ray 2.60 has no reliable loopback-only option), so without a token anyone on the
-    network could submit work to it. Otherwise it connects to the cluster (``num_cpus`` is then ignored)
+    network could submit work to it (the CLI also runs such a command in a private network namespace by
+    default: :mod:`puregen_dist.pipeline.isolation`). Otherwise it connects to the cluster (``num_cpus`` is then ignored)
     and, when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``),
     sends it (``RAY_AUTH_MODE=token``) unless ``RAY_AUTH_MODE`` says otherwise.
     """

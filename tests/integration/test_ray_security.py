@@ -183,3 +183,116 @@ def test_every_socket_of_a_local_sweep_refuses_a_stranger(tmp_path):
     assert {"gcs_server", "raylet"} <= refusing, answered
     assert any(p.startswith("ray::") and p not in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
                for p in refusing), answered  # the core workers that ran the sweep's tasks and trials
+
+
+WATCH = textwrap.dedent("""
+    import json, os, socket, subprocess, sys, time
+    import psutil
+
+    def tree(pid):
+        try:
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def namespace(pid):
+        try:
+            return os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            return None
+
+    def inside_listeners(pid):
+        ports = set()
+        for table in ("tcp", "tcp6"):
+            try:
+                lines = open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]
+            except OSError:
+                continue
+            ports |= {int(line.split()[1].rsplit(":", 1)[1], 16) for line in lines if line.split()[3] == "0A"}
+        return ports
+
+    sweep = subprocess.Popen([sys.executable, "-m", "puregen_dist", "-q", "sweep", sys.argv[1]])
+    own = namespace(os.getpid())
+    seen, host_listening, inside, refused, answered, auth = {}, [], {}, 0, [], set()
+    while sweep.poll() is None:
+        procs = tree(sweep.pid)
+        pids = {p.pid for p in procs}
+        for c in psutil.net_connections("tcp"):
+            if c.status == psutil.CONN_LISTEN and c.pid in pids:
+                host_listening.append([c.laddr.ip, c.laddr.port, c.pid])
+        for proc in procs:
+            try:
+                name = proc.name()
+            except psutil.Error:
+                continue
+            if name not in ("gcs_server", "raylet") or name in seen:
+                continue
+            ns, ports = namespace(proc.pid), inside_listeners(proc.pid)
+            if not ns or not ports:
+                continue
+            try:
+                devices = [line.split(":")[0].strip()
+                           for line in open(f"/proc/{proc.pid}/net/dev").read().splitlines()[2:]]
+                environ = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\\0")
+            except OSError:
+                continue
+            auth |= {e.decode() for e in environ if e.startswith(b"RAY_AUTH_MODE=")}
+            seen[name] = {"namespace": ns, "interfaces": devices, "ports": sorted(ports)}
+            host_ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+            for port in ports - host_ports:  # the host has no listener there: a connection must be refused
+                for address in ("127.0.0.1", socket.gethostbyname(socket.gethostname())):
+                    try:
+                        socket.create_connection((address, port), timeout=2).close()
+                        answered.append([address, port, name])
+                    except OSError:
+                        refused += 1
+        time.sleep(0.3)
+    print(json.dumps({"exit": sweep.returncode, "own_namespace": own, "seen": seen, "auth": sorted(auth),
+                      "host_listening": host_listening, "refused": refused, "answered": answered}))
+""")
+
+
+def test_a_local_sweep_listens_on_no_port_of_the_machine(tmp_path):
+    """By default (``PUREGEN_RAY_NETWORK=auto``) the CLI runs a local sweep in a private network namespace that
+    holds only loopback (``pipeline/isolation.py``): Ray's GCS and raylet listen there, token-protected, and no
+    process of the sweep listens on any port of the machine, loopback or not: a connection to their ports
+    from the host is refused."""
+    from puregen_dist.pipeline.isolation import unavailable_reason
+
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PUREGEN_RAY_NETWORK"))}
+    sweep = tmp_path / "sec.yaml"
+    sweep.write_text(SWEEP.format(root=tmp_path))
+    done = subprocess.run([sys.executable, "-c", WATCH, str(sweep)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exit"] == 0, done.stderr[-3000:]
+    assert set(result["seen"]) == {"gcs_server", "raylet"}, result
+    for name, found in result["seen"].items():
+        assert found["namespace"] != result["own_namespace"], (name, found)
+        assert found["interfaces"] == ["lo"], (name, found)
+    assert result["auth"] == ["RAY_AUTH_MODE=token"], "the private runtime still requires its token"
+    assert result["host_listening"] == [], "a process of the sweep listened in the machine's network"
+    assert result["refused"] >= 4 and result["answered"] == [], result
+    assert (tmp_path / "out" / "mlflow.db").is_file()  # the sweep's results reached the host's filesystem
+
+
+def test_private_network_is_refused_clearly_when_the_sweep_needs_the_network(tmp_path):
+    """``PUREGEN_RAY_NETWORK=private`` with an MLflow server to reach: exit 2 naming why, before anything is
+    written; an unknown mode is refused the same way."""
+    sweep = tmp_path / "sec.yaml"
+    sweep.write_text(SWEEP.format(root=tmp_path))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "PUREGEN_RAY_NETWORK"))}
+    for mode, uri, expected in [("private", "http://user:secret@127.0.0.1:1", "it must reach tracking http://"),
+                                ("bogus", None, "PUREGEN_RAY_NETWORK='bogus': expected one of auto, private, host")]:
+        tracking = {"MLFLOW_TRACKING_URI": uri} if uri else {}
+        done = subprocess.run([sys.executable, "-m", "puregen_dist", "-q", "sweep", str(sweep)],
+                              env={**env, **tracking, "PUREGEN_RAY_NETWORK": mode}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert expected in done.stderr and "secret" not in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
