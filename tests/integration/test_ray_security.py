@@ -149,15 +149,22 @@ def _loopback(ip: str) -> bool:
     return ip.startswith(("127.", "::ffff:127.")) or ip == "::1"
 
 
-def test_every_socket_of_a_local_sweep_refuses_a_stranger(tmp_path):
+def _watch_a_sweep(script: str, tmp_path) -> tuple[dict, str]:
+    """Run ``script SWEEP_FILE`` (a watcher that runs the small sweep and prints one JSON line) in a clean
+    environment: no Ray address or token, no tracking URI, the default network mode. Returns (JSON, stderr)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PUREGEN_RAY_NETWORK"))}
     sweep = tmp_path / "sec.yaml"
     sweep.write_text(SWEEP.format(root=tmp_path))
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(sweep)], env=env, cwd=tmp_path, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script, str(sweep)], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_every_socket_of_a_local_sweep_refuses_a_stranger(tmp_path):
+    """The host network (a runtime started in-process, as with ``PUREGEN_RAY_NETWORK=host``)."""
+    result, _ = _watch_a_sweep(SCRIPT, tmp_path)
     assert result["sweep_exit"] == 0
     assert result["driver_mode"] == "token" and result["worker_mode"] == "token"
     assert result["token_file_mode"] == "0o600"
@@ -262,15 +269,8 @@ def test_a_local_sweep_listens_on_no_port_of_the_machine(tmp_path):
 
     if (reason := unavailable_reason()) is not None:
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PUREGEN_RAY_NETWORK"))}
-    sweep = tmp_path / "sec.yaml"
-    sweep.write_text(SWEEP.format(root=tmp_path))
-    done = subprocess.run([sys.executable, "-c", WATCH, str(sweep)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["exit"] == 0, done.stderr[-3000:]
+    result, stderr = _watch_a_sweep(WATCH, tmp_path)
+    assert result["exit"] == 0, stderr[-3000:]
     assert set(result["seen"]) == {"gcs_server", "raylet"}, result
     for name, found in result["seen"].items():
         assert found["namespace"] != result["own_namespace"], (name, found)
