@@ -3,8 +3,8 @@
 class; 2% of a 1,000-image training set (20 images, all of that class) carry a Gradient-Matching perturbation
 (eps 16/255, 1 restart x 80 steps) brewed on a clean HLB-small; a fresh HLB-small trained from scratch (12 epochs)
 on the poisoned set is compared with one trained on the same rows carrying random ±eps sign noise (no clean victim:
-nothing asserts on it). Golden keys 2 and 3 (two trials keep the suite's time): both flip under Gradient Matching,
-neither under the noise. Over keys 0-5 it is 3/6 against 0/6 (keys 2, 3, 5;
+nothing asserts on it). Golden key 3 (one trial keeps the suite's time; key 2 flips too, with a smaller margin): it
+flips under Gradient Matching (the target's adversarial probability 0.20 -> 0.44), not under the noise. Over keys 0-5 it is 3/6 against 0/6 (keys 2, 3, 5;
 `python benchmarks/gradient_matching_efficacy.py`), so the test fixes the keys that flip and asserts that noise of the
 same budget does not flip them; on 500 images and 10 epochs the effect vanishes (1/6 each). Digits are not used: no trial flips there, with any perturbation
 (docs/attacks.md, "What it does at CPU scale"). Runs ``benchmarks/gradient_matching_efficacy.py``'s measurement."""
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PER_CLASS, EPOCHS, POISONS, KEYS = 100, 12, 20, (2, 3)
+PER_CLASS, EPOCHS, POISONS, KEYS = 100, 12, 20, (3,)
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
 pytestmark = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"{CIFAR10} not present (real CIFAR-10 is not "
                                 "shipped with the repository)")
