@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UNet2DModel
 from torch import Tensor
 
 from puregen_dist.config.errors import ConfigError
@@ -23,6 +23,9 @@ from puregen_dist.config.loading import build
 from puregen_dist.generative.checkpoints import CONFIG, CheckpointError, load_state, read_checkpoint_config
 from puregen_dist.generative.diffusion import DDPMSchedule, check_steps, diffusion_purify
 from puregen_dist.generative.unet import build_unet, eps_model, load_diffusers_unet
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 KIND = "ddpm"
 """The ``kind`` of puregen-dist DDPM checkpoints (``config.json``)."""

@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
 from torch import Tensor
 
 from puregen_dist.config.errors import ConfigError
@@ -45,6 +44,9 @@ from puregen_dist.generative.diffusion import DDPMSchedule, check_steps, diffusi
 from puregen_dist.generative.unet import build_unet, eps_model
 from puregen_dist.protocols import Tracker
 from puregen_dist.types import ImageSet
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 log = logging.getLogger(__name__)
 

@@ -14,23 +14,42 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
 from puregen_dist.config.generative import DDPMConfig
 from puregen_dist.generative.checkpoints import CheckpointError
 from puregen_dist.generative.diffusion import DDPMSchedule, EpsModel, memory_format_for
 
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
 log = logging.getLogger(__name__)
+
+
+@cache
+def diffusers_classes() -> SimpleNamespace:
+    """diffusers' UNet classes, imported on first use. Importing diffusers takes about 1.6 s (it pulls in
+    ``torch._dynamo`` and ``scipy.stats``), which every CLI command, test process and Ray worker that never
+    builds a DDPM would otherwise pay at start-up."""
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    return SimpleNamespace(UNet2DModel=UNet2DModel, Attention=Attention, AttnProcessor2_0=AttnProcessor2_0,
+                           Downsample2D=Downsample2D, ResnetBlock2D=ResnetBlock2D, Upsample2D=Upsample2D)
 
 BLOCK_OUT_CHANNELS: dict[str, tuple[int, ...]] = {
     "S": (32, 32, 64, 64, 128, 128),
@@ -76,7 +95,7 @@ def build_unet(cfg: DDPMConfig) -> UNet2DModel:
     """
     levels = _levels(cfg.image_size)
     down, up = _block_types(levels)
-    return UNet2DModel(
+    return diffusers_classes().UNet2DModel(
         sample_size=cfg.image_size,
         in_channels=cfg.in_channels,
         out_channels=cfg.in_channels,
@@ -238,7 +257,7 @@ def lean_supported(unet: nn.Module) -> bool:
     ResnetBlock2Ds with SiLU, plain zero-padded convolutions, conv down- and nearest+conv upsamplers, and
     ``AttnProcessor2_0`` self-attention with a residual (the layouts of ``build_unet`` and of
     google/ddpm-cifar10-32)."""
-    if not isinstance(unet, UNet2DModel):
+    if not isinstance(unet, diffusers_classes().UNet2DModel):
         return False
     cfg = unet.config
     if (cfg.center_input_sample or cfg.time_embedding_type != "positional" or unet.class_embedding is not None
@@ -257,10 +276,11 @@ def _plain_block(block: nn.Module) -> bool:
     attentions = getattr(block, "attentions", None) or []
     downs = getattr(block, "downsamplers", None) or []
     ups = getattr(block, "upsamplers", None) or []
-    return (all(type(r) is ResnetBlock2D and _plain_resnet(r) for r in block.resnets)
-            and all(a is None or (type(a) is Attention and _plain_attention(a)) for a in attentions)
-            and all(type(d) is Downsample2D and d.norm is None and d.use_conv for d in downs)
-            and all(type(u) is Upsample2D and u.norm is None and u.use_conv and u.interpolate
+    d = diffusers_classes()
+    return (all(type(r) is d.ResnetBlock2D and _plain_resnet(r) for r in block.resnets)
+            and all(a is None or (type(a) is d.Attention and _plain_attention(a)) for a in attentions)
+            and all(type(m) is d.Downsample2D and m.norm is None and m.use_conv for m in downs)
+            and all(type(u) is d.Upsample2D and u.norm is None and u.use_conv and u.interpolate
                     and not u.use_conv_transpose and u.name == "conv" for u in ups))
 
 
@@ -272,7 +292,7 @@ def _plain_resnet(block: ResnetBlock2D) -> bool:
 
 
 def _plain_attention(attn: Attention) -> bool:
-    return (type(attn.processor) is AttnProcessor2_0 and isinstance(attn.group_norm, nn.GroupNorm)
+    return (type(attn.processor) is diffusers_classes().AttnProcessor2_0 and isinstance(attn.group_norm, nn.GroupNorm)
             and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None
             and attn.residual_connection and not attn.is_cross_attention)
 
@@ -299,7 +319,8 @@ def load_diffusers_unet(path: str | Path) -> tuple[UNet2DModel, DDPMSchedule]:
     _check_weights(unet_dir)
     _check_class(unet_dir / "config.json")
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True)
+        unet = diffusers_classes().UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True,
+                                                               use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{unet_dir}: cannot load a diffusers UNet2DModel ({exc})") from None
     return unet, _schedule_from(scheduler_file)
