@@ -45,6 +45,10 @@ MODE_ENV = "PUREGEN_RAY_NETWORK"
 MODES = ("auto", "private", "host")
 INSIDE_ENV = "PUREGEN_RAY_NETWORK_PRIVATE"
 """Set in the re-run command's environment: it is already inside the private network."""
+PRIVATE_NODE_ADDRESS = "127.0.0.2"
+"""The node address of a Ray instance started inside the private network: a loopback address Ray takes as
+given (it rewrites 127.0.0.1 to the machine's address, looked up by routing towards 8.8.8.8, which fails in the
+namespace with a warning and falls back to the host name)."""
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -66,6 +70,12 @@ def network_mode() -> str:
 def inside_private_network() -> bool:
     """True in a command re-run by :func:`run_in_private_network`."""
     return os.environ.get(INSIDE_ENV) == "1"
+
+
+def local_ray_options() -> dict[str, str]:
+    """Extra ``ray.init`` arguments for a local instance: the private node address inside the private network,
+    else none."""
+    return {"_node_ip_address": PRIVATE_NODE_ADDRESS} if inside_private_network() else {}
 
 
 def interfaces() -> list[str]:
@@ -101,9 +111,10 @@ def unavailable_reason() -> str | None:
 
 
 def host_addresses() -> list[str]:
-    """The non-loopback IPv4 addresses this machine's host name resolves to. Ray, finding no route out of a
-    private namespace, falls back to the host name for its node address; these addresses are therefore added
-    to the namespace's loopback, where they reach Ray and nothing else."""
+    """The non-loopback IPv4 addresses this machine's host name resolves to. A Ray instance started without an
+    explicit node address (not through ``ensure_ray``: a plugin's own ``ray.init()``) finds no route out of a
+    private namespace and falls back to the host name; these addresses are therefore added to the namespace's
+    loopback, where they reach Ray and nothing else."""
     try:
         _, _, found = socket.gethostbyname_ex(socket.gethostname())
     except OSError:
@@ -193,6 +204,6 @@ def maybe_rerun_private(argv: Sequence[str] | None, *, starts_local_ray: bool, t
     return None
 
 
-__all__ = ["MODE_ENV", "MODES", "INSIDE_ENV", "network_mode", "inside_private_network", "interfaces",
-           "remote_locations", "unavailable_reason", "host_addresses", "enter_private_network", "run_in_private_network",
-           "maybe_rerun_private"]
+__all__ = ["MODE_ENV", "MODES", "INSIDE_ENV", "PRIVATE_NODE_ADDRESS", "network_mode", "inside_private_network",
+           "local_ray_options", "interfaces", "remote_locations", "unavailable_reason", "host_addresses",
+           "enter_private_network", "run_in_private_network", "maybe_rerun_private"]

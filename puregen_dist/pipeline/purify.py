@@ -39,6 +39,7 @@ from puregen_dist.config.identity import with_device
 from puregen_dist.data.io import META_KEY, check_schema, parquet_files, read_imageset, resolve_path
 from puregen_dist.defenses import build_defense
 from puregen_dist.pipeline.actors import EnergyActor, PurifierActor, data_defense_task
+from puregen_dist.pipeline.isolation import local_ray_options
 from puregen_dist.pipeline.models import resolve_models
 from puregen_dist.pipeline.store import ROWS_PER_FILE, ROWS_PER_GROUP
 from puregen_dist.types import ImageSet
@@ -110,7 +111,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         enable_local_token_auth()
         log.info("starting a local Ray instance (num_cpus=%s, token authentication %s)", num_cpus,
                  os.environ.get("RAY_AUTH_MODE"))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **local_ray_options())
         return
     if "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"

@@ -95,6 +95,7 @@ def test_an_unprivileged_user_gets_one_through_a_user_namespace(host_listener):
     import ctypes
     import json
 
+    "127.0.0.1".encode("idna")  # load the codec getaddrinfo uses: nobody cannot read the interpreter's files
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # no exec: the interpreter's files need not be readable by nobody
@@ -120,6 +121,8 @@ def test_an_unprivileged_user_gets_one_through_a_user_namespace(host_listener):
                 host = "refused"
             os.write(write, json.dumps({"uid": os.getuid(), "interfaces": isolation.interfaces(),
                                         "host_listener": host}).encode())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
+            os.write(write, json.dumps({"error": repr(exc)}).encode())
         finally:
             os._exit(0)
     os.close(write)
