@@ -55,6 +55,8 @@ CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8914, 0x8916, 0x891C
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_unshare, _prctl = (getattr(_LIBC, name, None) for name in ("unshare", "prctl"))  # None where not Linux
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 """The directory holding the ``puregen_dist`` package: the re-run imports exactly this copy."""
 
@@ -125,13 +127,14 @@ def host_addresses() -> list[str]:
 def enter_private_network(addresses: Sequence[str] = ()) -> None:
     """Move the calling process into a new network namespace, bring its loopback up and give the loopback the
     IPv4 ``addresses`` too (aliases ``lo:0``, ``lo:1``, ... with /32 masks); the process gets SIGTERM when its
-    parent dies. Runs in the forked child before ``exec``: only system calls, no locks. Root: ``unshare(CLONE_NEWNET)``; otherwise (or when
-    root lacks ``CAP_SYS_ADMIN``, as in a default container) a user namespace too, with identity uid/gid maps."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the re-run ends with the command the user started
+    parent dies. Runs in the forked child before ``exec``: system calls through libc functions resolved at import
+    (a ``dlsym`` after ``fork`` could wait on a loader lock held by another thread of the parent). Root:
+    ``unshare(CLONE_NEWNET)``; otherwise (or when root lacks ``CAP_SYS_ADMIN``, as in a default container) a user
+    namespace too, with identity uid/gid maps."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the re-run ends with the command the user started
     uid, gid = os.geteuid(), os.getegid()
-    if uid != 0 or libc.unshare(CLONE_NEWNET) != 0:
-        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+    if uid != 0 or _unshare(CLONE_NEWNET) != 0:
+        if _unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"unshare: {os.strerror(code)}")
         _write("/proc/self/setgroups", "deny")
