@@ -59,6 +59,10 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _unshare, _prctl = (getattr(_LIBC, name, None) for name in ("unshare", "prctl"))  # None where not Linux
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 """The directory holding the ``puregen_dist`` package: the re-run imports exactly this copy."""
+RERUN = ("import runpy, sys; sys.path.pop(0); "  # drop the cwd entry (Python 3.11's -P): never the cwd's copy
+         "runpy.run_module('puregen_dist', run_name='__main__', alter_sys=True)")
+"""``python -c RERUN ARGV...`` runs ``python -m puregen_dist ARGV...`` from ``PACKAGE_ROOT`` (first on
+``PYTHONPATH``), on every supported Python (3.10 has no ``-P``)."""
 
 
 def network_mode() -> str:
@@ -167,7 +171,7 @@ def run_in_private_network(argv: Sequence[str]) -> int:
     parent only waits for it to finish cleanly."""
     env = {**os.environ, INSIDE_ENV: "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-P", "-m", "puregen_dist", *argv]  # -P: not the cwd's copy of the package
+    command = [sys.executable, "-c", RERUN, *argv]
     addresses = host_addresses()  # resolved here: name lookups may take locks a forked child must not
     child = subprocess.Popen(command, env=env, preexec_fn=functools.partial(enter_private_network, addresses))
     while True:

@@ -154,7 +154,7 @@ def test_the_decision(monkeypatch):
 
 @needs_namespaces
 def test_the_rerun_runs_this_package_not_the_working_directory_s(tmp_path, monkeypatch):
-    """The command is re-run with ``-P`` and this package's root first on the path: a ``puregen_dist`` directory
+    """The command is re-run without the cwd on the path and this package's root first: a ``puregen_dist`` directory
     in the current directory is not what runs, and the exit code comes back."""
     decoy = tmp_path / "puregen_dist"
     decoy.mkdir()
