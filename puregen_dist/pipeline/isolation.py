@@ -105,7 +105,8 @@ def remote_locations(tracking_uri: str | None, stores: Sequence[str | None]) -> 
 
 def unavailable_reason() -> str | None:
     """Why a private network cannot be made here (None: it can): not Linux, or the kernel or a container's
-    seccomp profile refuses the namespaces. Probed with a tiny child process (about 20 ms)."""
+    seccomp profile refuses the namespaces. Probed with a tiny child process (about 20 ms); for tests and
+    diagnostics (a command just tries, :func:`run_in_private_network`)."""
     if not sys.platform.startswith("linux"):
         return f"network namespaces are Linux-only (this is {sys.platform})"
     try:
@@ -165,15 +166,28 @@ def _write(path: str, text: str) -> None:
         os.close(descriptor)
 
 
+class PrivateNetworkRefused(OSError):
+    """The kernel (or a container's seccomp profile) refused the namespaces; nothing was started."""
+
+
 def run_in_private_network(argv: Sequence[str]) -> int:
     """Run ``puregen-dist ARGV`` (this very package) in a new private network namespace and return its exit
     code (128 + N when a signal N ended it). Ctrl-C reaches the child with the terminal's process group; this
-    parent only waits for it to finish cleanly."""
+    parent only waits for it to finish cleanly.
+
+    Raises:
+        PrivateNetworkRefused: the namespace could not be made (the command did not start).
+    """
+    if not sys.platform.startswith("linux"):
+        raise PrivateNetworkRefused(f"network namespaces are Linux-only (this is {sys.platform})")
     env = {**os.environ, INSIDE_ENV: "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-c", RERUN, *argv]
     addresses = host_addresses()  # resolved here: name lookups may take locks a forked child must not
-    child = subprocess.Popen(command, env=env, preexec_fn=functools.partial(enter_private_network, addresses))
+    try:
+        child = subprocess.Popen(command, env=env, preexec_fn=functools.partial(enter_private_network, addresses))
+    except subprocess.SubprocessError as exc:  # the namespace was refused in the child, before exec
+        raise PrivateNetworkRefused(f"the kernel refused a network namespace ({exc})") from None
     while True:
         try:
             code = child.wait()
@@ -198,11 +212,14 @@ def maybe_rerun_private(argv: Sequence[str] | None, *, starts_local_ray: bool, t
             log.info("%s=private: this command joins an existing Ray cluster; nothing to isolate", MODE_ENV)
         return None
     remote = remote_locations(tracking_uri, stores)
-    reason = (f"it must reach {', '.join(remote)}" if remote else None) or unavailable_reason()
+    reason = f"it must reach {', '.join(remote)}" if remote else None
     if reason is None:
         log.info("starting the local Ray instance in a private network namespace (only loopback; "
                  "%s=host to turn this off)", MODE_ENV)
-        return run_in_private_network(argv)
+        try:
+            return run_in_private_network(argv)
+        except PrivateNetworkRefused as exc:  # no probe beforehand: the attempt itself tells
+            reason = str(exc)
     if mode == "private":
         raise UserInputError(f"{MODE_ENV}=private: cannot run the local Ray instance in a private network: "
                              f"{reason}")
@@ -213,4 +230,4 @@ def maybe_rerun_private(argv: Sequence[str] | None, *, starts_local_ray: bool, t
 
 __all__ = ["MODE_ENV", "MODES", "INSIDE_ENV", "PRIVATE_NODE_ADDRESS", "network_mode", "inside_private_network",
            "local_ray_options", "interfaces", "remote_locations", "unavailable_reason", "host_addresses",
-           "enter_private_network", "run_in_private_network", "maybe_rerun_private"]
+           "enter_private_network", "PrivateNetworkRefused", "run_in_private_network", "maybe_rerun_private"]

@@ -152,6 +152,21 @@ def test_the_decision(monkeypatch):
     assert maybe_rerun_private(["sweep", "x.yaml"], starts_local_ray=True, tracking_uri=None) is None
 
 
+def test_a_refused_namespace_is_a_clear_error_or_the_host_network(monkeypatch):
+    """No probe before the re-run: when the kernel refuses the namespace in the child (before exec), nothing
+    started; ``private`` is then exit 2 naming why, ``auto`` carries on here."""
+    def refuse(addresses=()):
+        raise OSError(1, "unshare: Operation not permitted")
+
+    monkeypatch.delenv(isolation.INSIDE_ENV, raising=False)
+    monkeypatch.setattr(isolation, "enter_private_network", refuse)
+    monkeypatch.setenv("PUREGEN_RAY_NETWORK", "private")
+    with pytest.raises(UserInputError, match="PUREGEN_RAY_NETWORK=private: .* refused a network namespace"):
+        maybe_rerun_private(["--help"], starts_local_ray=True, tracking_uri=None)
+    monkeypatch.setenv("PUREGEN_RAY_NETWORK", "auto")
+    assert maybe_rerun_private(["--help"], starts_local_ray=True, tracking_uri=None) is None
+
+
 @needs_namespaces
 def test_the_rerun_runs_this_package_not_the_working_directory_s(tmp_path, monkeypatch):
     """The command is re-run without the cwd on the path and this package's root first: a ``puregen_dist`` directory
