@@ -23,8 +23,9 @@ from puregen_dist.tracking.base import NullTracker
 
 VICTIM = DataConfig(dataset="digits", train_partitions=2, train_partition=0)
 POOD = DataConfig(dataset="digits", train_partitions=2, train_partition=1)
+THREADS = 2  # fixed, not the machine's core count: the same numbers on every machine
 CLASSIFIER = {"name": "small_cnn", "epochs": 15, "batch_size": 64, "lr": 0.05, "milestones": [10],
-              "crop_padding": 1, "flip": False, "threads": 1}
+              "crop_padding": 1, "flip": False, "threads": THREADS}
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,14 @@ def surrogate_dir(tmp_path_factory):
 def _train(data, seed: int = 0):
     cfg = build(ExperimentConfig, {"data": {"dataset": "digits", "train_partitions": 2}, "seed": seed,
                                    "classifier": CLASSIFIER}, source="test")
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     model = build_model(cfg, data)
     train_classifier(model, data, cfg.classifier, seed=seed)
     return model
 
 
 def test_narcissus_backdoors_an_undefended_classifier_on_digits(surrogate_dir):
+    torch.set_num_threads(THREADS)  # crafting runs on the global pool
     train, test = load_data(VICTIM)
     cfg = NarcissusConfig(surrogate=str(surrogate_dir), target_class=0, eps=32 / 255, budget=0.05, rounds=1000,
                           crop_padding=1, flip=False, device="cpu")
