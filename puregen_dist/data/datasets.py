@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,9 +165,11 @@ def _decode_images(sources: Sequence[Source], where: Callable[[int], str]) -> np
     n = len(sources)
     out = np.empty((n, *first.shape[:2], 3), dtype=np.uint8)
     gray = np.zeros(n, dtype=bool)
-    bounds = [(lo, min(lo + _DECODE_CHUNK, n)) for lo in range(0, n, _DECODE_CHUNK)]
+    gray[0] = first.ndim == 2
+    out[0] = first[..., None] if gray[0] else first
+    bounds = [(max(lo, 1), min(lo + _DECODE_CHUNK, n)) for lo in range(0, n, _DECODE_CHUNK)]  # row 0: done
     if len(bounds) == 1:
-        _decode_range(sources, 0, n, out, gray, where)
+        _decode_range(sources, 1, n, out, gray, where)
     else:
         with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
             futures = [pool.submit(_decode_range, sources, lo, hi, out, gray, where) for lo, hi in bounds]
@@ -180,18 +183,46 @@ def _decode_images(sources: Sequence[Source], where: Callable[[int], str]) -> np
     return out[..., :1].copy() if gray.all() else out
 
 
-def _stack_parts(parts: list[np.ndarray], names: list[str]) -> np.ndarray:
-    """Concatenate (N_i, H, W, C_i) uint8 parts, promoting grayscale parts to RGB when channels differ."""
-    if len(parts) == 1:
-        return parts[0]
-    for part, name in zip(parts[1:], names[1:], strict=True):
-        if part.shape[1:3] != parts[0].shape[1:3]:
-            first = f"{parts[0].shape[1]}x{parts[0].shape[2]}"
-            raise DatasetError(f"{name} row 0: images are {part.shape[1]}x{part.shape[2]} but {names[0]} "
-                               f"holds {first}; all images must share one size")
-    if len({p.shape[3] for p in parts}) > 1:
-        parts = [np.repeat(p, 3, axis=3) if p.shape[3] == 1 else p for p in parts]
-    return np.concatenate(parts)
+@dataclass(frozen=True)
+class EncodedSplit:
+    """A split read as encoded images (Parquet cells or image files), decoded only once its rows are chosen.
+
+    Selection (partitions, per-class subsets, the digits split) looks at labels and ids only, so a 1,000-image
+    subset of CIFAR-10 decodes its own 1,000 JPEGs, not all 60,000. Row i is ``sources[i]``, with id i.
+    """
+
+    sources: Sequence[Source]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    where: Callable[[int], str]
+    """Names row i (file and row, or file path) in error messages."""
+
+    def rows(self) -> ImageSet:
+        """Every row as an ImageSet with (N, 0, 0, 0) placeholder images: ids 0..N-1, labels, classes."""
+        n = len(self.sources)
+        return ImageSet(np.empty((n, 0, 0, 0), np.uint8), np.asarray(self.labels, np.int64),
+                        np.arange(n, dtype=np.int64), self.classes)
+
+    def decode(self, rows: ImageSet) -> ImageSet:
+        """``rows`` (a selection of :meth:`rows`) with their images decoded, (K, H, W, C) uint8 (C: 1 when
+        every decoded image is grayscale, else 3); errors name the source row."""
+        ids = rows.ids
+        logger.info("decoding %d of %d images", len(ids), len(self.sources))
+        images = _decode_images([self.sources[i] for i in ids], lambda k: self.where(int(ids[k])))
+        return rows.replace(images=images)
+
+
+Split = ImageSet | EncodedSplit
+"""What a loader returns per split: decoded images (small embedded sets), or encoded ones."""
+
+
+def _rows(split: Split) -> ImageSet:
+    return split.rows() if isinstance(split, EncodedSplit) else split
+
+
+def _materialize(source: Split, rows: ImageSet) -> ImageSet:
+    """The selected ``rows`` of ``source`` with their pixels."""
+    return source.decode(rows) if isinstance(source, EncodedSplit) else rows
 
 
 # --------------------------------------------------------------------------------------------- digits
@@ -279,8 +310,8 @@ def _label_array(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
     return labels
 
 
-def _read_parquet_file(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W, C) uint8 and labels (N,) int64 of one Parquet file (reads only the two columns)."""
+def _read_parquet_file(path: Path, cfg: DataConfig) -> tuple[list[bytes | None], np.ndarray]:
+    """Encoded images (N blobs) and labels (N,) int64 of one Parquet file (reads only the two columns)."""
     try:
         present = pq.read_schema(path).names
         missing = [c for c in (cfg.image_column, cfg.label_column) if c not in present]
@@ -294,24 +325,22 @@ def _read_parquet_file(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndar
         raise DatasetError(f"{path}: the file has no rows")
     blobs = _image_blobs(table.column(cfg.image_column), path, cfg.image_column)
     labels = _label_array(table.column(cfg.label_column), path, cfg.label_column)
-    logger.info("decoding %d images from %s", len(blobs), path)
-    return _decode_images(blobs, lambda i: f"{path} row {i}"), labels
+    return blobs, labels
 
 
 def _read_parquet_split(root: Path, split: str, cfg: DataConfig
-                        ) -> tuple[np.ndarray, np.ndarray, Callable[[int], str]]:
-    """Images (N, H, W, C) uint8 and labels (N,) int64 of a split, shards concatenated in name order, and
+                        ) -> tuple[list[bytes | None], np.ndarray, Callable[[int], str]]:
+    """Encoded images (N blobs) and labels (N,) int64 of a split, shards concatenated in name order, and
     ``where(i)``: the file and row of row ``i`` (for error messages)."""
     files = _parquet_files(root, split)
     parts = [_read_parquet_file(path, cfg) for path in files]
-    images = _stack_parts([p[0] for p in parts], [str(f) for f in files])
     starts = np.cumsum([0, *(len(p[1]) for p in parts)])
 
     def where(i: int) -> str:
         shard = int(np.searchsorted(starts, i, side="right")) - 1
         return f"{files[shard]} row {i - int(starts[shard])}"
 
-    return images, np.concatenate([p[1] for p in parts]), where
+    return [blob for p in parts for blob in p[0]], np.concatenate([p[1] for p in parts]), where
 
 
 def _hf_class_names(path: Path, label_column: str) -> list[str] | None:
@@ -370,13 +399,14 @@ def _parquet_classes(root: Path, cfg: DataConfig, train: tuple[np.ndarray, Calla
     return [str(k) for k in range(num_classes)]
 
 
-def _load_parquet(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def _load_parquet(cfg: DataConfig) -> tuple[EncodedSplit, EncodedSplit]:
     """Hugging Face style Parquet: encoded images in ``cfg.image_column``, labels in ``cfg.label_column``."""
     root = _root(cfg, _PARQUET_LAYOUT)
-    train_images, train_labels, train_where = _read_parquet_split(root, "train", cfg)
-    test_images, test_labels, test_where = _read_parquet_split(root, "test", cfg)
-    classes = _parquet_classes(root, cfg, (train_labels, train_where), (test_labels, test_where))
-    return _image_set(train_images, train_labels, classes), _image_set(test_images, test_labels, classes)
+    train_blobs, train_labels, train_where = _read_parquet_split(root, "train", cfg)
+    test_blobs, test_labels, test_where = _read_parquet_split(root, "test", cfg)
+    classes = tuple(_parquet_classes(root, cfg, (train_labels, train_where), (test_labels, test_where)))
+    return (EncodedSplit(train_blobs, train_labels, classes, train_where),
+            EncodedSplit(test_blobs, test_labels, classes, test_where))
 
 
 # --------------------------------------------------------------------------------------------- image folders
@@ -403,17 +433,16 @@ def _image_files(folder: Path, exclude: str | None = None) -> list[Path]:
                   and not (exclude and exclude in p.name))
 
 
-def _read_files(files: list[Path], labels: list[int], classes: Sequence[str], folder: Path) -> ImageSet:
-    """Decode image ``files`` into an ImageSet with ``labels`` (ids 0..N-1 in list order)."""
+def _read_files(files: list[Path], labels: list[int], classes: Sequence[str], folder: Path) -> EncodedSplit:
+    """Image ``files`` with ``labels`` (ids 0..N-1 in list order), decoded once selected."""
     if not files:
         raise DatasetError(f"image_folder: no images (png/jpg/jpeg) found under {folder}")
-    logger.info("decoding %d images from %s", len(files), folder)
-    images = _decode_images([str(f) for f in files], lambda i: str(files[i]))
-    return _image_set(images, np.asarray(labels, dtype=np.int64), classes)
+    return EncodedSplit([str(f) for f in files], np.asarray(labels, dtype=np.int64), tuple(str(c) for c in classes),
+                        lambda i: str(files[i]))
 
 
 def _class_tree(folder: Path, classes: list[str], exclude: str | None = None, *, every_class: bool = False
-                ) -> ImageSet:
+                ) -> EncodedSplit:
     """``<folder>/<class>/*`` images labelled by the class folder's position in ``classes`` (file names
     containing ``exclude`` are skipped); with ``every_class`` (the train split) a class without images is an
     error."""
@@ -433,7 +462,7 @@ def _class_tree(folder: Path, classes: list[str], exclude: str | None = None, *,
     return _read_files(files, labels, classes, folder)
 
 
-def _load_cinic(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def _load_cinic(cfg: DataConfig) -> tuple[Split, Split]:
     """CINIC-10 layout: class names are the sorted folder names of ``<root>/train``."""
     root = _root(cfg, _CINIC_LAYOUT)
     classes = _subfolders(root / "train", _CINIC_LAYOUT)
@@ -462,7 +491,7 @@ def _tiny_names(root: Path, wnids: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n} ({w})" for n, w in zip(names, wnids, strict=True)]
 
 
-def _tiny_train(root: Path, wnids: list[str], classes: list[str]) -> ImageSet:
+def _tiny_train(root: Path, wnids: list[str], classes: list[str]) -> EncodedSplit:
     """``<root>/train/<wnid>/images/*`` labelled by the wnid's position in ``wnids``."""
     files: list[Path] = []
     labels: list[int] = []
@@ -490,7 +519,7 @@ def _parse_annotation(line: str, number: int, path: Path, index: dict[str, int])
     return fields[0].strip(), index[wnid]
 
 
-def _tiny_val(root: Path, wnids: list[str], classes: list[str]) -> ImageSet:
+def _tiny_val(root: Path, wnids: list[str], classes: list[str]) -> EncodedSplit:
     """``<root>/val/images/*`` labelled by ``<root>/val/val_annotations.txt``, in annotation order."""
     path = root / "val" / "val_annotations.txt"
     if not path.is_file():
@@ -502,7 +531,7 @@ def _tiny_val(root: Path, wnids: list[str], classes: list[str]) -> ImageSet:
     return _read_files(files, [label for _, label in pairs], classes, root / "val" / "images")
 
 
-def _load_tiny_imagenet(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def _load_tiny_imagenet(cfg: DataConfig) -> tuple[Split, Split]:
     """Tiny-ImageNet layout: train from ``train/<wnid>/images``, test from ``val/`` and its annotations."""
     root = _root(cfg, _TINY_LAYOUT)
     wnids = _tiny_wnids(root)
@@ -510,13 +539,13 @@ def _load_tiny_imagenet(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     return _tiny_train(root, wnids, classes), _tiny_val(root, wnids, classes)
 
 
-_FOLDER_LAYOUTS: dict[str, Callable[[DataConfig], tuple[ImageSet, ImageSet]]] = {
+_FOLDER_LAYOUTS: dict[str, Callable[[DataConfig], tuple[Split, Split]]] = {
     "cinic10": _load_cinic,
     "tiny_imagenet": _load_tiny_imagenet,
 }
 
 
-def _load_image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def _load_image_folder(cfg: DataConfig) -> tuple[Split, Split]:
     """An image folder in the layout ``cfg.layout`` names."""
     if cfg.layout not in _FOLDER_LAYOUTS:
         raise DatasetError(f"data.layout {cfg.layout!r} is not one of {sorted(_FOLDER_LAYOUTS)}")
@@ -525,7 +554,7 @@ def _load_image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
 
 # --------------------------------------------------------------------------------------------- public API
 
-_LOADERS: dict[str, Callable[[DataConfig], tuple[ImageSet, ImageSet | None]]] = {
+_LOADERS: dict[str, Callable[[DataConfig], tuple[Split, Split | None]]] = {
     "digits": _load_digits,
     "cifar10": _load_cifar,
     "cifar100": _load_cifar,
@@ -541,14 +570,18 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     Sources without a test split (digits) are split per class with ``cfg.test_fraction`` and
     ``cfg.subset_seed``; then train and test are subset to ``cfg.train_per_class`` / ``cfg.test_per_class``
     (seeds ``subset_seed`` and ``subset_seed + 1``), and resized to ``cfg.image_size`` (digits default to 16).
-    Resizing after the subsets gives the same result as before them (selection never looks at pixels) at a
-    fraction of the cost.
+    Selection never looks at pixels: encoded sources (Parquet, image folders) decode only the selected rows,
+    and resizing after the subsets gives the same result as before them, at a fraction of the cost.
     """
     if cfg.dataset not in _LOADERS:
         raise DatasetError(f"data.dataset {cfg.dataset!r} is not one of {sorted(_LOADERS)}")
-    train, test = _LOADERS[cfg.dataset](cfg)
-    if test is None:
+    train_source, test_source = _LOADERS[cfg.dataset](cfg)
+    train = _rows(train_source)
+    if test_source is None:
         train, test = stratified_split(train, cfg.test_fraction, cfg.subset_seed)
+        test_source = train_source
+    else:
+        test = _rows(test_source)
     if cfg.train_partitions > 1:
         whole = train
         train = stratified_partition(train, cfg.train_partitions, cfg.train_partition, cfg.subset_seed + 2)
@@ -557,6 +590,7 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         train = stratified_subset(train, cfg.train_per_class, cfg.subset_seed)
     if cfg.test_per_class is not None:
         test = stratified_subset(test, cfg.test_per_class, cfg.subset_seed + 1)
+    train, test = _materialize(train_source, train), _materialize(test_source, test)
     size = cfg.image_size if cfg.image_size is not None else _DEFAULT_SIZE.get(cfg.dataset)
     if size is not None:
         _check_resize_fits(train, test, size)

@@ -224,6 +224,28 @@ def test_parquet_corrupt_image_names_row(tmp_path: Path, rows: int, bad: int) ->
         load_data(DataConfig(dataset="parquet", root=str(tmp_path)))
 
 
+def test_a_parquet_subset_decodes_only_its_rows_and_equals_that_subset_of_the_whole(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from puregen_dist.data import datasets
+    from puregen_dist.data.selection import stratified_subset
+
+    blobs = [_encode(_solid(3 * i)) for i in range(40)]  # pixel value 3i identifies row i
+    labels = [i % 4 for i in range(40)]
+    _write_parquet(tmp_path / "train.parquet", blobs, labels)
+    _write_parquet(tmp_path / "test.parquet", blobs[:8], labels[:8])
+    whole, _ = load_data(DataConfig(dataset="parquet", root=str(tmp_path)))
+    decoded: list[str] = []
+    real = datasets._decode_one
+    monkeypatch.setattr(datasets, "_decode_one",
+                        lambda source, index, where: decoded.append(where(index)) or real(source, index, where))
+    train, test = load_data(DataConfig(dataset="parquet", root=str(tmp_path), train_per_class=2, test_per_class=1))
+    assert len(train) == 8 and len(test) == 4 and len(decoded) == 12  # not 48
+    expected = stratified_subset(whole, 2, 0)
+    assert np.array_equal(train.ids, expected.ids) and np.array_equal(train.images, expected.images)
+    assert np.array_equal(train.images[:, 0, 0, 0], 3 * train.ids)
+    assert sorted(decoded[:8]) == sorted(f"{tmp_path / 'train.parquet'} row {i}" for i in train.ids)
+
+
 def test_parquet_differing_sizes_names_row(tmp_path: Path) -> None:
     blobs = [_encode(_solid(1, size=6)), _encode(_solid(2, size=6)), _encode(_solid(3, size=7))]
     _write_parquet(tmp_path / "train.parquet", blobs, [0, 1, 0])
