@@ -199,7 +199,10 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
              "models.ddpm.train.epochs=1", "models.surrogate.classifier.epochs=2", "base.classifier.epochs=1",
              "space.attack.grid=[{name: badnets, target_class: 0, budget: 0.1, label_mode: dirty, trigger: sign, "
              "eps: 0.0627451}, {name: narcissus, surrogate: 'model:surrogate', eps: 0.1254902, budget: 0.05, "
-             "rounds: 5, crop_padding: 1, flip: false}]", "settings.seeds=[0]"]
+             "rounds: 5, crop_padding: 1, flip: false}]", "settings.seeds=[0]",
+             "space.defense.grid=[{name: none}, {name: jpeg, quality: 50}, {name: puregen_ebm, ebm: 'model:ebm', "
+             "langevin: {steps: 10}, batch_size: 64}, {name: puregen_ddpm, ddpm: 'model:ddpm', diffusion: {steps: 5}, "
+             "batch_size: 64}]"]
     assert main(["quickstart", *[arg for s in small for arg in ("--set", s)]]) == 0
     out, err = capsys.readouterr()
     for row in ("none", "jpeg", "puregen_ebm", "puregen_ddpm"):
