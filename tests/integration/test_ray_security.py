@@ -133,14 +133,17 @@ SCRIPT = textwrap.dedent("""
     worker_mode = ray.get(mode.remote())
     connect = "import ray; ray.init(address=%r); print('CONNECTED')" % node.gcs_address
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    stranger = subprocess.run([sys.executable, "-c", connect], env={**clean, "RAY_AUTH_MODE": "disabled"},
+    # Two connection attempts, not Ray's default twenty: each is refused the same way (AuthenticationError)
+    stranger = subprocess.run([sys.executable, "-c", connect], env={**clean, "RAY_AUTH_MODE": "disabled",
+                                                                    "RAY_gcs_server_port_wait_time_s": "2"},
                               capture_output=True, text=True, timeout=120)
     friend = subprocess.run([sys.executable, "-c", connect], env=dict(os.environ),
                             capture_output=True, text=True, timeout=120)
     token_path = os.environ["RAY_AUTH_TOKEN_PATH"]
     print(json.dumps({"sweep_exit": code, "driver_mode": os.environ["RAY_AUTH_MODE"], "worker_mode": worker_mode,
                       "token_file_mode": oct(os.stat(token_path).st_mode & 0o777), "sockets": list(seen.values()),
-                      "stranger": "CONNECTED" in stranger.stdout, "friend": "CONNECTED" in friend.stdout}))
+                      "stranger": "CONNECTED" in stranger.stdout, "friend": "CONNECTED" in friend.stdout,
+                      "stranger_refused": "AuthenticationError" in stranger.stderr}))
     ray.shutdown()
 """)
 
@@ -169,6 +172,7 @@ def test_every_socket_of_a_local_sweep_refuses_a_stranger(tmp_path):
     assert result["driver_mode"] == "token" and result["worker_mode"] == "token"
     assert result["token_file_mode"] == "0o600"
     assert result["stranger"] is False and result["friend"] is True
+    assert result["stranger_refused"] is True  # refused for its missing token, not for another reason
 
     sockets = result["sockets"]
     assert {s["process"] for s in sockets} >= {"gcs_server", "raylet"}, sockets
