@@ -145,13 +145,16 @@ class DDPMTrainConfig:
     """t ~ Uniform{0, ..., max_train_t - 1}; the full 1000-step β schedule is kept."""
     sample_grid: int = 16
     """Images in the per-epoch grid of purified test images (0 disables)."""
+    sample_every: int = late_execution_option(1)
+    """Log that grid every this many epochs (and at the last). The grid has its own noise stream, so the weights
+    do not depend on it; on small data its T_D reverse steps can cost more than the epoch."""
     checkpoint_every: int = execution_only(1)
     device: str = execution_only("auto")
 
     def __post_init__(self) -> None:
         check_at_least(self, epochs=1, batch_size=1)
         check(self.lr > 0, "lr", "must be > 0")
-        check_at_least(self, weight_decay=0, warmup_steps=0, max_train_t=1, checkpoint_every=1)
+        check_at_least(self, weight_decay=0, warmup_steps=0, max_train_t=1, sample_every=1, checkpoint_every=1)
 
 
 @dataclass(frozen=True, kw_only=True)

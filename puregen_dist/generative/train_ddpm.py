@@ -183,8 +183,9 @@ def train_ddpm(job: DDPMJob, train: ImageSet, test: ImageSet | None, tracker: Tr
     Args:
         job: model, training recipe, purification T_D of the sample grid, seed and output directory.
         train: training images (N, H, W, C) uint8 matching ``job.ddpm`` (image_size, in_channels).
-        test: source of the per-epoch grid (first ``job.train.sample_grid`` images, before and after
-            purification with ``job.diffusion.steps``); None disables the grid.
+        test: source of the grid logged every ``job.train.sample_every`` epochs and at the last (first
+            ``job.train.sample_grid`` images, before and after purification with ``job.diffusion.steps``); None
+            disables the grid.
         tracker: receives per-epoch ``ddpm_loss``, ``lr``, ``epoch_seconds`` (+ ``ddpm_sample_mse``) and
             grids.
         progress: optional per-epoch callback.
@@ -212,7 +213,8 @@ def train_ddpm(job: DDPMJob, train: ImageSet, test: ImageSet | None, tracker: Tr
         stats = trainer.run_epoch()
         epoch = trainer.epoch
         tracker.log_metrics(stats, step=epoch)
-        if test is not None and min(job.train.sample_grid, len(test)) > 0:
+        grid_due = epoch % job.train.sample_every == 0 or epoch == job.train.epochs
+        if grid_due and test is not None and min(job.train.sample_grid, len(test)) > 0:
             _log_samples(trainer, test, min(job.train.sample_grid, len(test)), tracker)
         if epoch % job.train.checkpoint_every == 0 or epoch == job.train.epochs:
             trainer.save(output, stats)

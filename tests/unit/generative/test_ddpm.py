@@ -161,6 +161,21 @@ def test_train_resume_and_load(tmp_path: Path):
     assert np.array_equal(in_grid, purified)
 
 
+def test_a_grid_every_3_epochs_leaves_the_weights_bit_identical(tmp_path: Path):
+    train, test = make_imageset(n=64, size=8, channels=1), make_imageset(n=8, size=8, channels=1, seed=1)
+    every, sparse = ImageTracker(), ImageTracker()
+    train_ddpm(make_job(tmp_path / "every", 4), train, test, every)
+    train_ddpm(make_job(tmp_path / "sparse", 4, sample_every=3), train, test, sparse)
+    assert set(every.images) == {f"ddpm_samples_epoch{e}" for e in (1, 2, 3, 4)}
+    assert set(sparse.images) == {"ddpm_samples_epoch3", "ddpm_samples_epoch4"}  # every 3rd, and the last
+    assert np.array_equal(sparse.images["ddpm_samples_epoch3"], every.images["ddpm_samples_epoch3"])
+    weights = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("every", "sparse")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(ValueError, match="sample_every: must be >= 1"):
+        DDPMTrainConfig(sample_every=0)
+
+
 def test_interrupted_training_resumes_exactly(tmp_path: Path):
     train = make_imageset(n=64, size=8, channels=1)
 
