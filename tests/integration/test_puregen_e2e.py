@@ -40,8 +40,8 @@ def ebm_dir(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def ddpm_dir(workdir) -> Path:
-    """The recipe's tiny DDPM, untracked and without the per-epoch sample grid (75 reverse steps of 16 images
-    per epoch: two thirds of the training time here, unit-tested in test_ddpm.py). The grid has its own noise
+    """The recipe's tiny DDPM, untracked and without its sample grid (75 reverse steps of 16 images every
+    `sample_every` epochs: nothing records it here; unit-tested in test_ddpm.py). The grid has its own noise
     stream: the weights are bit-identical to the recipe's."""
     assert main(["-q", "train-ddpm", str(SWEEPS / "ddpm_digits_tiny.yaml"), "--set", f"output={workdir / 'ddpm'}",
                  "--set", "tracking.enabled=false", "--set", "train.sample_grid=0"]) == 0
