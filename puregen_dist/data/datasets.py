@@ -169,7 +169,7 @@ def _decode_images(sources: Sequence[Source], where: Callable[[int], str]) -> np
     out[0] = first[..., None] if gray[0] else first
     bounds = [(max(lo, 1), min(lo + _DECODE_CHUNK, n)) for lo in range(0, n, _DECODE_CHUNK)]  # row 0: done
     if len(bounds) == 1:
-        _decode_range(sources, 1, n, out, gray, where)
+        _decode_range(sources, *bounds[0], out, gray, where)
     else:
         with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
             futures = [pool.submit(_decode_range, sources, lo, hi, out, gray, where) for lo, hi in bounds]
