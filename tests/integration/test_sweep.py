@@ -1,6 +1,6 @@
 """`puregen-dist sweep` end to end under a local Ray: artifacts built once, 8 trials as Ray Tune trials, one
 parent and 8 child MLflow runs, the report, a re-run that does nothing, retries and failures (the killed
-driver: test_sweep_resume.py)."""
+driver, and relative paths resolved inside trials: test_sweep_resume.py)."""
 
 from __future__ import annotations
 
@@ -221,47 +221,6 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
     assert len(out.splitlines()) + len(err.splitlines()) <= 100  # about two screens
     (log_file,) = (tmp_path / "outputs" / "quickstart" / "logs").glob("sweep-*.log")
     assert "Execution plan of Dataset" not in err and "Execution plan of Dataset" in log_file.read_text()
-
-
-def test_relative_data_root_resolves_inside_trials(tmp_path, monkeypatch):
-    """Tune would run trials in their trial directory; relative paths must keep the driver's meaning. (The
-    CLI in a subprocess started in that directory, with its own local Ray, as a user runs it.)"""
-    import io
-    import os
-    import subprocess
-    import sys
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from puregen_dist.config.schema import DataConfig
-    from puregen_dist.data.datasets import load_data
-
-    monkeypatch.chdir(tmp_path)
-    for split, data in zip(("train", "test"), load_data(DataConfig(train_per_class=6, test_per_class=3)), strict=True):
-        blobs = []
-        for image in data.images:
-            buffer = io.BytesIO()
-            Image.fromarray(image[:, :, 0]).save(buffer, format="PNG")
-            blobs.append(buffer.getvalue())
-        column = pa.StructArray.from_arrays([pa.array(blobs, pa.binary()), pa.array([""] * len(blobs))],
-                                            ["bytes", "path"])
-        Path("data").mkdir(exist_ok=True)
-        pq.write_table(pa.table({"img": column, "label": data.labels}), f"data/{split}.parquet")
-    path = tmp_path / "rel.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "rel", "base": {"output_dir": "out", "data": {"dataset": "parquet", "root": "data"},
-                                "attack": {"name": "badnets", "target_class": 0, "budget": 0.2},
-                                "classifier": {"name": "small_cnn", "epochs": 1, "batch_size": 16,
-                                               "threads": 1, "flip": False, "crop_padding": 1}},
-        "settings": {"storage": "tune", "store": "store"}}))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run([sys.executable, "-m", "puregen_dist", "-q", "sweep", "rel.yaml"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    _, _, children = child_runs(tmp_path, "rel")
-    assert [r.info.status for r in children] == ["FINISHED"]
 
 
 def test_attacked_cells_get_the_floor_of_the_rows_clean_classifier(ray_session, tmp_path, capsys):
