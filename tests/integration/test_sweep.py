@@ -196,7 +196,8 @@ def test_quickstart_command_prints_its_table(ray_session, tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     small = ["base.data.train_per_class=16", "models.ebm.data.train_per_class=8",
              "models.ddpm.data.train_per_class=8", "models.ebm.train.epochs=1", "models.ebm.train.bank_size=64",
-             "models.ddpm.train.epochs=1", "models.surrogate.classifier.epochs=2", "base.classifier.epochs=1",
+             "models.ddpm.train.epochs=1", "models.ddpm.train.sample_grid=0",  # the grid: test_ddpm.py
+             "models.surrogate.classifier.epochs=2", "base.classifier.epochs=1",
              "space.attack.grid=[{name: badnets, target_class: 0, budget: 0.1, label_mode: dirty, trigger: sign, "
              "eps: 0.0627451}, {name: narcissus, surrogate: 'model:surrogate', eps: 0.1254902, budget: 0.05, "
              "rounds: 5, crop_padding: 1, flip: false}]", "settings.seeds=[0]",
