@@ -46,9 +46,9 @@ def ebm_dir(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def ddpm_dir(workdir) -> Path:
-    """The recipe's tiny DDPM at half its epochs, untracked and without its sample grid (75 reverse steps of 16
-    images every `sample_every` epochs: nothing records it here; unit-tested in test_ddpm.py). The grid has its
-    own noise stream: the weights are those the recipe's first 10 epochs would give with it."""
+    """The recipe's tiny DDPM at half its epochs (its cosine LR decays over those 10), untracked and without its
+    sample grid (75 reverse steps of 16 images every `sample_every` epochs: nothing records it here; unit-tested
+    in test_ddpm.py). The grid has its own noise stream: leaving it out does not change the weights."""
     assert main(["-q", "train-ddpm", str(SWEEPS / "ddpm_digits_tiny.yaml"), "--set", f"output={workdir / 'ddpm'}",
                  "--set", "tracking.enabled=false", "--set", "train.sample_grid=0",
                  "--set", f"train.epochs={DDPM_EPOCHS}"]) == 0
