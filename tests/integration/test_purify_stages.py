@@ -58,8 +58,8 @@ def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_che
     (5 rows: one batch, in one Ray task; 10 rows: through Ray Data), and the assembled set equals purifying the
     whole poison set, byte for byte. PureGen-Filt ranks each set afresh: it purifies
     the selected rows that are poisons or that the clean ranking left out, and reuses the rest of its selection.
-    The whole set is purified in process for the comparison (the Ray Data pipeline's equality with that:
-    test_ray_purify.py)."""
+    The reference is the whole set purified in process: the assembled set (its rows purified through Ray Data and
+    Ray tasks) must give the in-process bytes, the DDPM stage of PureGen-Filt included."""
     from puregen_dist.config.generative import PurifyJob
     from puregen_dist.config.loading import build
     from puregen_dist.defenses import build_defense
@@ -87,8 +87,7 @@ def test_each_image_is_purified_once_and_equals_the_whole_set(tmp_path, tiny_che
             assert 0 < stats["rows_reused"] and stats["rows_purified"] < 25
         else:
             assert stats == {"rows_purified": float(expected_rows), "rows_reused": float(50 - expected_rows)}
-        # the reference: the whole poison set purified in process (the Ray Data pipeline gives the same bytes:
-        # test_ray_purify.py), without the actor start-up of another pipeline
+        # the reference: the whole poison set purified in process (no actor start-up of another pipeline)
         poisoned, poisoned_flags = store.get_imageset(poison.key)
         reference = build_defense(job.defense).apply(poisoned, seed=job.seed)
         assembled, flags = store.get_imageset(result.key)
